@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# torch is installed first and pinned (constraints.txt) so that no pip call ever pulls a
+# multi-GB CUDA build on a CPU machine. GPU users: install your torch build into the venv
+# first (or set TORCH_SPEC), then `make install`.
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+CONSTRAINTS := -c constraints.txt
+TORCH_SPEC  ?= torch==2.13.0
+DEMO_OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: venv install install-test demo test bench clean-venv
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip $(CONSTRAINTS)
+	$(PIP) install -q "$(TORCH_SPEC)" $(CONSTRAINTS)
+	touch $@
+
+venv: $(VENV)/.torch
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q $(CONSTRAINTS) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test,tensorboard]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/text2llm run --out $(DEMO_OUT)
+
+test: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/pytest tests
+
+bench: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)
