@@ -1,0 +1,66 @@
+"""Text normalisers: Unicode repair, control characters, whitespace (paragraphs kept).
+
+``normalize(text, cfg, repaired)`` applies, in order:
+
+1. mojibake repair with ftfy (only on text that ftfy's own detector flags as bad, since ftfy
+   on clean text is slow and a no-op); curly quotes, full-width forms and CJK punctuation are
+   kept (``uncurl_quotes=False``);
+2. Unicode normal form (NFC by default: composes accents, keeps full-width ``，。！？``);
+3. line ends to ``\\n``; control characters (C0 except tab/newline, C1, NUL), zero-width
+   characters, BOM and bidi controls removed; other Unicode spaces to ``" "``;
+4. whitespace: runs of spaces/tabs to one space, lines stripped, 3+ newlines to one blank line
+   (paragraphs stay), document stripped.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+
+import ftfy
+from ftfy.badness import is_bad
+
+from text2llm.data.config import DataConfig
+
+_FTFY = ftfy.TextFixerConfig(uncurl_quotes=False, fix_character_width=False, normalization=None, explain=False)
+
+# C0 (but \t \n), DEL, C1, zero-width and bidi marks, BOM, soft hyphen, object replacement
+_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffc]")
+# non-newline spaces: tab, NBSP, en/em/thin spaces, ideographic space, ...
+_SPACE_RE = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+| {2,}")
+_LINE_END_RE = re.compile("\r\n?|[\u2028\u2029\x85]")
+_EDGE_SPACE_RE = re.compile(r" *\n *")
+_BLANKS_RE = re.compile(r"\n{3,}")
+_MOJIBAKE_HINT_RE = re.compile("[\u0080-\u00ff\u0100-\u017f\u2018-\u201e\u2020-\u2022\u2026\u2030\u20ac\u2122\ufffd]")
+
+
+def fix_unicode(text: str, repaired: Counter) -> str:
+    """Repair mojibake (UTF-8 read as cp1252/latin-1 and similar) with ftfy when the text looks broken."""
+    if text.isascii() or not _MOJIBAKE_HINT_RE.search(text) or not is_bad(text):
+        return text
+    fixed = ftfy.fix_text(text, _FTFY)
+    if fixed != text:
+        repaired["mojibake_fixed"] += 1
+    return fixed
+
+
+def normalize_whitespace(text: str) -> str:
+    """Unify line ends and spaces, strip lines, keep paragraph breaks (at most one blank line)."""
+    text = _LINE_END_RE.sub("\n", text)
+    text = _SPACE_RE.sub(" ", text)
+    text = _EDGE_SPACE_RE.sub("\n", text)
+    text = _BLANKS_RE.sub("\n\n", text)
+    return text.strip()
+
+
+def normalize(text: str, cfg: DataConfig, repaired: Counter) -> str:
+    """The full normalisation chain (see the module docstring)."""
+    if cfg.fix_unicode:
+        text = fix_unicode(text, repaired)
+    if cfg.unicode_form != "none" and not text.isascii():
+        text = unicodedata.normalize(cfg.unicode_form, text)
+    if _CONTROL_RE.search(text):
+        text = _CONTROL_RE.sub("", text)
+        repaired["control_chars_removed"] += 1
+    return normalize_whitespace(text)

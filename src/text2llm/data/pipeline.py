@@ -1,0 +1,348 @@
+"""The cleaning pipeline: read -> (workers: extract, normalise, filter, hash) -> dedup -> shards.
+
+::
+
+    main process                          worker processes (--workers N)
+    ------------                          ------------------------------
+    readers.iter_raw  -- batches -->      process_batch: HTML extraction, normalisation,
+                                          quality filters, exact key, MinHash signature
+    Deduplicator (input order)  <-- results, in order (imap)
+    ShardWriter: clean-*.jsonl.gz, rejected-*.jsonl.gz, stats.json
+
+Determinism: batches are cut by document count (not by worker), every unit is a pure function of
+the document, results come back in input order and dedup runs in one place, so the output is
+byte-identical for any ``workers``. Memory: at most ``2 * workers`` batches are in flight, and
+documents are streamed to gzip shards; what grows with the corpus is only the dedup index (one
+hash per kept document, ``bands`` dict entries and a ``bands x rows`` uint32 signature).
+
+Atomic output: everything is written to a staging dir beside ``out_dir`` and swapped in with
+renames at the end, so an interrupted run leaves the old output untouched (never a mix).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+from text2llm.data.config import DataConfig
+from text2llm.data.document import Document
+from text2llm.errors import UserError
+
+# ---------------------------------------------------------------------------------------
+# worker side
+
+_STATE: dict = {}
+
+
+def _init_worker(cfg_json: str) -> None:
+    """Build the per-process units once (filters, MinHasher) from the config's JSON."""
+    from text2llm.data.dedup import MinHasher
+    from text2llm.data.filters import build_filters
+
+    cfg = DataConfig.model_validate_json(cfg_json)
+    _STATE.clear()
+    _STATE.update(cfg=cfg, filters=build_filters(cfg), minhash=MinHasher(cfg) if cfg.dedup else None)
+
+
+def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
+    """Raw records -> ``(id, text, source, reason | None, exact_key | None, signature bytes | None)``.
+
+    Returns the results and a Counter (as dict) of repairs made on the way.
+    """
+    from text2llm.data.dedup import exact_key
+    from text2llm.data.extract import html_to_text
+    from text2llm.data.normalize import normalize
+
+    cfg, filters, minhash = _STATE["cfg"], _STATE["filters"], _STATE["minhash"]
+    repaired: Counter = Counter()
+    out = []
+    for rid, src, kind, payload, charset in batch:
+        text = html_to_text(payload, charset, repaired) if kind == "html" else payload
+        text = normalize(text, cfg, repaired)
+        if not text:
+            out.append((rid, text, src, "empty:after_normalisation", None, None))
+            continue
+        doc = Document(rid, text, src)
+        reason = None
+        for f in filters:
+            reason = f(doc)
+            if reason:
+                break
+        key = sig = None
+        if reason is None and cfg.dedup:
+            key = exact_key(doc.text)
+            sig = minhash.signature(doc.text).tobytes()
+        out.append((rid, doc.text, src, reason, key, sig))
+    return out, dict(repaired)
+
+
+# ---------------------------------------------------------------------------------------
+# output
+
+
+class ShardWriter:
+    """Writes ``{prefix}-00000.jsonl.gz`` ... with deterministic gzip headers (mtime 0, no name)."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_docs: int, max_bytes: int):
+        self.out_dir, self.prefix, self.max_docs, self.max_bytes = out_dir, prefix, max_docs, max_bytes
+        self.index = 0
+        self.docs = self.bytes = 0
+        self.files: list[str] = []
+        self._raw = self._gz = None
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{self.index:05d}.jsonl.gz"
+        self._raw = open(self.out_dir / name, "wb")
+        self._gz = io.BufferedWriter(gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6), 1 << 20)
+        self.files.append(name)
+
+    def write(self, record: dict, n_bytes: int) -> None:
+        if self._gz is not None and (self.docs >= self.max_docs or self.bytes >= self.max_bytes):
+            self.close()
+            self.index += 1
+        if self._gz is None:
+            self._open()
+            self.docs = self.bytes = 0
+        self._gz.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.docs += 1
+        self.bytes += n_bytes
+
+    def close(self) -> None:
+        if self._gz is not None:
+            self._gz.close()
+            self._raw.close()
+            self._gz = self._raw = None
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
+    """Check ``out_dir`` and return a fresh staging dir beside it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: output directory is not empty (pass --overwrite to replace it)")
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{out_dir.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create output directory ({e.strerror})") from None
+    return staging
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging`` with two renames (old output kept until the new is whole)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.resolve().parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+
+def _batches(it: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _payload_bytes(payload) -> int:
+    return len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "surrogatepass"))
+
+
+def run_clean(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    cfg: DataConfig | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Clean, filter and deduplicate ``inputs`` into ``out_dir``; return the stats (also in stats.json).
+
+    Raises :class:`UserError` for a missing/unreadable input or a non-empty ``out_dir`` without
+    ``overwrite``. Bad records never raise: they are skipped and counted in ``stats["skipped"]``.
+    """
+    from text2llm.data.dedup import Deduplicator
+    from text2llm.data.readers import iter_raw, resolve_inputs
+
+    import numpy as np
+
+    cfg = cfg or DataConfig()
+    if workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    files = resolve_inputs(inputs)
+    staging = _prepare_out_dir(out_dir, overwrite)
+
+    skipped: Counter = Counter()
+    repaired: Counter = Counter()
+    removed: Counter = Counter()
+    reasons: Counter = Counter()
+    counts = Counter()
+    dedup = Deduplicator(cfg) if cfg.dedup else None
+    clean = ShardWriter(staging, "clean", cfg.shard_docs, cfg.shard_bytes)
+    rejected = ShardWriter(staging, "rejected", cfg.shard_docs, cfg.shard_bytes) if cfg.write_rejected else None
+    input_bytes = sum(f.stat().st_size for f, _ in files)
+
+    def counted(it):
+        for raw in it:
+            counts["docs_in"] += 1
+            counts["bytes_in"] += _payload_bytes(raw[3])
+            yield raw
+
+    raw_iter = counted(iter_raw(files, cfg, skipped, repaired))
+    batches = _batches(raw_iter, cfg.batch_docs)
+    cfg_json = cfg.model_dump_json()
+    display = _Progress(input_bytes, enabled=progress)
+    t0 = time.perf_counter()
+    pool = None
+    try:
+        if workers == 1:
+            _init_worker(cfg_json)
+            results = map(process_batch, batches)
+        else:
+            pool = mp.get_context("forkserver" if sys.platform != "win32" else "spawn").Pool(
+                workers, initializer=_init_worker, initargs=(cfg_json,)
+            )
+            results = pool.imap(process_batch, batches, chunksize=1)
+        for batch_out, batch_repaired in results:
+            repaired.update(batch_repaired)
+            for rid, text, src, reason, key, sig in batch_out:
+                if reason is None and dedup is not None:
+                    reason = dedup.check(key, np.frombuffer(sig, dtype=np.uint32))
+                if reason is None:
+                    n = len(text.encode("utf-8"))
+                    clean.write({"id": rid, "text": text, "source": src}, n)
+                    counts["docs_out"] += 1
+                    counts["bytes_out"] += n
+                else:
+                    removed[reason.split(":", 1)[0]] += 1
+                    reasons[reason] += 1
+                    if rejected is not None:
+                        rejected.write({"id": rid, "text": text, "source": src, "reason": reason}, len(text))
+            display.update(counts["docs_in"], counts["bytes_in"])
+        if pool is not None:
+            pool.close()
+            pool.join()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        clean.close()
+        if rejected is not None:
+            rejected.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        display.close()
+        raise
+    clean.close()
+    if rejected is not None:
+        rejected.close()
+    elapsed = time.perf_counter() - t0
+    display.close()
+
+    stats = {
+        "docs_in": counts["docs_in"],
+        "docs_out": counts["docs_out"],
+        "bytes_in": counts["bytes_in"],
+        "bytes_out": counts["bytes_out"],
+        "input_files": len(files),
+        "input_file_bytes": input_bytes,
+        "removed": dict(sorted(removed.items())),
+        "removed_reasons": dict(sorted(reasons.items())),
+        "skipped": dict(sorted(skipped.items())),
+        "repaired": dict(sorted(repaired.items())),
+        "shards": clean.files,
+        "rejected_shards": rejected.files if rejected is not None else [],
+        "preset": cfg.preset,
+        "filters": cfg.filters if cfg.filter else [],
+        "dedup": cfg.dedup,
+    }
+    (staging / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _swap_in(staging, out_dir)
+    if progress:
+        _print_summary(stats, elapsed, out_dir)
+    return {**stats, "elapsed_s": round(elapsed, 3)}
+
+
+# ---------------------------------------------------------------------------------------
+# progress and summary
+
+
+class _Progress:
+    """A one-line rich progress display on stderr: documents/s and MB/s."""
+
+    def __init__(self, total_bytes: int, enabled: bool):
+        self.enabled = enabled and total_bytes > 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+        self._live = None
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._live = Progress(
+                TextColumn("clean"),
+                BarColumn(),
+                TextColumn("{task.fields[docs]:,} docs  {task.fields[dps]:,.0f} docs/s  {task.fields[mbps]:.1f} MB/s"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._task = self._live.add_task("clean", total=total_bytes, docs=0, dps=0.0, mbps=0.0)
+            self._live.start()
+
+    def update(self, docs: int, nbytes: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.2:
+            return
+        self._last = now
+        dt = max(now - self.t0, 1e-9)
+        # bytes_in counts decompressed text; the bar is against file bytes, so only approximate
+        self._live.update(self._task, completed=nbytes, docs=docs, dps=docs / dt, mbps=nbytes / dt / 1e6)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def _print_summary(stats: dict, elapsed: float, out_dir: Path) -> None:
+    """The closing table: documents removed per filter, skipped inputs, throughput."""
+    from rich.console import Console
+    from rich.table import Table
+
+    n_in = max(stats["docs_in"], 1)
+    table = Table(title=f"text2llm clean -> {out_dir}", title_justify="left")
+    table.add_column("step")
+    table.add_column("documents", justify="right")
+    table.add_column("share", justify="right")
+    table.add_row("read", f"{stats['docs_in']:,}", "100.0%")
+    for name, n in sorted(stats["removed"].items(), key=lambda kv: -kv[1]):
+        table.add_row(f"removed by {name}", f"{n:,}", f"{100 * n / n_in:.1f}%")
+    table.add_row("kept", f"{stats['docs_out']:,}", f"{100 * stats['docs_out'] / n_in:.1f}%")
+    for reason, n in stats["skipped"].items():
+        table.add_row(f"skipped input: {reason}", f"{n:,}", "")
+    console = Console(stderr=True)
+    console.print(table)
+    mb = stats["bytes_in"] / 1e6
+    console.print(
+        f"{mb:.1f} MB in, {stats['bytes_out'] / 1e6:.1f} MB out in {elapsed:.1f} s "
+        f"({mb / max(elapsed, 1e-9):.1f} MB/s, {stats['docs_in'] / max(elapsed, 1e-9):,.0f} docs/s)"
+    )
