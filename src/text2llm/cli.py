@@ -1,0 +1,341 @@
+"""The ``text2llm`` command. Each verb parses its flags and calls one function of a stage module.
+
+Heavy libraries (torch, transformers, onnxruntime) are imported inside the verbs that need them,
+so ``text2llm --help`` is instant. A :class:`text2llm.errors.UserError` is printed as one line
+(``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from text2llm import __version__
+
+EPILOG = "Pipeline: clean -> tokenizer train -> pack -> train -> eval / generate / compress / export / serve. " \
+         "`text2llm run` does all of it on the bundled TinyStories sample."
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _config(path, overrides, preset_section: dict | None = None):
+    from text2llm.config import load_config
+
+    extra = [f"{k}={json.dumps(v)}" for k, v in (preset_section or {}).items() if v is not None]
+    return load_config(path, extra + list(overrides or []))
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Positional args that contain '=' are config overrides; the rest are inputs."""
+    over = [i for i in items if "=" in i and not os.path.exists(i)]
+    rest = [i for i in items if i not in over]
+    return rest, over
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+# ---- verbs --------------------------------------------------------------------------------------
+
+
+def cmd_clean(a) -> int:
+    from text2llm.data.pipeline import run_clean
+
+    inputs, over = _split_overrides(a.inputs)
+    if not inputs:
+        raise _usage("clean: give at least one INPUT file or dir")
+    preset = {"data.preset": a.preset} if a.preset else {}
+    if a.no_filter:
+        preset["data.filter"] = False
+    if a.no_dedup:
+        preset["data.dedup"] = False
+    cfg = _config(a.config, over, preset)
+    stats = run_clean(inputs, a.out, cfg.data, workers=a.workers, overwrite=a.overwrite, progress=not a.quiet)
+    cfg.save(a.out)
+    print(f"kept {stats['docs_out']:,} of {stats['docs_in']:,} documents -> {a.out}")
+    return 0
+
+
+def cmd_tokenizer_train(a) -> int:
+    from text2llm.tokenizer import iter_training_texts, train_tokenizer
+
+    inputs, over = _split_overrides(a.inputs)
+    if not inputs:
+        raise _usage("tokenizer train: give at least one INPUT")
+    sect = {"tokenizer.vocab_size": a.vocab_size, "tokenizer.type": a.type}
+    cfg = _config(a.config, over, sect)
+    tok = train_tokenizer(iter_training_texts(inputs), a.out, cfg.tokenizer, overwrite=a.overwrite)
+    print(f"trained {cfg.tokenizer.type} tokenizer with {tok.vocab_size:,} tokens -> {a.out}")
+    return 0
+
+
+def cmd_pack(a) -> int:
+    from text2llm.data.readers import iter_cleaned
+    from text2llm.pack import pack
+
+    over = list(a.overrides)
+    sect = {"pack.workers": a.workers}
+    cfg = _config(a.config, over, sect)
+    meta = pack(iter_cleaned(a.clean_dir), a.tokenizer, a.out, cfg.pack, overwrite=a.overwrite, progress=not a.quiet)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"packed {tr['documents']:,} train docs ({tr['tokens']:,} tokens) and {va['documents']:,} val docs "
+          f"({va['tokens']:,} tokens) -> {a.out}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from text2llm.train.trainer import train_from_cli
+
+    config, over = a.config, list(a.overrides)
+    if config and "=" in config and not os.path.exists(config):
+        config, over = None, [config] + over
+    return train_from_cli(config, over, data=a.data, out=a.out, resume=a.resume, overwrite=a.overwrite,
+                          progress=not a.quiet)
+
+
+def cmd_eval(a) -> int:
+    from text2llm.evaluate import run_eval
+
+    res = run_eval(a.ckpt, data=a.data, text=a.text)
+    if a.json:
+        _print_json(res)
+    else:
+        print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  bits/byte {res['bits_per_byte']:.4f}  "
+              f"({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    if a.engine == "onnx":
+        from text2llm.infer.ort_runtime import generate_cli
+    else:
+        from text2llm.infer.generate import generate_cli
+    return generate_cli(a)
+
+
+def cmd_run(a) -> int:
+    from text2llm.run import run_pipeline
+
+    config, over = a.config, list(a.overrides)
+    if config and "=" in config and not os.path.exists(config):
+        config, over = None, [config] + over
+    cfg = _config(config, over)
+    run_pipeline(cfg, a.out, overwrite=a.overwrite, progress=not a.quiet)
+    return 0
+
+
+def cmd_export_hf(a) -> int:
+    from text2llm.infer.hf import export_hf
+
+    out = export_hf(a.ckpt, a.out, overwrite=a.overwrite)
+    print(f"exported a Hugging Face model -> {out}")
+    return 0
+
+
+def cmd_import_hf(a) -> int:
+    from text2llm.infer.hf import import_hf
+
+    out = import_hf(a.hf_dir, a.out, overwrite=a.overwrite)
+    print(f"imported {a.hf_dir} -> {out}")
+    return 0
+
+
+def cmd_export_onnx(a) -> int:
+    from text2llm.infer.onnx import export_onnx
+
+    out = export_onnx(a.ckpt, a.out, int8=a.int8, overwrite=a.overwrite)
+    print(f"exported ONNX -> {out}")
+    return 0
+
+
+def cmd_compress(a) -> int:
+    from text2llm.compress import cli_entry
+
+    return cli_entry(a)
+
+
+def cmd_serve(a) -> int:
+    from text2llm.infer.server import serve
+
+    serve(a.model, host=a.host, port=a.port, max_tokens_limit=a.max_tokens_limit)
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------------------
+
+
+def _usage(msg: str):
+    from text2llm.errors import UserError
+
+    return UserError(msg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="text2llm", description="From raw text to a trained, compressed, deployable LLM.",
+                                epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"text2llm {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name, help_, func, **kw):
+        sp = sub.add_parser(name, help=help_, description=help_, **kw)
+        sp.set_defaults(func=func)
+        return sp
+
+    def common(sp, config=True, overwrite=True):
+        if config:
+            sp.add_argument("--config", metavar="TOML", help="a config preset (e.g. configs/tiny-cpu.toml)")
+        if overwrite:
+            sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    s = verb("clean", "raw text (txt / jsonl[.gz] / html / warc) -> cleaned, filtered, deduplicated shards", cmd_clean)
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="files or dirs; KEY=VALUE items override data.* config")
+    s.add_argument("--out", required=True, metavar="DIR", help="output dir for clean-*.jsonl.gz and stats.json")
+    s.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (output is identical for any N)")
+    s.add_argument("--preset", choices=["stories", "web-en", "zh"], help="filter set (default: data.preset)")
+    s.add_argument("--no-filter", action="store_true", help="skip the quality filters")
+    s.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
+    common(s)
+
+    t = verb("tokenizer", "tokenizer commands", None)
+    tsub = t.add_subparsers(dest="tverb", metavar="COMMAND")
+    tt = tsub.add_parser("train", help="train a tokenizer", description="train a tokenizer on cleaned shards or raw files")
+    tt.set_defaults(func=cmd_tokenizer_train)
+    tt.add_argument("inputs", nargs="+", metavar="INPUT", help="cleaned shard dirs, .jsonl(.gz) files or dirs, .txt files")
+    tt.add_argument("--out", required=True, metavar="DIR")
+    tt.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size (default: tokenizer.vocab_size)")
+    tt.add_argument("--type", choices=["bpe", "unigram", "bytelevel"], help="SentencePiece bpe/unigram or byte-level BPE")
+    common(tt)
+
+    s = verb("pack", "cleaned shards -> token shards (train/val .bin + meta.json)", cmd_pack)
+    s.add_argument("clean_dir", metavar="CLEAN_DIR")
+    s.add_argument("--tokenizer", required=True, metavar="TOK_DIR")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--workers", type=int, metavar="N", help="tokenizer worker processes")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pack.* config overrides")
+    common(s)
+
+    s = verb("train", "train a model on token shards", cmd_train)
+    s.add_argument("config", nargs="?", metavar="CONFIG", help="config preset (TOML); defaults to the built-in tiny-cpu config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-3 model.n_layer=4")
+    s.add_argument("--data", metavar="TOKENS_DIR", help="token shards from `text2llm pack`")
+    s.add_argument("--out", metavar="RUN_DIR", help="run dir (default: runs/train)")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue the latest checkpoint of RUN_DIR (or of --out)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = verb("eval", "loss, perplexity and bits-per-byte of a checkpoint", cmd_eval)
+    s.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, or run dir (its latest checkpoint)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data", metavar="TOKENS_DIR", help="evaluate the val split of token shards")
+    g.add_argument("--text", metavar="FILE", help="evaluate a UTF-8 .txt or a .jsonl[.gz] with a \"text\" field")
+    s.add_argument("--json", action="store_true", help="print one JSON line")
+
+    s = verb("generate", "generate text from a checkpoint (or an ONNX export with --engine onnx)", cmd_generate)
+    s.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, run dir, or ONNX export dir")
+    s.add_argument("--prompt", default=None, help="prompt text (default: 'Once upon a time')")
+    s.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+    s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=50, metavar="K", help="0 = off")
+    s.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (repeatable)")
+    s.add_argument("--seed", type=int, default=None, metavar="S")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    s.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    s.add_argument("--engine", choices=["torch", "onnx"], default="torch")
+
+    s = verb("run", "the whole pipeline on the bundled corpus (or the config's run.inputs)", cmd_run)
+    s.add_argument("config", nargs="?", metavar="CONFIG", help="config preset (TOML); default: built-in tiny-cpu")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.add_argument("--out", default="runs/run", metavar="DIR", help="output dir (default: runs/run)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+
+    e = verb("export", "export a checkpoint (Hugging Face dir or ONNX)", None)
+    esub = e.add_subparsers(dest="everb", metavar="FORMAT")
+    eh = esub.add_parser("hf", help="a transformers Llama/Mixtral dir", description="export to a Hugging Face dir")
+    eh.set_defaults(func=cmd_export_hf)
+    eh.add_argument("ckpt", metavar="CKPT")
+    eh.add_argument("--out", required=True, metavar="DIR")
+    eh.add_argument("--overwrite", action="store_true")
+    eo = esub.add_parser("onnx", help="prefill + decode-step ONNX graphs with KV cache",
+                         description="export to ONNX (runs with onnxruntime alone)")
+    eo.set_defaults(func=cmd_export_onnx)
+    eo.add_argument("ckpt", metavar="CKPT")
+    eo.add_argument("--out", required=True, metavar="DIR")
+    eo.add_argument("--int8", action="store_true", help="also write an onnxruntime int8 model")
+    eo.add_argument("--overwrite", action="store_true")
+
+    i = verb("import", "import a model into a text2llm checkpoint", None)
+    isub = i.add_subparsers(dest="iverb", metavar="FORMAT")
+    ih = isub.add_parser("hf", help="a transformers Llama/Mixtral dir", description="import a Hugging Face dir")
+    ih.set_defaults(func=cmd_import_hf)
+    ih.add_argument("hf_dir", metavar="HF_DIR")
+    ih.add_argument("--out", required=True, metavar="CKPT_DIR")
+    ih.add_argument("--overwrite", action="store_true")
+
+    c = verb("compress", "int8 quantization, pruning, distillation (checkpoint -> checkpoint + report)", None)
+    csub = c.add_subparsers(dest="cverb", metavar="METHOD")
+    cq = csub.add_parser("quantize", help="int8 Linear layers for CPU inference", description="int8 quantization")
+    cq.set_defaults(func=cmd_compress)
+    cq.add_argument("ckpt", metavar="CKPT")
+    cq.add_argument("--out", required=True, metavar="DIR")
+    cq.add_argument("--data", metavar="TOKENS_DIR", help="val shards for the before/after report")
+    cq.add_argument("--overwrite", action="store_true")
+    cp = csub.add_parser("prune", help="magnitude or structured pruning", description="pruning")
+    cp.set_defaults(func=cmd_compress)
+    cp.add_argument("ckpt", metavar="CKPT")
+    cp.add_argument("--out", required=True, metavar="DIR")
+    cp.add_argument("--method", choices=["magnitude", "heads", "ffn"], default="magnitude",
+                    help="unstructured magnitude, or structured: attention heads / FFN channels")
+    cp.add_argument("--sparsity", type=float, default=0.3, help="share of weights (or heads/channels) removed")
+    cp.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude pruning threshold scope")
+    cp.add_argument("--finetune-steps", type=int, default=0, metavar="N", help="short fine-tune afterwards")
+    cp.add_argument("--data", metavar="TOKENS_DIR", help="token shards for the fine-tune and the report")
+    cp.add_argument("--overwrite", action="store_true")
+    cd = csub.add_parser("distill", help="train a smaller student on a teacher's logits", description="distillation")
+    cd.set_defaults(func=cmd_compress)
+    cd.add_argument("--teacher", required=True, metavar="CKPT")
+    cd.add_argument("--student", required=True, metavar="CONFIG", help="student config (TOML)")
+    cd.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    cd.add_argument("--data", metavar="TOKENS_DIR", help="token shards (default: the teacher's)")
+    cd.add_argument("--out", required=True, metavar="DIR")
+    cd.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on cross-entropy)")
+    cd.add_argument("--temperature", type=float, default=2.0, help="softening temperature")
+    cd.add_argument("--overwrite", action="store_true")
+
+    s = verb("serve", "OpenAI-compatible HTTP server (/v1/completions, /health)", cmd_serve)
+    s.add_argument("model", metavar="CKPT|ONNX_DIR")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N", help="largest max_tokens a request may ask")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        # `text2llm`, `text2llm tokenizer`, ... without a sub-command: show the relevant help
+        parser.parse_args((argv or sys.argv[1:]) + ["--help"])
+        return 2
+    from text2llm.errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

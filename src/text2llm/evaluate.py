@@ -1,0 +1,116 @@
+"""Loss, perplexity and bits-per-byte of a checkpoint on token shards or on raw text.
+
+Bits-per-byte makes models with different tokenizers comparable::
+
+    bpb = (total cross-entropy in nats over the predicted tokens) / ln 2 / (UTF-8 bytes of the text)
+
+On raw text every document is encoded as BOS ... EOS and scored in windows of the model's
+context (non-overlapping), so every token after the first of a window is predicted once.
+On token shards the whole val split is walked the same way, and bytes come from meta.json.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from text2llm.errors import UserError
+
+
+def read_text_documents(path: str | Path) -> list[str]:
+    """A UTF-8 .txt file (one document) or .jsonl / .jsonl.gz with a "text" field per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such file")
+    name = p.name.lower()
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            docs = []
+            with opener(p, "rt", encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{p}:{n}: expected a JSON object with a \"text\" field") from None
+                    if not isinstance(text, str):
+                        raise UserError(f"{p}:{n}: \"text\" is not a string")
+                    docs.append(text)
+            return docs
+        return [p.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{p}: cannot read ({e})") from None
+
+
+@torch.no_grad()
+def score_stream(model, ids: torch.Tensor, window: int, batch_size: int = 8) -> tuple[float, int]:
+    """Sum of next-token NLL (nats) and count of predicted tokens over a 1-D id stream."""
+    n = ids.numel()
+    starts = list(range(0, max(1, n - 1), window))
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = [ids[s : s + window + 1] for s in starts[i : i + batch_size]]
+        chunk = [c for c in chunk if c.numel() >= 2]
+        if not chunk:
+            continue
+        L = max(c.numel() for c in chunk)
+        xy = torch.full((len(chunk), L), -100, dtype=torch.long)
+        for j, c in enumerate(chunk):
+            xy[j, : c.numel()] = c
+        x, y = xy[:, :-1].clamp(min=0), xy[:, 1:]
+        logits = model(x).logits
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                reduction="sum")
+        total += nll.item()
+        count += int((y != -100).sum())
+    return total, count
+
+
+def _result(nll: float, count: int, n_bytes: int) -> dict:
+    loss = nll / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bits_per_byte": nll / math.log(2) / max(1, n_bytes),
+            "tokens": count, "bytes": n_bytes}
+
+
+def evaluate_text(model, tokenizer, path: str | Path, window: int | None = None) -> dict:
+    docs = read_text_documents(path)
+    if not docs or not any(d for d in docs):
+        raise UserError(f"{path}: holds no text")
+    window = window or model.cfg.max_seq_len
+    stream = []
+    for ids in tokenizer.encode_batch(docs, add_bos=True, add_eos=True):
+        stream.extend(ids)
+    nll, count = score_stream(model, torch.tensor(stream, dtype=torch.long), window)
+    return _result(nll, count, sum(len(d.encode("utf-8")) for d in docs))
+
+
+def evaluate_tokens(model, tokens_dir: str | Path, split: str = "val", window: int | None = None) -> dict:
+    import numpy as np
+
+    from text2llm.pack import read_meta
+
+    meta = read_meta(tokens_dir)
+    info = meta["splits"].get(split)
+    if not info or not info["tokens"]:
+        raise UserError(f"{tokens_dir}: split '{split}' holds no tokens")
+    arr = np.concatenate([np.fromfile(Path(tokens_dir) / f, dtype=np.dtype(meta["dtype"])) for f in info["shards"]])
+    window = window or model.cfg.max_seq_len
+    nll, count = score_stream(model, torch.from_numpy(arr.astype(np.int64)), window)
+    return _result(nll, count, info["bytes"])
+
+
+def run_eval(ckpt, data: str | None = None, text: str | None = None) -> dict:
+    import text2llm
+
+    model, tok = text2llm.load(ckpt)
+    if data:
+        return evaluate_tokens(model, data)
+    return evaluate_text(model, tok, text)

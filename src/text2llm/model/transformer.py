@@ -1,0 +1,273 @@
+"""A decoder-only Transformer, Llama-style: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+
+Shape legend (used in names and comments):
+    B batch, T new tokens in this call, S tokens attended to (cache + new), D d_model,
+    H query heads, K key/value heads, Dh head dim, V vocab size, F MLP hidden size.
+
+Data flow of one forward pass::
+
+    ids_BT -> embed -> [ Block ] x n_layer -> norm -> lm_head -> logits_BTV
+    Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))
+
+Inference state (the KV cache) lives in a :class:`KVCache` object that the caller creates and
+passes to ``forward``; layers never allocate or keep caches themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from text2llm.model.config import ModelConfig
+
+
+@dataclass
+class ModelOutput:
+    """What ``Transformer.forward`` returns. ``logits`` is (B, T, V)."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing + z-loss, already weighted
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    ``k[layer]``/``v[layer]`` are (B, K, max_len, Dh). ``pos`` counts the tokens already stored;
+    the model writes the new tokens of each layer at ``pos`` and advances ``pos`` once per forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0
+
+    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of one layer; return all keys/values so far (B, K, S, Dh)."""
+        T = k_BKTD.size(2)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos : self.pos + T] = k_BKTD
+        self.v[layer][:, :, self.pos : self.pos + T] = v_BKTD
+        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+# ---- building blocks ------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight  (Zhang & Sennrich 2019); no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, Dh/2) for rotary embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head dim: the Llama / HF convention."""
+    half = x_BHTD.size(-1) // 2
+    x1, x2 = x_BHTD[..., :half], x_BHTD[..., half:]
+    cos, sin = cos_TD.to(x_BHTD.dtype), sin_TD.to(x_BHTD.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BTD, rope, cache: KVCache | None, attn_mask):
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # B H T Dh
+        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # B K T Dh
+        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # B K T Dh
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # B K S Dh
+        if self.n_kv != self.n_head:  # GQA: each K/V head serves n_head/n_kv query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # B H S Dh
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # B H T Dh
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))  (Shazeer 2020), or GELU: down(gelu(up(x)))."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
+        super().__init__()
+        F_ = hidden or cfg.ffn_dim
+        self.swiglu = cfg.activation == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, F_, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, F_, bias=cfg.bias)
+        self.down_proj = nn.Linear(F_, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x_BTD):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        return self.down_proj(F.gelu(self.up_proj(x_BTD), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD, rope, cache, attn_mask):
+        x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), rope, cache, attn_mask))
+        return x_BTD + self.drop(self.mlp(self.mlp_norm(x_BTD))), None
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. ``forward(ids_BT) -> ModelOutput(logits_BTV)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if cfg.positions == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """All initialisation in one place (GPT-2 / nanoGPT scheme):
+
+        | tensor                                   | init                                  |
+        |------------------------------------------|---------------------------------------|
+        | token / position embeddings, q/k/v, MLP in | normal(0, init_std)                 |
+        | residual outputs (attn o_proj, MLP down_proj) | normal(0, init_std / sqrt(2 n_layer)) |
+        | lm_head (when untied)                    | normal(0, init_std)                   |
+        | biases                                   | zeros                                 |
+        | norm weights                             | ones (their constructor)              |
+
+        The residual scaling keeps the variance of the residual stream roughly constant with depth.
+        """
+        std, resid_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                continue
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, resid_std)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> ModelOutput:
+        """Logits for every position of ``input_ids`` (B, T).
+
+        With a ``cache``, ``input_ids`` are the *new* tokens; they sit at positions
+        ``cache.pos ... cache.pos+T-1`` and attend to everything cached before them.
+        ``attn_mask`` (optional, bool, broadcastable to (B, 1, T, S), True = may attend) replaces
+        the causal mask, e.g. to stop attention across packed documents.
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(input_ids)  # B T D
+        rope = None
+        if self.cfg.positions == "rope":
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        else:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device))
+        if cache is not None and start > 0 and T > 1 and attn_mask is None:
+            # a chunk after a cached prefix: query i (absolute start+i) sees keys 0..start+i
+            q_pos = torch.arange(start, start + T, device=input_ids.device)[:, None]
+            attn_mask = torch.arange(start + T, device=input_ids.device)[None, :] <= q_pos  # T S
+        aux_losses = []
+        for block in self.blocks:
+            x, aux = block(x, rope, cache, attn_mask)
+            if aux is not None:
+                aux_losses.append(aux)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.norm(x))  # B T V
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        return ModelOutput(logits=logits, aux_loss=aux_loss)
+
+    # ---- helpers --------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if self.cfg.positions == "learned":
+                n -= self.pos_embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
+        6 * (matmul parameters) + 12 * n_layer * d_model * seq_len for attention scores/values."""
+        cfg = self.cfg
+        matmul_params = self.num_params(non_embedding=True)  # includes an untied lm_head
+        if cfg.tie_embeddings:
+            matmul_params += cfg.vocab_size * cfg.d_model  # the tied head is still a matmul
+        return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
