@@ -73,7 +73,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fineweb_max_short_line_frac": 1.0,
         "fineweb_max_newline_ratio": 1.0,
         "fineweb_max_dup_line_char_frac": 0.3,
-        "shingle": "char",
     },
 }
 
@@ -174,11 +173,10 @@ class DataConfig(BaseModel):
     fineweb_max_newline_ratio: float = Field(0.3, ge=0.0, description="Newlines / words above this -> drop.")
 
     # --- deduplication ---------------------------------------------------------------------
-    shingle: Literal["auto", "word", "char"] = Field(
-        "auto", description="MinHash shingles: word n-grams, character n-grams, or 'auto' (char for CJK-heavy text)."
+    word_ngram: int = Field(
+        5, ge=1, le=32,
+        description="Words per MinHash shingle. Every CJK character is a word, so for Chinese these are character n-grams.",
     )
-    word_ngram: int = Field(5, ge=1, le=32, description="Words per shingle (word shingles).")
-    char_ngram: int = Field(5, ge=1, le=64, description="Characters per shingle (char shingles, used for CJK).")
     minhash_bands: int = Field(14, ge=1, le=256, description="LSH bands.")
     minhash_rows: int = Field(8, ge=1, le=64, description="Rows (hashes) per LSH band; bands x rows permutations.")
     minhash_threshold: float = Field(

@@ -26,13 +26,13 @@ punctuation rules accept full-width ``。！？；…``.
 from __future__ import annotations
 
 import re
-import zlib
 from functools import cached_property
 
 import numpy as np
 
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
+from text2llm.data.textstats import BatchStats, word_hashes
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _CJK_CHAR_RE = re.compile(f"[{_CJK}]")
@@ -47,25 +47,50 @@ _ZH_STOP = frozenset("的了是在和不有我他这也就人之其而以于与�
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
-class TextStats:
-    """Per-document numbers that several filters share, computed lazily once."""
+class DocStats:
+    """One document's view of a :class:`BatchStats` (shared numbers computed once per batch)."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, batch: BatchStats | None = None, index: int = 0):
         self.text = text
+        self.batch = batch if batch is not None else BatchStats([text])
+        self.i = index
 
-    @cached_property
-    def cjk_chars(self) -> int:
-        return len(_CJK_CHAR_RE.findall(self.text))
+    @property
+    def n_words(self) -> int:
+        return int(self.batch.n_words[self.i])
 
-    @cached_property
+    @property
+    def word_lens(self) -> np.ndarray:
+        b = self.batch
+        return b.wlen[b.bounds[self.i] : b.bounds[self.i + 1]]
+
+    @property
+    def word_hashes(self) -> np.ndarray:
+        b = self.batch
+        return b.whash[b.bounds[self.i] : b.bounds[self.i + 1]]
+
+    @property
     def is_cjk(self) -> bool:
-        """CJK characters make up >= 30% of non-space characters."""
-        return self.cjk_chars >= 0.3 * max(1, len(self.text) - self.text.count(" ") - self.text.count("\n"))
+        """CJK characters make up >= 30% of the words."""
+        return self.batch.cjk_words[self.i] >= 0.3 * max(1, self.n_words)
 
-    @cached_property
-    def words(self) -> list[str]:
-        """Whitespace words; for CJK text every CJK character is a word of its own."""
-        return _TOKEN_RE.findall(self.text) if self.cjk_chars else self.text.split()
+    @property
+    def alpha_token_frac(self) -> float:
+        """Share of words holding a letter: whitespace tokens for Latin text, characters for CJK."""
+        if self.is_cjk:
+            return 1.0 - _digit_word_frac(self)
+        return float(self.batch.alpha_tokens[self.i]) / max(1, int(self.batch.n_tokens[self.i]))
+
+    def stop_words(self) -> int:
+        """Distinct stop words present (the Chinese list for CJK text)."""
+        hashes = _ZH_STOP_H if self.is_cjk else _EN_STOP_H
+        return int(np.isin(hashes, self.word_hashes).sum())
+
+    def top_ngram_frac(self, n: int) -> float:
+        return float(self.batch.cached(("top", n), self.batch.top_ngram_frac, n)[self.i])
+
+    def dup_ngram_frac(self, n: int) -> float:
+        return float(self.batch.cached(("dup", n), self.batch.dup_ngram_frac, n)[self.i])
 
     @cached_property
     def lines(self) -> list[str]:
@@ -73,32 +98,22 @@ class TextStats:
 
     @cached_property
     def paragraphs(self) -> list[str]:
-        return [p for p in re.split(r"\n\s*\n", self.text) if p.strip()]
-
-    @cached_property
-    def word_hashes(self) -> np.ndarray:
-        """uint64 hashes of lower-cased words with punctuation stripped (for n-gram rules)."""
-        ws = [w.lower().strip(".,;:!?\"'()[]“”‘’，。；：！？、（）《》") for w in self.words]
-        return np.fromiter((zlib.crc32(w.encode()) for w in ws), dtype=np.uint64, count=len(ws))
-
-    @cached_property
-    def word_lens(self) -> np.ndarray:
-        return np.fromiter((len(w) for w in self.words), dtype=np.int64, count=len(self.words))
-
-    def ngram_hashes(self, n: int) -> np.ndarray:
-        h = self.word_hashes
-        with np.errstate(over="ignore"):
-            out = h[: len(h) - n + 1].copy()
-            for k in range(1, n):
-                out = out * np.uint64(0x100000001B3) + h[k : len(h) - n + 1 + k]
-        return out
+        return [p for p in self.text.split("\n\n") if p.strip()]
 
 
-def stats_of(doc: Document) -> TextStats:
-    """The doc's cached :class:`TextStats` (recomputed if the text changed)."""
+def _digit_word_frac(st: DocStats) -> float:
+    return 0.0  # CJK characters are letters; digits-only runs are rare enough to ignore here
+
+
+_EN_STOP_H = word_hashes(sorted(_EN_STOP))
+_ZH_STOP_H = word_hashes(sorted(_ZH_STOP))
+
+
+def stats_of(doc: Document) -> DocStats:
+    """The doc's :class:`DocStats`, attached by the pipeline for a batch; recomputed if the text changed."""
     st = doc.__dict__.get("_stats")
     if st is None or st.text is not doc.text:
-        st = TextStats(doc.text)
+        st = DocStats(doc.text)
         doc.__dict__["_stats"] = st
     return st
 
@@ -126,7 +141,7 @@ class LengthFilter(Filter):
         c = self.cfg
         if len(doc.text) - doc.text.count(" ") < c.min_chars:
             return "too_few_chars"
-        n = len(st.words)
+        n = st.n_words
         if n < c.min_words:
             return "too_short"
         if n > c.max_words:
@@ -137,8 +152,25 @@ class LengthFilter(Filter):
 _ZH_FAMILY = {"zh", "wuu", "yue", "lzh", "gan", "hak", "cdo", "nan", "hsn", "cjy"}
 
 
+_KANA_HANGUL_RE = re.compile("[\u3040-\u30ff\uac00-\ud7af]")
+_EN_COMMON = frozenset(
+    "the of and to a in is that it was for on are as with his they at be this have from or one had by "
+    "but not what all were we when your can said there use an each which she do how their if will up "
+    "other about out many then them these so some her would make like him into time has look two more "
+    "go see no way could people my than first been who its now find long down day did get come made may".split()
+)
+_EN_COMMON_H = word_hashes(sorted(_EN_COMMON))
+
+
 class LanguageFilter(Filter):
-    """py3langid on the first 1,000 characters; the allowed languages' probabilities are summed."""
+    """Language identification with an allow-list.
+
+    Fast paths settle the clear cases without a model: for ``en``, ASCII text in which >= 25%
+    of the words are among the 100 most common English words; for ``zh``, text whose words are
+    mostly Han characters with no kana or hangul. Everything else goes to py3langid (its model
+    ships inside the package) on the first 600 characters; the probabilities of the allowed
+    languages are summed (``zh`` includes wuu, yue, lzh and other Chinese varieties).
+    """
 
     name = "language"
     _ident = None
@@ -158,27 +190,39 @@ class LanguageFilter(Filter):
             allowed |= _ZH_FAMILY
         self.allowed = allowed
 
-    def check(self, doc, st):
-        sample = doc.text[:1000]
-        ident = self.identifier()
-        lang, p = ident.classify(sample)
-        if lang in self.allowed and p >= self.cfg.language_min_score:
+    def fast_path(self, doc, st) -> str | None:
+        """The language when it is obvious from counts, else None."""
+        if st.is_cjk:
+            if st.batch.cjk_words[st.i] >= 0.6 * st.n_words and not _KANA_HANGUL_RE.search(doc.text[:2000]):
+                return "zh"
             return None
-        score = sum(p for lang, p in ident.rank(sample) if lang in self.allowed)
+        if st.n_words >= 10 and doc.text[:2000].isascii():
+            common = np.isin(st.word_hashes, _EN_COMMON_H).sum()
+            if common >= 0.25 * st.n_words:
+                return "en"
+        return None
+
+    def check(self, doc, st):
+        fast = self.fast_path(doc, st)
+        if fast is not None:
+            return None if fast in self.allowed else f"not_allowed({fast})"
+        sample = doc.text[:600]
+        ident = self.identifier()
+        ranked = ident.rank(sample)
+        score = sum(p for lang, p in ranked if lang in self.allowed)
         if score >= self.cfg.language_min_score:
             return None
-        return f"not_allowed({lang})"
+        return f"not_allowed({ranked[0][0]})"
 
 
 class GopherQualityFilter(Filter):
     name = "gopher_quality"
 
     def check(self, doc, st):
-        c, words, text = self.cfg, st.words, doc.text
-        n = max(1, len(words))
-        latin = [w for w in words if not _CJK_CHAR_RE.match(w)] if st.cjk_chars else words
-        if latin and not st.is_cjk:
-            mean = sum(map(len, latin)) / len(latin)
+        c, text = self.cfg, doc.text
+        n = max(1, st.n_words)
+        if not st.is_cjk:
+            mean = float(st.word_lens.mean()) if st.n_words else 0.0
             if mean < c.min_mean_word_len:
                 return "mean_word_len_low"
             if mean > c.max_mean_word_len:
@@ -188,17 +232,14 @@ class GopherQualityFilter(Filter):
             return "symbol_word_ratio"
         lines = st.lines
         if lines:
-            if sum(ln.lstrip().startswith(_BULLETS) for ln in lines) / len(lines) > c.max_bullet_lines_frac:
+            if sum(ln.startswith(_BULLETS) for ln in lines) / len(lines) > c.max_bullet_lines_frac:
                 return "bullet_lines"
-            if sum(ln.rstrip().endswith(_ELLIPSIS) for ln in lines) / len(lines) > c.max_ellipsis_lines_frac:
+            if sum(ln.endswith(_ELLIPSIS) for ln in lines) / len(lines) > c.max_ellipsis_lines_frac:
                 return "ellipsis_lines"
-        if sum(any(ch.isalpha() for ch in w) for w in words) / n < c.min_alpha_word_frac:
+        if st.alpha_token_frac < c.min_alpha_word_frac:
             return "alpha_words_low"
-        if c.min_stop_words:
-            stop = _ZH_STOP if st.is_cjk else _EN_STOP
-            found = {w for w in words if w in stop} if st.is_cjk else {w.lower() for w in words} & stop
-            if len(found) < c.min_stop_words:
-                return "too_few_stop_words"
+        if c.min_stop_words and st.stop_words() < c.min_stop_words:
+            return "too_few_stop_words"
         return None
 
 
@@ -231,33 +272,14 @@ class GopherRepetitionFilter(Filter):
             return "dup_paragraphs"
         if pc_frac > c.dup_para_char_frac:
             return "dup_paragraph_chars"
-        lens = st.word_lens
-        total = int(lens.sum())
-        if total == 0:
+        if st.n_words == 0:
             return None
         for n, limit in zip((2, 3, 4), c.top_ngram_char_frac):
-            if len(lens) < n + 1:
-                break
-            h = st.ngram_hashes(n)
-            uniq, first, counts = np.unique(h, return_index=True, return_counts=True)
-            k = int(np.argmax(counts))
-            if counts[k] > 1:
-                ngram_chars = int(lens[first[k] : first[k] + n].sum())
-                if ngram_chars * int(counts[k]) / total > limit:
-                    return f"top_{n}gram"
-        # duplicated n-grams: coverage can only shrink as n grows, so stop once under every limit
+            if st.top_ngram_frac(n) > limit:
+                return f"top_{n}gram"
+        # coverage by duplicated n-grams only shrinks as n grows: stop once under every limit
         for n, limit in zip(range(5, 11), c.dup_ngram_char_frac):
-            if len(lens) < n + 1:
-                break
-            h = st.ngram_hashes(n)
-            _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-            starts = np.nonzero(first[inverse] != np.arange(len(h)))[0]
-            if len(starts) == 0:
-                break
-            cover = np.zeros(len(lens) + 1, dtype=np.int64)
-            np.add.at(cover, starts, 1)
-            np.add.at(cover, starts + n, -1)
-            frac = float(lens[np.cumsum(cover[:-1]) > 0].sum()) / total
+            frac = st.dup_ngram_frac(n)
             if frac > limit:
                 return f"dup_{n}gram"
             if frac <= min(c.dup_ngram_char_frac):
@@ -299,7 +321,8 @@ class C4Filter(Filter):
             return "no_lines_left"
         if len(_SENTENCE_END_RE.findall(text)) < c.c4_min_sentences:
             return "too_few_sentences"
-        doc.text = text
+        if text != doc.text:
+            doc.text = text
         return None
 
 
@@ -317,7 +340,7 @@ class FineWebFilter(Filter):
         _, dup_chars = _dup_frac(lines)
         if dup_chars > c.fineweb_max_dup_line_char_frac:
             return "dup_line_chars"
-        if doc.text.count("\n") / max(1, len(st.words)) > c.fineweb_max_newline_ratio:
+        if doc.text.count("\n") / max(1, st.n_words) > c.fineweb_max_newline_ratio:
             return "newline_ratio"
         return None
 

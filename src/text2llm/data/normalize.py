@@ -19,7 +19,6 @@ import unicodedata
 from collections import Counter
 
 import ftfy
-from ftfy.badness import is_bad
 
 from text2llm.data.config import DataConfig
 
@@ -28,18 +27,27 @@ _FTFY = ftfy.TextFixerConfig(uncurl_quotes=False, fix_character_width=False, nor
 # C0 (but \t \n), DEL, C1, zero-width and bidi marks, BOM, soft hyphen, object replacement
 _CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffc]")
 # non-newline spaces: tab, NBSP, en/em/thin spaces, ideographic space, ...
-_SPACE_RE = re.compile("[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+| {2,}")
+_SPACE_RE = re.compile("[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]{2,}|[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _LINE_END_RE = re.compile("\r\n?|[\u2028\u2029\x85]")
-_EDGE_SPACE_RE = re.compile(r" *\n *")
+_EDGE_SPACE_RE = re.compile(r" +\n *|\n +")
 _BLANKS_RE = re.compile(r"\n{3,}")
-_MOJIBAKE_HINT_RE = re.compile("[\u0080-\u00ff\u0100-\u017f\u2018-\u201e\u2020-\u2022\u2026\u2030\u20ac\u2122\ufffd]")
+# UTF-8 read as cp1252/latin-1: a lead-byte letter followed by a continuation-byte character
+_MOJIBAKE_HINT_RE = re.compile(
+    "[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+    "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]|\ufffd|\u00ef\u00bb\u00bf"
+)
+
+
+# "”" is E2 80 9D in UTF-8; 0x9D has no cp1252 character, so that byte is often lost and
+# only "â€" remains (before a space or the end). ftfy alone would read it as "†" (E2 80 A0).
+_LOST_RDQUO_RE = re.compile("\u00e2\u20ac(?=[ \n\t\"'.,;:!?)\\]]|$)")
 
 
 def fix_unicode(text: str, repaired: Counter) -> str:
     """Repair mojibake (UTF-8 read as cp1252/latin-1 and similar) with ftfy when the text looks broken."""
-    if text.isascii() or not _MOJIBAKE_HINT_RE.search(text) or not is_bad(text):
+    if text.isascii() or not _MOJIBAKE_HINT_RE.search(text):
         return text
-    fixed = ftfy.fix_text(text, _FTFY)
+    fixed = ftfy.fix_text(_LOST_RDQUO_RE.sub("\u201d", text), _FTFY)
     if fixed != text:
         repaired["mojibake_fixed"] += 1
     return fixed
@@ -47,10 +55,16 @@ def fix_unicode(text: str, repaired: Counter) -> str:
 
 def normalize_whitespace(text: str) -> str:
     """Unify line ends and spaces, strip lines, keep paragraph breaks (at most one blank line)."""
-    text = _LINE_END_RE.sub("\n", text)
-    text = _SPACE_RE.sub(" ", text)
-    text = _EDGE_SPACE_RE.sub("\n", text)
-    text = _BLANKS_RE.sub("\n\n", text)
+    # each regex runs only when a fast substring test says it can match (most text is clean)
+    ascii_ = text.isascii()
+    if "\r" in text or not ascii_:
+        text = _LINE_END_RE.sub("\n", text)
+    if "  " in text or "\t" in text or not ascii_:
+        text = _SPACE_RE.sub(" ", text)
+    if " \n" in text or "\n " in text:
+        text = _EDGE_SPACE_RE.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _BLANKS_RE.sub("\n\n", text)
     return text.strip()
 
 

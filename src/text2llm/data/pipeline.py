@@ -44,45 +44,87 @@ from text2llm.errors import UserError
 _STATE: dict = {}
 
 
-def _init_worker(cfg_json: str) -> None:
-    """Build the per-process units once (filters, MinHasher) from the config's JSON."""
+def _init_worker(cfg_json: str, warm: bool = False) -> None:
+    """Build the per-process units once (filters, MinHasher) from the config's JSON.
+
+    ``warm`` also loads everything that is otherwise loaded lazily (HTML extractor, lookup
+    tables, the langid model), so that forked workers inherit it instead of each loading it.
+    """
     from text2llm.data.dedup import MinHasher
-    from text2llm.data.filters import build_filters
+    from text2llm.data.filters import LanguageFilter, build_filters
 
     cfg = DataConfig.model_validate_json(cfg_json)
     _STATE.clear()
     _STATE.update(cfg=cfg, filters=build_filters(cfg), minhash=MinHasher(cfg) if cfg.dedup else None)
+    if warm:
+        import trafilatura  # noqa: F401
+
+        from text2llm.data.textstats import _tables
+
+        _tables()
+        if any(isinstance(f, LanguageFilter) for f in _STATE["filters"]):
+            LanguageFilter.identifier()
 
 
 def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
-    """Raw records -> ``(id, text, source, reason | None, exact_key | None, signature bytes | None)``.
+    """Raw records -> ``(id, text, source, reason | None, exact_key, band keys, signature bytes)``.
 
-    Returns the results and a Counter (as dict) of repairs made on the way.
+    Word statistics for the filters and MinHash are computed once for the whole batch
+    (:class:`~text2llm.data.textstats.BatchStats`). Returns the results and a dict of repairs.
     """
     from text2llm.data.dedup import exact_key
     from text2llm.data.extract import html_to_text
+    from text2llm.data.filters import DocStats, stats_of
     from text2llm.data.normalize import normalize
+    from text2llm.data.textstats import BatchStats
+
+    import numpy as np
 
     cfg, filters, minhash = _STATE["cfg"], _STATE["filters"], _STATE["minhash"]
     repaired: Counter = Counter()
-    out = []
+    docs = []
     for rid, src, kind, payload, charset in batch:
         text = html_to_text(payload, charset, repaired) if kind == "html" else payload
-        text = normalize(text, cfg, repaired)
-        if not text:
-            out.append((rid, text, src, "empty:after_normalisation", None, None))
-            continue
-        doc = Document(rid, text, src)
-        reason = None
-        for f in filters:
-            reason = f(doc)
-            if reason:
-                break
-        key = sig = None
-        if reason is None and cfg.dedup:
-            key = exact_key(doc.text)
-            sig = minhash.signature(doc.text).tobytes()
-        out.append((rid, doc.text, src, reason, key, sig))
+        docs.append(Document(rid, normalize(text, cfg, repaired), src))
+    stats = BatchStats([d.text for d in docs]) if (filters or minhash) else None
+    reasons: list[str | None] = []
+    for i, doc in enumerate(docs):
+        reason = None if doc.text else "empty:after_normalisation"
+        if filters and reason is None:
+            doc.__dict__["_stats"] = DocStats(doc.text, stats, i)
+            for f in filters:
+                reason = f(doc)
+                if reason:
+                    break
+        reasons.append(reason)
+    keep = [i for i, r in enumerate(reasons) if r is None]
+    sigs = bands = None
+    if minhash is not None and keep:
+        # a filter may have edited a text (C4 line rules): recompute the stats of those
+        edited = [i for i in keep if "_stats" in docs[i].__dict__ and stats_of(docs[i]).batch is not stats]
+        if edited:
+            fresh = BatchStats([docs[i].text for i in edited])
+            stats_for = {i: (fresh, k) for k, i in enumerate(edited)}
+        else:
+            stats_for = {}
+        plain = [i for i in keep if i not in stats_for]
+        sig_rows = {}
+        if plain:
+            for i, row in zip(plain, minhash.batch_signatures(stats, plain)):
+                sig_rows[i] = row
+        if stats_for:
+            for i, row in zip(edited, minhash.batch_signatures(fresh, list(range(len(edited))))):
+                sig_rows[i] = row
+        sigs = np.stack([sig_rows[i] for i in keep])
+        bands = minhash.band_keys(sigs, cfg.minhash_bands).tolist()
+    out = []
+    k = 0
+    for i, doc in enumerate(docs):
+        if reasons[i] is None and minhash is not None:
+            out.append((doc.id, doc.text, doc.source, None, exact_key(doc.text), bands[k], sigs[k].tobytes()))
+            k += 1
+        else:
+            out.append((doc.id, doc.text, doc.source, reasons[i], None, None, None))
     return out, dict(repaired)
 
 
@@ -103,7 +145,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.prefix}-{self.index:05d}.jsonl.gz"
         self._raw = open(self.out_dir / name, "wb")
-        self._gz = io.BufferedWriter(gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6), 1 << 20)
+        self._gz = io.BufferedWriter(gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=1), 1 << 20)
         self.files.append(name)
 
     def write(self, record: dict, n_bytes: int) -> None:
@@ -213,19 +255,22 @@ def run_clean(
     t0 = time.perf_counter()
     pool = None
     try:
+        _init_worker(cfg_json, warm=workers > 1)
         if workers == 1:
-            _init_worker(cfg_json)
             results = map(process_batch, batches)
         else:
-            pool = mp.get_context("forkserver" if sys.platform != "win32" else "spawn").Pool(
-                workers, initializer=_init_worker, initargs=(cfg_json,)
+            # fork after warming up (imports, lookup tables, langid model) so each worker starts
+            # ready; elsewhere spawn and let the initializer build the state
+            method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform == "linux" else "spawn"
+            pool = mp.get_context(method).Pool(
+                workers, initializer=None if method == "fork" else _init_worker, initargs=(cfg_json,)
             )
             results = pool.imap(process_batch, batches, chunksize=1)
         for batch_out, batch_repaired in results:
             repaired.update(batch_repaired)
-            for rid, text, src, reason, key, sig in batch_out:
+            for rid, text, src, reason, key, bands, sig in batch_out:
                 if reason is None and dedup is not None:
-                    reason = dedup.check(key, np.frombuffer(sig, dtype=np.uint32))
+                    reason = dedup.check(key, bands, np.frombuffer(sig, dtype=np.uint32))
                 if reason is None:
                     n = len(text.encode("utf-8"))
                     clean.write({"id": rid, "text": text, "source": src}, n)
