@@ -59,8 +59,12 @@ class TokenizerConfig(Section):
         0.9995, gt=0.0, le=1.0, description="SentencePiece: share of characters covered (0.9995 suits CJK); the rest fall back to bytes"
     )
     max_train_bytes: int = Field(
-        50_000_000, ge=1_000, description="train on at most this many bytes of text, sampled from the start of the corpus"
+        50_000_000, ge=1_000, description="train on at most this many bytes of text (see sample)"
     )
+    sample: Literal["uniform", "first"] = Field(
+        "uniform", description="which documents fill max_train_bytes: a seeded uniform sample of the whole corpus, or the first ones"
+    )
+    seed: int = Field(0, description="seed of the uniform training-text sample")
     user_defined_symbols: list[str] = Field(
         default_factory=list, description="extra special tokens (e.g. chat markers) that are never split"
     )
