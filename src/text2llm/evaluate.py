@@ -114,3 +114,35 @@ def run_eval(ckpt, data: str | None = None, text: str | None = None) -> dict:
     if data:
         return evaluate_tokens(model, data)
     return evaluate_text(model, tok, text)
+
+
+@torch.no_grad()
+def loader_nll(model, loader, n_batches: int, device, amp_dtype=None, pad_id: int | None = None,
+               attn_mask_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL in nats, number of predicted tokens) over ``n_batches`` batches of a
+    sequential :class:`~text2llm.loader.TokenLoader`, restarted from its beginning; both are tensors
+    on ``device`` so a distributed caller can all-reduce them before dividing. Targets equal to
+    ``pad_id`` do not count. The model is put in eval mode and back in train mode."""
+    was_training = model.training
+    model.eval()
+    loader.pos = loader.lo
+    n_batches = max(1, min(n_batches, loader.num_windows() // loader.B or 1))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(n_batches):
+        x, y = (t.to(device) for t in next(loader))
+        if pad_id is not None:
+            y = y.masked_fill(y == pad_id, -100)
+        kwargs = {"attn_mask": attn_mask_fn(x)} if attn_mask_fn is not None else {}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x, **kwargs).logits
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                   reduction="sum").double()
+        count += (y != -100).sum()
+    model.train(was_training)
+    return total, count
+
+
+def bits_per_byte(loss_nats_per_token: float, tokens: int, n_bytes: int) -> float:
+    """Mean loss per token (nats) -> bits per UTF-8 byte of the same text."""
+    return loss_nats_per_token / math.log(2) * tokens / max(1, n_bytes)

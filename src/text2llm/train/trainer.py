@@ -1,22 +1,36 @@
-"""The training loop behind ``text2llm train``.
+"""The training loop behind ``text2llm train`` and ``text2llm.train``.
 
-One optimizer step::
+One optimizer step on each of ``world`` processes, with ``k`` micro-batches each::
 
-    for each of grad_accum micro-batches:   loss = CE(model(x), y) / grad_accum (+ MoE aux loss); backward
-    clip the global grad norm; skip the step if anything is non-finite
-    set the LR from the schedule; AdamW step; zero grads
+    for each micro-batch i of k:   (no gradient sync until the last one)
+        loss_i = sum of token cross-entropy / (target tokens of the whole global batch)  [+ MoE aux / k]
+        backward(loss_i * world)     # DDP / FSDP average gradients over processes
+    grad_norm = clip(global grad norm)          # logged every step it is logged
+    skip the step if loss or grad_norm is non-finite (stop after train.max_bad_steps such steps)
+    lr = schedule(step); AdamW step; zero grads
 
-Every ``log_every`` steps a line goes to ``metrics.jsonl``; every ``eval_every`` steps the val
-split is evaluated (loss, perplexity, bits-per-byte); checkpoints are written every
-``checkpoint_every`` steps and at the end. ``--resume`` restores model, optimizer, loader and RNG
-state so that the continued run computes the same losses as an uninterrupted one.
+Data: the train stream is cut into ``world * k`` parts and micro-batch slot ``rank * k + i``
+always reads part ``rank * k + i``. What a step sees depends only on the number of slots, so
+1 process with ``grad_accum=2`` computes the same steps as 2 processes with ``grad_accum=1``,
+and a run can resume on a different process count when ``world * k`` stays the same.
+
+Every ``log_every`` steps a line goes to ``metrics.jsonl`` (and TensorBoard); every
+``eval_every`` steps the val split is evaluated (loss, perplexity, bits-per-byte), samples are
+appended to ``samples.txt`` and ``loss.png`` is redrawn; checkpoints are written every
+``checkpoint_every`` steps, at the end, and on Ctrl-C / SIGTERM. ``resume=True`` restores model,
+optimizer, loader and RNG state: on CPU the continued run computes bitwise the same losses as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,19 +40,11 @@ import torch.nn.functional as F
 
 from text2llm.errors import UserError
 from text2llm.train import checkpoint as ckpt_mod
+from text2llm.train import distributed as D
+from text2llm.train.distributed import pick_device  # noqa: F401  (re-exported: other stages import it from here)
 from text2llm.train.optim import lr_at, make_optimizer
 
 IGNORE_INDEX = -100
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -65,192 +71,469 @@ class TrainResult:
     params: int
     seconds: float
     last_checkpoint: Path | None
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the records logged by this call
+    best_checkpoint: Path | None = None
+    mfu: float | None = None
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
+    skipped_steps: int = 0
 
 
-class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+# ---- one optimizer step's gradients ------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate_loader(model, loader, n_batches: int, device, amp_dtype) -> float:
-    """Mean CE over ``n_batches`` batches of a sequential loader (restarted from its beginning)."""
-    model.eval()
-    loader.pos, total, count = loader.lo, 0.0, 0
-    n_batches = max(1, min(n_batches, loader.num_windows() // loader.B or 1))
-    for _ in range(n_batches):
-        x, y = (t.to(device) for t in next(loader))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).logits
-        n = (y != IGNORE_INDEX).sum().item()
-        total += lm_loss(logits, y).item() * n
-        count += n
-    model.train()
-    return total / max(1, count)
+@dataclass
+class StepStats:
+    loss: torch.Tensor  # this process's share of the global mean loss (all-reduce SUM -> global mean)
+    aux_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
 
 
-def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, loss_fn: Callable | None = None) -> TrainResult:
-    """Train ``cfg.model`` on the token shards in ``data_dir``; write the run into ``run_dir``.
+def forward_backward(fwd, batches, device: torch.device, amp_dtype: torch.dtype | None = None,
+                     loss_fn: Callable | None = None, denom: float | None = None, world_size: int = 1,
+                     sync: Callable | None = None, scaler=None, attn_mask_fn: Callable | None = None) -> StepStats:
+    """Accumulate the gradients of one optimizer step over ``batches`` [(x_BT, y_BT), ...].
 
-    ``cfg`` is a :class:`text2llm.config.Config`. ``loss_fn(model, x, y) -> (loss, extras)`` replaces
-    the LM loss (distillation plugs in here); by default it is next-token cross-entropy.
+    Default loss: the gradient of (sum of token cross-entropy over every micro-batch of every
+    process) / ``denom``, the number of target tokens in the global batch, so padding and uneven
+    micro-batches weigh each token the same (4 x micro-batch 2 == micro-batch 8). ``loss_fn(model,
+    x, y) -> (loss, extras)`` replaces it (distillation); its losses are averaged over micro-batches.
+    ``sync(is_last)`` returns a context that turns gradient sync off on all but the last micro-batch.
     """
-    from text2llm.loader import TokenLoader
-    from text2llm.model.transformer import Transformer
-    from text2llm.pack import read_meta
+    k = len(batches)
+    if denom is None:
+        denom = world_size * sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    loss_acc = torch.zeros((), device=device)
+    aux_acc = load_acc = None
+    extras_acc: dict = {}
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        kwargs = {"attn_mask": attn_mask_fn(x)} if attn_mask_fn is not None else {}
+        with sync(i == k - 1) if sync is not None else nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if loss_fn is None:
+                    out = fwd(x, **kwargs)
+                    ce_sum = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+                    share = ce_sum / max(1.0, denom)
+                    objective = share * world_size
+                    if out.aux_loss is not None:
+                        objective = objective + out.aux_loss / k
+                        aux = out.aux_loss.detach().float() / k
+                        aux_acc = aux if aux_acc is None else aux_acc + aux
+                    load = getattr(out, "expert_load", None)
+                    if load is not None:  # (layers, experts) assignment counts
+                        load = load.detach().float()
+                        load_acc = load if load_acc is None else load_acc + load
+                else:
+                    loss, extras = loss_fn(fwd, x, y)
+                    share = loss / (k * world_size)
+                    objective = loss / k
+                    for name, v in (extras or {}).items():
+                        v = v.detach().float() / k if torch.is_tensor(v) else v / k
+                        extras_acc[name] = extras_acc.get(name, 0.0) + v
+            (scaler.scale(objective) if scaler is not None else objective).backward()
+        loss_acc += share.detach().float()
+    return StepStats(loss=loss_acc, aux_loss=aux_acc, expert_load=load_acc, extras=extras_acc)
 
-    run_dir = Path(run_dir)
-    data_dir = Path(data_dir)
-    meta = read_meta(data_dir)
+
+# ---- Ctrl-C / SIGTERM ----------------------------------------------------------------------------
+
+
+class GracefulStop:
+    """Turns the first SIGINT / SIGTERM into a flag that the loop checks after each step (it then
+    saves a checkpoint and returns). A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def _memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, env: D.DistEnv) -> Path | None:
+    """Checks (every rank, read-only), then rank 0 clears / creates the dir. Returns the checkpoint to resume."""
     start_ckpt = None
     if resume:
         start_ckpt = ckpt_mod.resolve_checkpoint(run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"{run_dir}: run dir is not empty (use --resume to continue it, or --overwrite)")
-        import shutil
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"{run_dir}: run dir is not empty (use --resume to continue it, or --overwrite)")
+    D.barrier(env)
+    if env.is_main:
+        if not resume and run_dir.exists() and overwrite:
+            import shutil
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier(env)
+    return start_ckpt
 
+
+def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, loss_fn: Callable | None = None,
+          init_from: str | Path | None = None) -> TrainResult:
+    """Train ``cfg.model`` on the token shards in ``data_dir``; write the run into ``run_dir``.
+
+    ``cfg`` is a :class:`text2llm.config.Config`. ``loss_fn(model, x, y) -> (loss, extras)`` replaces
+    the LM loss (distillation plugs in here); ``extras`` (numbers or 0-d tensors) are logged.
+    ``init_from`` (or ``train.init_from``) starts from a checkpoint's weights with a fresh
+    optimizer at step 0; the model shape is ``cfg.model`` as given. Under torchrun every process
+    calls this; rank 0 alone writes logs and checkpoints.
+    """
+    from text2llm.pack import read_meta
+
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
     tc = cfg.train
+    meta = read_meta(data_dir)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {meta['vocab_size']} ({data_dir})")
+    init_from = init_from or tc.init_from or None
+    if resume and init_from:
+        raise UserError("train: --resume and init_from exclude each other (init_from starts a new run at step 0)")
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = pick_device(tc.device)
+
+    env = D.init_distributed(tc)
+    try:
+        start_ckpt = _prepare_run_dir(run_dir, resume, overwrite, env)
+        return _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from)
+    finally:
+        D.shutdown(env)
+
+
+def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from) -> TrainResult:
+    from text2llm.evaluate import loader_nll
+    from text2llm.loader import TokenLoader
+    from text2llm.model.transformer import Transformer
+    from text2llm.report import MetricsWriter, plot_curves, truncate_metrics
+    from text2llm.train.mfu import device_peak_flops
+
+    tc = cfg.train
+    device = env.device
     amp_dtype = autocast_dtype(tc.precision, device)
-    torch.manual_seed(tc.seed)
+    if amp_dtype is not None and device.type == "cpu" and env.is_main:
+        print(f"warning: train.precision={tc.precision} on CPU: autocast to {amp_dtype} is usually much slower than fp32")
+    k = tc.accum_steps(env.world_size)
+    slots = env.world_size * k
     config_toml = cfg.to_toml()
-    (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
-    (run_dir / "run.json").write_text(json.dumps({"data": str(data_dir.resolve())}) + "\n", encoding="utf-8")
-    tokenizer_dir = Path(meta["tokenizer_dir"]) if Path(meta["tokenizer_dir"]).is_dir() else None
+    if env.is_main:
+        (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
+        (run_dir / "run.json").write_text(json.dumps({"data": str(data_dir.resolve())}) + "\n", encoding="utf-8")
+    tokenizer_dir = Path(meta["tokenizer_dir"]) if Path(meta.get("tokenizer_dir", "")).is_dir() else None
+    pad_id = meta.get("pad_id")
+    pad_id = pad_id if isinstance(pad_id, int) and pad_id >= 0 else None
+    padded = meta.get("mode") == "padded" and pad_id is not None
 
+    # ---- model and optimizer (identical init on every rank; weights loaded before wrapping) ----
+    torch.manual_seed(tc.seed)
     model = Transformer(cfg.model).to(device)
-    optimizer = make_optimizer(model, tc)
-    train_loader = TokenLoader(data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed)
-    has_val = meta["splits"]["val"]["tokens"] > tc.seq_len
-    val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, "sequential") if has_val else None
-    val_tokens_per_byte = (meta["splits"]["val"]["tokens"] / max(1, meta["splits"]["val"]["bytes"])) if has_val else None
-
-    step, tokens_seen = 0, 0
+    if init_from is not None:
+        src = ckpt_mod.resolve_checkpoint(init_from)
+        if not (src / "model.safetensors").is_file():
+            raise UserError(f"{src}: init_from needs a float checkpoint with model.safetensors")
+        ckpt_mod.load_weights(model, src / "model.safetensors")
     if start_ckpt is not None:
         ckpt_mod.load_weights(model, start_ckpt / "model.safetensors")
-        optimizer.load_state_dict(torch.load(start_ckpt / "optimizer.pt", weights_only=True, map_location=device))
-        state = json.loads((start_ckpt / "state.json").read_text(encoding="utf-8"))
-        train_loader.load_state_dict(state["loader"])
-        ckpt_mod.set_rng_state(state["rng"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-
-    compiled = torch.compile(model) if tc.compile else model
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    if env.rank:
+        torch.manual_seed(tc.seed + env.rank)  # dropout differs between ranks
     params = model.num_params()
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    flops_per_token = model.flops_per_token(tc.seq_len) if hasattr(model, "flops_per_token") else 6.0 * params
+    fwd, parallel = D.wrap_model(model, env, compile=tc.compile)
+    optimizer = make_optimizer(model, tc)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    sync = (lambda last: D.grad_sync(parallel, env, last)) if env.enabled else None
+
+    # ---- data: micro-batch slot p = rank * k + i reads part p of `slots` parts of the stream ----
+    loaders = [TokenLoader(data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
+                           rank=env.rank * k + i, world_size=slots) for i in range(k)]
+    attn_mask_fn = None
+    if tc.document_mask:
+        mask_fn = getattr(loaders[0], "document_attention_mask", None)
+        if mask_fn is None:
+            raise UserError("train.document_mask: this version of text2llm.loader has no document_attention_mask")
+        bos = meta.get("bos_id")
+        attn_mask_fn = lambda x: mask_fn(x, bos)  # noqa: E731
+    val_loader, val_shared = None, False
+    val_info = meta["splits"].get("val", {"tokens": 0, "bytes": 0})
+    if val_info["tokens"] > tc.seq_len:
+        val_shared = val_info["tokens"] // env.world_size <= tc.seq_len  # too small to split: every rank scores it all
+        r, w = (0, 1) if val_shared else (env.rank, env.world_size)
+        val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, "sequential", rank=r, world_size=w)
+
+    # ---- resume ----
+    step, tokens_seen, bad_steps = 0, 0, 0
+    if start_ckpt is not None:
+        state = ckpt_mod.read_state(start_ckpt)
+        saved_slots = state.get("loaders") or [state["loader"]]
+        if len(saved_slots) != slots:
+            raise UserError(
+                f"{start_ckpt}: written with {len(saved_slots)} micro-batch slots per step (processes x grad_accum); "
+                f"this run has {env.world_size} x {k} = {slots}. Resume with the same product (set train.tokens_per_step "
+                f"to keep it fixed across process counts)")
+        fmt = "fqn" if env.mode == "fsdp" else "torch"
+        if state.get("optimizer_format", "torch") != fmt:
+            raise UserError(f"{start_ckpt}: optimizer state was saved by a {state.get('distributed')} run; resume it "
+                            f"with train.distributed={state.get('distributed')} (or start a new run with init_from)")
+        D.load_optimizer_state(model, optimizer,
+                               torch.load(start_ckpt / "optimizer.pt", weights_only=True, map_location=device), env)
+        for i, loader in enumerate(loaders):
+            loader.load_state_dict(saved_slots[env.rank * k + i])
+        rngs = state.get("rng_ranks")
+        ckpt_mod.set_rng_state(rngs[env.rank] if rngs and len(rngs) == env.world_size else state["rng"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        step, tokens_seen, bad_steps = state["step"], state["tokens_seen"], state.get("bad_steps", 0)
+        if env.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+
+    log = MetricsWriter(run_dir, enabled=env.is_main, tensorboard=tc.tensorboard)
+    peak, peak_src = (None, "")
+    if env.is_main or device.type == "cuda":
+        cache = Path(tc.peak_cache) if tc.peak_cache else run_dir / "peak_flops.json"
+        peak, peak_src = device_peak_flops(device, tc.peak_flops, cache if env.is_main else None)
+    tokens_per_step = tc.batch_size * tc.seq_len * k * env.world_size
+    tokenizer = None
+    if tokenizer_dir is not None and tc.samples and (env.is_main or env.mode == "fsdp"):
+        from text2llm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tokenizer_dir)
+    history: list[dict] = []
 
     def run_eval() -> dict:
         if val_loader is None:
             return {}
-        loss = evaluate_loader(compiled, val_loader, tc.eval_batches, device, amp_dtype)
-        rec = {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)),
-               "val_bits_per_byte": loss / math.log(2) * val_tokens_per_byte}
+        nll, count = loader_nll(fwd, val_loader, tc.eval_batches, device, amp_dtype, pad_id if padded else None, attn_mask_fn)
+        if not val_shared:
+            both = D.all_reduce_sum(torch.stack([nll, count]), env)
+            nll, count = both[0], both[1]
+        loss = float(nll / count.clamp(min=1))
+        bpb = loss / math.log(2) * val_info["tokens"] / max(1, val_info["bytes"])
+        rec = {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)), "val_bits_per_byte": bpb}
         log.write(rec)
+        history.append(rec)
         return rec
+
+    def write_samples() -> None:
+        if tokenizer is None:
+            return
+        from text2llm.infer.generate import generate
+
+        model.eval()
+        texts = []
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            for i in range(tc.samples):
+                texts.append(generate(model, tokenizer, cfg.generate.prompt, tc.sample_tokens,
+                                      cfg.generate.temperature, cfg.generate.top_k, cfg.generate.top_p,
+                                      seed=cfg.generate.seed + i))
+        model.train()
+        if env.is_main:
+            with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                for t in texts:
+                    f.write(f"--- step {step} ---\n{t}\n\n")
+
+    def save(val: dict) -> Path | None:
+        loader_states = [s for per_rank in D.all_gather_objects([l.state_dict() for l in loaders], env) for s in per_rank]
+        rngs = D.all_gather_objects(ckpt_mod.rng_state(), env)
+        msd = D.full_model_state(model, env)
+        osd = D.full_optimizer_state(model, optimizer, env)
+        path = None
+        if env.is_main:
+            state = {"tokens_seen": tokens_seen, "loaders": loader_states, "rng": rngs[0], "rng_ranks": rngs,
+                     "world_size": env.world_size, "grad_accum": k, "distributed": env.mode,
+                     "optimizer_format": "fqn" if env.mode == "fsdp" else "torch", "bad_steps": bad_steps,
+                     "config_hash": cfg.hash(), "tokenizer": "tokenizer" if tokenizer_dir else None,
+                     "val_loss": val.get("val_loss") if val.get("step") == step else None,
+                     "grad_scaler": scaler.state_dict() if scaler is not None else None}
+            path = ckpt_mod.save_checkpoint(run_dir, step, msd, osd, state, config_toml, tokenizer_dir,
+                                            keep_last=tc.keep_last, keep_best=tc.keep_best,
+                                            tie_embeddings=cfg.model.tie_embeddings)
+        path = D.broadcast_object(str(path) if path else None, env)
+        return Path(path) if path else None
+
+    def refresh_plot() -> None:
+        if env.is_main and tc.plot:
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
 
     from tqdm import tqdm
 
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=not progress,
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=not (progress and env.is_main),
                mininterval=1.0, dynamic_ncols=True)
+    say = tqdm.write if env.is_main else (lambda *_: None)
     last_eval: dict = {}
     last_ckpt = start_ckpt
+    start_step = step
     t_start = time.perf_counter()
     t_log, tokens_at_log = t_start, tokens_seen
     train_seconds, train_tokens = 0.0, 0
-    bad_steps = 0
+    stop_flag = torch.zeros((), device=device)
     model.train()
-    while step < tc.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(tc.grad_accum):
-            x, y = (t.to(device, non_blocking=True) for t in next(train_loader))
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                if loss_fn is None:
-                    out = compiled(x)
-                    loss = lm_loss(out.logits, y)
-                    if out.aux_loss is not None:
-                        loss = loss + out.aux_loss
-                else:
-                    loss, _ = loss_fn(compiled, x, y)
-            (loss / tc.grad_accum).backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        loss_avg = loss_sum / tc.grad_accum
-        if not (math.isfinite(loss_avg) and torch.isfinite(grad_norm)):
-            bad_steps += 1
+    with GracefulStop() as stopper:
+        while step < tc.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = []
+            for loader in loaders:
+                x, y = next(loader)
+                if padded:
+                    y = y.masked_fill(y == pad_id, IGNORE_INDEX)
+                batches.append((x, y))
+            if padded:  # count target tokens of the whole global batch
+                denom = float(D.all_reduce_sum(torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)),
+                                                            device=device), env))
+            else:
+                denom = float(tokens_per_step)
+            stats = forward_backward(fwd, batches, device, amp_dtype, loss_fn, denom, env.world_size, sync, scaler,
+                                     attn_mask_fn)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = D.local_value(torch.nn.utils.clip_grad_norm_(
+                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+            stop_flag.fill_(1.0 if stopper.signal else 0.0)
+            shared = D.all_reduce_sum(torch.stack([stats.loss, stop_flag]), env)
+            loss_val, stop_any, gnorm = torch.stack([shared[0], shared[1], grad_norm.float().to(device)]).tolist()
+            if not math.isfinite(loss_val) or (scaler is None and not math.isfinite(gnorm)):
+                bad_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                say(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} "
+                    f"(loss={loss_val}, grad_norm={gnorm}); step skipped, weights unchanged "
+                    f"({bad_steps}/{tc.max_bad_steps} allowed)")
+                if bad_steps >= tc.max_bad_steps:
+                    bar.close()
+                    log.close()
+                    raise UserError(
+                        f"train: stopped after {bad_steps} steps with a non-finite loss or gradient (train.max_bad_steps="
+                        f"{tc.max_bad_steps}); lower train.lr or check the data. Last good checkpoint: {last_ckpt}")
+                step += 1
+                bar.update(1)
+                continue
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tqdm.write(f"step {step}: non-finite loss or gradient (loss={loss_avg}, grad_norm={grad_norm.item()}); "
-                       f"step skipped ({bad_steps}/{tc.max_bad_steps})")
-            if bad_steps >= tc.max_bad_steps:
-                raise UserError(f"training stopped: {bad_steps} steps with a non-finite loss or gradient "
-                                f"(lower train.lr or check the data); the last good checkpoint is kept")
             step += 1
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        train_seconds += time.perf_counter() - t0
-        train_tokens += tokens_per_step
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            now = time.perf_counter()
-            tps = (tokens_seen - tokens_at_log) / max(1e-9, now - t_log)
-            t_log, tokens_at_log = now, tokens_seen
-            log.write({"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
-                       "tokens_per_s": tps, "tokens_seen": tokens_seen, "elapsed_s": now - t_start})
-            bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            tokens_seen += tokens_per_step
+            train_seconds += time.perf_counter() - t0
+            train_tokens += tokens_per_step
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.max_steps or stop_any:
+                now = time.perf_counter()
+                tps = (tokens_seen - tokens_at_log) / max(1e-9, now - t_log)
+                t_log, tokens_at_log = now, tokens_seen
+                rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
+                       "tokens_seen": tokens_seen, "elapsed_s": now - t_start, "mem_mib": _memory_mib(device)}
+                if peak:
+                    rec["mfu"] = tps * flops_per_token / (peak * env.world_size)
+                if stats.aux_loss is not None:
+                    rec["aux_loss"] = float(D.all_reduce_sum(stats.aux_loss.clone(), env)) / env.world_size
+                if stats.expert_load is not None:  # share of routed tokens per expert, per MoE layer
+                    load = D.all_reduce_sum(stats.expert_load.clone(), env)
+                    share = load / load.sum(-1, keepdim=True).clamp(min=1)
+                    rec["expert_load"] = [[round(v, 4) for v in row] for row in share.reshape(-1, share.size(-1)).tolist()]
+                    rec["expert_load_max_ratio"] = float(share.max() * share.size(-1))  # 1.0 = perfectly balanced
+                for name, v in stats.extras.items():
+                    rec[name] = float(v)
+                log.write(rec)
+                history.append(rec)
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            if stop_any:
+                say(f"step {step}: {stopper.signal or 'a signal on another rank'} received, saving a checkpoint")
+                break
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+                last_eval = run_eval()
+                if last_eval:
+                    say(f"step {step}: val loss {last_eval['val_loss']:.4f}, bpb {last_eval['val_bits_per_byte']:.4f}")
+                write_samples()
+                refresh_plot()
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.max_steps:
+                last_ckpt = save(last_eval)
+        bar.close()
+        interrupted = stopper.signal or (None if step >= tc.max_steps else "signal")
+        if interrupted:
+            if step != start_step or last_ckpt is None:
+                last_ckpt = save(last_eval)
+        else:
             last_eval = run_eval()
-            if last_eval:
-                tqdm.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, bpb {last_eval['val_bits_per_byte']:.4f}")
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.max_steps:
-            last_ckpt = _save(run_dir, step, model, optimizer, train_loader, tokens_seen, last_eval, cfg,
-                              config_toml, tokenizer_dir)
-    bar.close()
-    last_eval = run_eval()
-    last_ckpt = _save(run_dir, step, model, optimizer, train_loader, tokens_seen, last_eval, cfg, config_toml, tokenizer_dir)
-    return TrainResult(
+            write_samples()
+            if not (last_ckpt is not None and last_ckpt.name == f"step_{step:07d}" and step == start_step):
+                last_ckpt = save(last_eval)
+        refresh_plot()
+    log.close()
+    seconds = time.perf_counter() - t_start
+    tps_all = train_tokens / max(1e-9, train_seconds)
+    mfu = tps_all * flops_per_token / (peak * env.world_size) if peak else None
+    result = TrainResult(
         run_dir=run_dir, step=step,
         val_loss=last_eval.get("val_loss"), val_bits_per_byte=last_eval.get("val_bits_per_byte"),
-        train_tokens_per_s=train_tokens / max(1e-9, train_seconds), params=params,
-        seconds=time.perf_counter() - t_start, last_checkpoint=last_ckpt,
+        train_tokens_per_s=tps_all, params=params, seconds=seconds, last_checkpoint=last_ckpt, history=history,
+        best_checkpoint=ckpt_mod.best_checkpoint(run_dir) if env.is_main else None, mfu=mfu,
+        interrupted=interrupted, skipped_steps=bad_steps,
     )
+    if progress and env.is_main:
+        _print_summary(result, env, k, peak, peak_src)
+    return result
 
 
-def _save(run_dir, step, model, optimizer, loader, tokens_seen, last_eval, cfg, config_toml, tokenizer_dir):
-    state = {"tokens_seen": tokens_seen, "loader": loader.state_dict(), "config_hash": cfg.hash(),
-             "val_loss": last_eval.get("val_loss") if last_eval.get("step") == step else None,
-             "tokenizer": "tokenizer" if tokenizer_dir else None}
-    return ckpt_mod.save_checkpoint(run_dir, step, model, optimizer, state, config_toml, tokenizer_dir,
-                                    keep_last=cfg.train.keep_last)
+def _print_summary(r: TrainResult, env: D.DistEnv, k: int, peak, peak_src: str) -> None:
+    from text2llm.report import format_seconds, print_table
+
+    rows = [("steps", f"{r.step:,}" + (f" (stopped by {r.interrupted})" if r.interrupted else "")),
+            ("parameters", f"{r.params:,}"),
+            ("processes x grad_accum", f"{env.world_size} x {k} ({env.mode})"),
+            ("tokens/s", f"{r.train_tokens_per_s:,.0f}")]
+    if r.mfu is not None:
+        rows.append(("MFU", f"{100 * r.mfu:.1f}% of {peak / 1e9:,.0f} GFLOP/s ({peak_src})"))
+    if r.val_loss is not None:
+        rows += [("val loss", f"{r.val_loss:.4f}"), ("val bits/byte", f"{r.val_bits_per_byte:.4f}")]
+    if r.skipped_steps:
+        rows.append(("skipped (non-finite) steps", str(r.skipped_steps)))
+    rows += [("time", format_seconds(r.seconds)), ("last checkpoint", str(r.last_checkpoint))]
+    if r.best_checkpoint is not None:
+        rows.append(("best checkpoint", str(r.best_checkpoint)))
+    print_table("text2llm train", rows)
 
 
 def train_from_cli(config: str | None, overrides: list[str], data: str | None, out: str | None,
                    resume: bool | str, overwrite: bool, progress: bool = True) -> int:
-    """``text2llm train``: resolve config, data and run dir, then :func:`train`."""
+    """``text2llm train``: resolve config, data and run dir, then :func:`train`.
+
+    With ``--resume`` the run dir's saved config is the base (``key=value`` overrides still apply,
+    e.g. a larger ``train.max_steps``) and the data dir recorded in ``RUN/run.json`` is the default.
+    Returns 0, or 130 / 143 when Ctrl-C / SIGTERM stopped the run (after saving a checkpoint).
+    """
     from text2llm.config import load_config
 
     run_dir = Path(resume if isinstance(resume, str) else (out or "runs/train"))
@@ -267,7 +550,14 @@ def train_from_cli(config: str | None, overrides: list[str], data: str | None, o
     if data is None:
         raise UserError("train: --data TOKENS_DIR is required (token shards from `text2llm pack`)")
     result = train(cfg, data, run_dir, resume=bool(resume), overwrite=overwrite, progress=progress)
-    print(f"step {result.step}: val loss {result.val_loss if result.val_loss is None else round(result.val_loss, 4)}, "
-          f"bits/byte {result.val_bits_per_byte if result.val_bits_per_byte is None else round(result.val_bits_per_byte, 4)}, "
-          f"{result.train_tokens_per_s:,.0f} tokens/s -> {result.last_checkpoint}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 130 if result.interrupted == "SIGINT" else 143 if result.interrupted else 0
+    if result.interrupted:
+        print(f"stopped by {result.interrupted} at step {result.step}; checkpoint {result.last_checkpoint}\n"
+              f"continue with: text2llm train --resume {run_dir}")
+        return 130 if result.interrupted == "SIGINT" else 143
+    vl = None if result.val_loss is None else round(result.val_loss, 4)
+    bpb = None if result.val_bits_per_byte is None else round(result.val_bits_per_byte, 4)
+    print(f"step {result.step}: val loss {vl}, bits/byte {bpb}, {result.train_tokens_per_s:,.0f} tokens/s "
+          f"-> {result.last_checkpoint}")
     return 0
