@@ -1,17 +1,27 @@
-"""Sampling with a KV cache: greedy, temperature, top-k, top-p.
+"""Generation with PyTorch: a preallocated KV cache, batches of prompts, greedy or sampled.
 
-The prompt is run once through the model (prefill), filling a preallocated :class:`KVCache`;
-each new token then costs one forward pass over a single position (decode), attending to the
-cached keys and values instead of recomputing the whole sequence.
+The prompt batch is run once through the model (prefill), filling a :class:`KVCache` sized for
+prompt + new tokens; each new token then costs one forward pass over a single position (decode),
+attending to the cached keys and values instead of recomputing the whole sequence.
+
+Prompts of different lengths are left-padded and a boolean ``attn_mask`` (True = may attend,
+(B, 1, T, S)) keeps the pads out of attention; see :mod:`text2llm.infer.decoding` for why that is
+exact with rotary positions and what happens with learned ones. Sampling, stop strings and
+streaming live in that module too, shared with the ONNX Runtime engine and the server.
+
+    model, tok = text2llm.load("runs/demo/train")
+    generate(model, tok, "Once upon a time", max_new_tokens=50, temperature=0)        # one prompt
+    generate_batch(model, tok, ["A cat", "The sun was"], max_new_tokens=50, seed=0)    # a batch
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
+from text2llm.infer.decoding import SamplingParams, complete, fit_prompts, iter_tokens
 from text2llm.model.transformer import KVCache
 
 
@@ -32,73 +42,113 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """(B,) next ids. temperature 0 = greedy (argmax)."""
+    """(B,) next ids with torch's RNG. temperature 0 = greedy (argmax)."""
     if temperature <= 0:
         return logits_BV.argmax(-1)
     probs = filter_logits(logits_BV.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
-                 top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
-                 use_cache: bool = True) -> Iterator[int]:
-    """Yield new token ids one at a time (stops at EOS, which is not yielded)."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    if len(prompt_ids) >= cfg.max_seq_len:
-        warnings.warn(f"prompt of {len(prompt_ids)} tokens truncated from the left to fit the context of {cfg.max_seq_len}")
-        prompt_ids = prompt_ids[-(cfg.max_seq_len - 1):]
-    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - len(prompt_ids))
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    cache = KVCache(cfg, batch_size=1, device=device, dtype=next(model.parameters()).dtype) if use_cache else None
-    logits = model(ids, cache=cache).logits[:, -1]
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)
-        token = int(nxt.item())
-        if eos_id is not None and token == eos_id:
-            return
-        yield token
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if cache is not None:
-            logits = model(nxt[:, None], cache=cache).logits[:, -1]
-        else:
-            logits = model(ids).logits[:, -1]
+# ---- engines -------------------------------------------------------------------------------------
+
+
+def _attn_mask(valid_BS: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """(B, 1, T, S) bool for T new queries at positions start..start+T-1 over S = start+T keys:
+    causal, pads hidden; every query also sees itself, so a pad query's row is never all-False
+    (an all-masked row would give NaN, and a NaN key poisons later layers even when masked)."""
+    S = start + T
+    q_pos = torch.arange(start, S)[:, None]
+    k_pos = torch.arange(S)[None, :]
+    causal_TS = k_pos <= q_pos
+    return ((causal_TS[None] & valid_BS[:, None, :S]) | (k_pos == q_pos)[None])[:, None]
+
+
+class TorchEngine:
+    """The decoding-engine interface of :mod:`text2llm.infer.decoding` over a PyTorch model.
+
+    ``use_cache=False`` recomputes the whole sequence at every step (the slow reference).
+    ``max_len`` caps prompt + new tokens (default: the model's ``max_seq_len``).
+    """
+
+    def __init__(self, model, use_cache: bool = True, max_len: int | None = None):
+        self.model, self.use_cache = model, use_cache
+        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.float32
+
+    @torch.no_grad()
+    def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
+        B, T = ids_BT.shape
+        self.ids = torch.zeros(B, self.max_len, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(B, self.max_len, dtype=torch.bool, device=self.device)
+        self.ids[:, :T] = torch.from_numpy(ids_BT)
+        self.valid[:, :T] = torch.from_numpy(mask_BT.astype(bool))
+        self.padded = not bool(self.valid[:, :T].all())
+        self.len = T
+        self.cache = KVCache(self.model.cfg, B, self.max_len, self.device, self.dtype) if self.use_cache else None
+        return self._forward(0, T)
+
+    @torch.no_grad()
+    def step(self, next_B: np.ndarray) -> np.ndarray:
+        self.ids[:, self.len] = torch.from_numpy(next_B)
+        self.valid[:, self.len] = True
+        self.len += 1
+        if self.use_cache:
+            return self._forward(self.len - 1, 1)
+        return self._forward(0, self.len)
+
+    def _forward(self, start: int, T: int) -> np.ndarray:
+        mask = _attn_mask(self.valid, start, T).to(self.device) if self.padded else None
+        out = self.model(self.ids[:, start : start + T], cache=self.cache, attn_mask=mask)
+        return out.logits[:, -1].float().cpu().numpy()
+
+
+# ---- the public functions ------------------------------------------------------------------------
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 200, temperature: float = 0.8,
+                   top_k: int = 50, top_p: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0,
+                   stop: Sequence[str] = (), use_cache: bool = True,
+                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """Continuations (prompt not included) of a batch of prompts, decoded together.
+
+    ``on_text(row, piece)`` receives each row's new text as it becomes final (streaming).
+    A prompt longer than the context is truncated from the left with a warning.
+    """
+    p = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, tuple(stop), seed)
+    engine = TorchEngine(model, use_cache=use_cache)
+    done = complete(engine, tokenizer, list(prompts), p, learned_positions=model.cfg.positions == "learned",
+                    on_text=on_text)
+    return [c.text for c in done]
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
-             top_p: float = 1.0, seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:
+             top_p: float = 1.0, seed: int | None = None, on_text: Callable[[str], None] | None = None, *,
+             repetition_penalty: float = 1.0, stop: Sequence[str] = (), use_cache: bool = True) -> str:
     """Prompt + continuation as text. ``on_text`` receives each new piece of text as it is decoded."""
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    new: list[int] = []
-    shown = ""
-    for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id):
-        new.append(token)
-        if on_text is not None:
-            text = tokenizer.decode(new)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                on_text(text[len(shown):])
-                shown = text
-    return prompt + tokenizer.decode(new)
+    cb = None if on_text is None else (lambda _row, s: on_text(s))
+    (text,) = generate_batch(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, top_p, seed,
+                             repetition_penalty, stop, use_cache, cb)
+    return prompt + text
+
+
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
+                 top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+                 use_cache: bool = True, repetition_penalty: float = 1.0, pad_id: int = 0) -> Iterator[int]:
+    """Yield new token ids of one prompt one at a time (stops at EOS, which is not yielded)."""
+    p = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, (), seed)
+    engine = TorchEngine(model, use_cache=use_cache)
+    (ids,), _ = fit_prompts([list(prompt_ids)], engine.max_len, max_new_tokens)
+    for tokens in iter_tokens(engine, [ids], p, eos_id, pad_id, vocab_size=model.cfg.vocab_size):
+        if tokens[0] < 0:
+            return
+        yield int(tokens[0])
 
 
 def generate_cli(a) -> int:
     """``text2llm generate CKPT ...`` with the PyTorch engine."""
-    import sys
-
     import text2llm
+    from text2llm.infer.decoding import cli_loop
 
     model, tok = text2llm.load(a.ckpt)
-    prompts = (line.rstrip("\n") for line in sys.stdin) if a.interactive else [a.prompt or "Once upon a time"]
-    for prompt in prompts:
-        if a.stream:
-            print(prompt, end="", flush=True)
-            generate(model, tok, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed,
-                     on_text=lambda s: print(s, end="", flush=True))
-            print()
-        else:
-            print(generate(model, tok, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed))
-    return 0
+    return cli_loop(TorchEngine(model), tok, a, learned_positions=model.cfg.positions == "learned")

@@ -1,0 +1,212 @@
+"""Generation with PyTorch: KV cache == no cache, batches with left padding == one by one, sampling
+reproducible with a seed, top-k / top-p / repetition-penalty masks, stop strings, streaming, CLI.
+
+``tiny_checkpoint`` (also used by the ONNX and server tests) trains a ~300-token SentencePiece
+tokenizer on a few KB of the bundled stories and saves a random 2-layer model as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from text2llm.infer.decoding import (SamplingParams, TextStream, apply_repetition_penalty, complete,
+                                     filter_logits_np, sample_np)
+from text2llm.infer.generate import TorchEngine, filter_logits, generate, generate_batch, generate_ids
+
+ASSET = Path(__file__).resolve().parents[1] / "src" / "text2llm" / "assets" / "tinystories" / "train-000.jsonl.gz"
+PROMPTS = ["Once upon a time", "Tom", "The little dog ran to the park and"]
+
+
+def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0) -> Path:
+    """A checkpoint dir with a random tiny model and a trained tiny tokenizer."""
+    from text2llm.config import Config
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+    from text2llm.tokenizer import train_tokenizer
+    from text2llm.train.checkpoint import save_checkpoint
+
+    texts = []
+    with gzip.open(ASSET, "rt", encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if sum(map(len, texts)) > 20_000:
+                break
+    cfg = Config()
+    cfg.tokenizer.vocab_size = 384
+    cfg.tokenizer.threads = 1
+    tok = train_tokenizer(texts, root / "tok", cfg.tokenizer)
+    cfg.train.seq_len = 64
+    cfg.model = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, n_kv_head=n_kv_head,
+                            max_seq_len=64, positions=positions, init_std=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    return save_checkpoint(root / "run", 1, model, None, {}, cfg.to_toml(), root / "tok")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import text2llm
+
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("gen"))
+    model, tok = text2llm.load(ckpt)
+    return ckpt, model, tok
+
+
+def _greedy_ids(model, ids, n, use_cache):
+    return list(generate_ids(model, ids, n, temperature=0, use_cache=use_cache))
+
+
+def test_kv_cache_greedy_equals_no_cache(tiny):
+    _, model, tok = tiny
+    ids = [tok.bos_id] + tok.encode("Once upon a time there was")
+    with_cache = _greedy_ids(model, ids, 40, True)
+    without = _greedy_ids(model, ids, 40, False)
+    assert len(with_cache) > 10 and with_cache == without
+
+
+def test_kv_cache_logits_equal_full_forward(tiny):
+    _, model, tok = tiny
+    ids = np.array([[tok.bos_id] + tok.encode("The cat sat on the mat")])
+    eng, ref = TorchEngine(model), TorchEngine(model, use_cache=False)
+    a, b = eng.prefill(ids, np.ones_like(ids)), ref.prefill(ids, np.ones_like(ids))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    for t in [5, 17, 42]:
+        np.testing.assert_allclose(eng.step(np.array([t])), ref.step(np.array([t])), atol=1e-5)
+
+
+def test_batch_with_left_padding_equals_one_by_one(tiny):
+    _, model, tok = tiny
+    batch = generate_batch(model, tok, PROMPTS, max_new_tokens=20, temperature=0)
+    single = [generate_batch(model, tok, [p], max_new_tokens=20, temperature=0)[0] for p in PROMPTS]
+    assert batch == single
+    # and the logits: a padded row gives the same numbers as the row alone
+    enc = [[tok.bos_id] + tok.encode(p) for p in PROMPTS]
+    from text2llm.infer.decoding import left_pad
+
+    ids, mask = left_pad(enc, tok.pad_id)
+    eng = TorchEngine(model)
+    lb = eng.prefill(ids, mask)
+    step_b = eng.step(np.array([7, 7, 7]))
+    for b, e in enumerate(enc):
+        one = TorchEngine(model)
+        np.testing.assert_allclose(one.prefill(np.array([e]), np.ones((1, len(e)), np.int64))[0], lb[b], atol=1e-5)
+        np.testing.assert_allclose(one.step(np.array([7]))[0], step_b[b], atol=1e-5)
+
+
+def test_learned_positions_batch_equals_one_by_one(tmp_path):
+    import text2llm
+
+    model, tok = text2llm.load(tiny_checkpoint(tmp_path, positions="learned", n_kv_head=2))
+    batch = generate_batch(model, tok, PROMPTS, max_new_tokens=10, temperature=0)
+    assert batch == [generate_batch(model, tok, [p], max_new_tokens=10, temperature=0)[0] for p in PROMPTS]
+
+
+def test_sampling_reproducible_with_seed(tiny):
+    _, model, tok = tiny
+    kw = dict(max_new_tokens=30, temperature=1.0, top_k=0, top_p=0.95)
+    a = generate_batch(model, tok, PROMPTS, seed=3, **kw)
+    assert a == generate_batch(model, tok, PROMPTS, seed=3, **kw)
+    assert a != generate_batch(model, tok, PROMPTS, seed=4, **kw)
+    # cache or no cache: same logits -> same draws
+    assert a == generate_batch(model, tok, PROMPTS, seed=3, use_cache=False, **kw)
+
+
+def test_top_k_top_p_masks():
+    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]], dtype=np.float32))
+    keep = lambda x: np.isfinite(x[0]).tolist()
+    assert keep(filter_logits_np(logits, top_k=2)) == [True, True, False, False, False]
+    assert keep(filter_logits_np(logits, top_p=0.5)) == [True, False, False, False, False]
+    assert keep(filter_logits_np(logits, top_p=0.6)) == [True, True, False, False, False]
+    assert keep(filter_logits_np(logits, top_p=0.86)) == [True, True, True, True, False]
+    assert keep(filter_logits_np(logits, top_k=3, top_p=0.99)) == [True, True, True, False, False]
+    # shuffled vocab: the mask follows the values, and the torch version agrees
+    perm = np.array([3, 0, 4, 1, 2])
+    shuffled = logits[:, perm]
+    assert keep(filter_logits_np(shuffled, top_p=0.6)) == [False, True, False, True, False]
+    t = filter_logits(torch.from_numpy(shuffled), top_k=3, top_p=0.6).numpy()
+    assert np.isfinite(t[0]).tolist() == keep(filter_logits_np(shuffled, top_k=3, top_p=0.6))
+    # a sample never leaves the kept set
+    rng = np.random.default_rng(0)
+    p = SamplingParams(temperature=1.0, top_k=2)
+    draws = {int(sample_np(np.repeat(logits, 64, 0), p, rng)[i]) for i in range(64)}
+    assert draws == {0, 1}
+
+
+def test_repetition_penalty():
+    logits = np.array([[2.0, -1.0, 1.0]], dtype=np.float32)
+    seen = np.array([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    np.testing.assert_allclose(out, [[1.0, -2.0, 1.0]])
+    with pytest.raises(Exception):
+        SamplingParams(repetition_penalty=0)
+
+
+def test_repetition_penalty_changes_greedy_output(tiny):
+    _, model, tok = tiny
+    plain = generate(model, tok, "Tom", 30, temperature=0)
+    penal = generate(model, tok, "Tom", 30, temperature=0, repetition_penalty=1.5)
+    assert plain != penal
+
+
+class _CharTok:
+    """A tokenizer whose ids are code points (for TextStream tests)."""
+    eos_id, pad_id = -5, -6
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_stop_strings_and_holdback():
+    s = TextStream(_CharTok(), stop=["END"])
+    pieces = [s.push(ord(c)) for c in "abcEN"]
+    assert "".join(pieces) == "abc"  # "EN" held back: it may become "END"
+    assert s.push(ord("D")) == "" and s.stopped and s.text == "abc"
+    s = TextStream(_CharTok(), stop=["END"])
+    out = "".join(s.push(ord(c)) for c in "xENy") + s.finish()
+    assert out == "xENy" and not s.stopped
+
+
+def test_stop_strings_and_streaming_match(tiny):
+    _, model, tok = tiny
+    full = generate_batch(model, tok, ["Once upon a time"], 40, temperature=0)[0]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3
+    pieces = []
+    cut = generate_batch(model, tok, ["Once upon a time"], 40, temperature=0, stop=[stop],
+                         on_text=lambda r, s: pieces.append(s))[0]
+    assert cut == full[: full.index(stop)]
+    assert "".join(pieces) == cut
+
+
+def test_long_prompt_truncated_with_warning(tiny):
+    _, model, tok = tiny
+    long = "Once upon a time there was a little girl. " * 30
+    with pytest.warns(UserWarning, match="truncated from the left"):
+        out = generate(model, tok, long, 10, temperature=0)
+    assert out.startswith(long)
+    with pytest.warns(UserWarning):
+        (c,) = complete(TorchEngine(model), tok, [long], SamplingParams(max_new_tokens=10, temperature=0))
+    assert c.prompt_tokens == model.cfg.max_seq_len - 1 and c.tokens == 1 and c.finish_reason == "length"
+
+
+def test_cli_generate_stream_and_interactive(tiny, capsys, monkeypatch):
+    import io
+
+    from text2llm.cli import main
+
+    ckpt, model, tok = tiny
+    want = generate(model, tok, "Tom", 15, temperature=0)
+    rc = main(["generate", str(ckpt), "--prompt", "Tom", "--max-new-tokens", "15", "--temperature", "0", "--stream"])
+    assert rc == 0 and capsys.readouterr().out == want + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tom\n\nOnce upon a time\n"))
+    rc = main(["generate", str(ckpt), "--interactive", "--max-new-tokens", "15", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out == want + "\n" + generate(model, tok, "Once upon a time", 15, temperature=0) + "\n"
+    assert main(["generate", str(ckpt), "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
