@@ -64,8 +64,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # classical poems are short and lines repeat refrains; be lenient on repetition of lines
         "dup_line_frac": 0.5,
         "dup_line_char_frac": 0.4,
+        # every Han character is a "word", so n-grams are short; and refrains are common in classical poetry
+        "top_ngram_char_frac": [0.3, 0.3, 0.3],
+        "dup_ngram_char_frac": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
         "max_symbol_word_ratio": 0.1,
-        "min_stop_words": 0,
+        "min_stop_words": 0,  # classical poems have few function characters
         "min_alpha_word_frac": 0.5,
         "min_mean_word_len": 1.0,
         "max_mean_word_len": 10.0,

@@ -196,7 +196,8 @@ class LanguageFilter(Filter):
             if st.batch.cjk_words[st.i] >= 0.6 * st.n_words and not _KANA_HANGUL_RE.search(doc.text[:2000]):
                 return "zh"
             return None
-        if st.n_words >= 10 and doc.text[:2000].isascii():
+        head = doc.text[:2000]
+        if st.n_words >= 10 and (head.isascii() or len(head.encode("utf-8")) - len(head) <= 0.02 * len(head)):
             common = np.isin(st.word_hashes, _EN_COMMON_H).sum()
             if common >= 0.25 * st.n_words:
                 return "en"
@@ -313,7 +314,7 @@ class C4Filter(Filter):
                 continue
             if c.c4_drop_lines and not s.endswith(_TERMINAL):
                 continue
-            if any(len(w) > c.c4_max_word_len for w in words):
+            if len(s) > c.c4_max_word_len and max(map(len, words)) > c.c4_max_word_len:
                 return "word_too_long"
             kept.append(s)
         text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()

@@ -1,0 +1,427 @@
+"""Tests of the data stage: readers, normalisers, filters, dedup, pipeline and bad input.
+
+Essential cases run on the small fixtures in tests/data_fixtures (cut from ../shared/data, see
+its README); the cases on the full shared corpora are skipped when ../shared/data is missing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from text2llm.data import DataConfig, Document, iter_cleaned, run_clean
+from text2llm.data.filters import FILTERS, build_filters
+from text2llm.errors import UserError
+
+FIX = Path(__file__).resolve().parent / "data_fixtures"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: Path, recs: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def check(name: str, text: str, **cfg) -> str | None:
+    """Run one named filter on a literal string."""
+    f = FILTERS[name](DataConfig(**cfg))
+    return f(Document("t", text, "test"))
+
+
+EN_GOOD = (
+    "The old lighthouse keeper climbed the stairs every evening to light the lamp. "
+    "He had done this for forty years, and the ships that passed the rocky coast trusted him. "
+    "One winter night a storm broke the glass, and the wind blew out the flame twice. "
+    "He wrapped his coat around the lamp and held it there until the morning came.\n\n"
+    "When the sun rose, a fishing boat returned safely to the harbour with all of its crew. "
+    "The captain walked up the hill to thank him, and they drank tea together by the fire."
+)
+ZH_GOOD = (
+    "从前有一座山，山上有一座庙，庙里住着一个老和尚和一个小和尚。每天清晨，老和尚都会在院子里扫地，"
+    "小和尚则去山下的小河边挑水。有一天，小和尚问老和尚：“师父，我们为什么每天都要做同样的事情呢？”"
+    "老和尚笑了笑，说：“因为日子就是这样一天一天过的，做好每一件小事，就是修行。”小和尚听了，若有所思。\n"
+    "后来，小和尚长大了，他也成了庙里的老和尚。他把这些话讲给新来的小和尚听，山上的钟声依旧每天响起。"
+)
+
+
+# ---------------------------------------------------------------------------------------
+# config
+
+
+def test_config_presets_and_overrides():
+    assert DataConfig().preset == "stories"
+    web = DataConfig(preset="web-en")
+    assert "language" in web.filters and "c4" in web.filters and web.languages == ["en"]
+    zh = DataConfig(preset="zh", min_words=7)
+    assert zh.languages == ["zh"] and zh.min_words == 7 and "c4" not in zh.filters
+    with pytest.raises(ValueError):
+        DataConfig(nonsense=1)
+    with pytest.raises(ValueError):
+        DataConfig(filters=["no-such-filter"])
+    with pytest.raises(ValueError):
+        DataConfig(minhash_threshold=1.5)
+    assert all(f.description for f in DataConfig.model_fields.values())
+
+
+# ---------------------------------------------------------------------------------------
+# normalisation
+
+
+def test_mojibake_pairs_repaired():
+    from text2llm.data.normalize import normalize
+
+    pairs = read_jsonl(FIX / "mojibake-pairs-sample.jsonl.gz")
+    cfg, rep = DataConfig(), Counter()
+    fixed = sum(normalize(p["text"], cfg, rep) == normalize(p["clean"], cfg, rep) for p in pairs)
+    assert fixed == len(pairs)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+def test_all_shared_mojibake_pairs_repaired():
+    from text2llm.data.normalize import normalize
+
+    pairs = read_jsonl(SHARED / "tinystories" / "mojibake-pairs.jsonl.gz")
+    cfg, rep = DataConfig(), Counter()
+    assert all(normalize(p["text"], cfg, rep) == normalize(p["clean"], cfg, rep) for p in pairs)
+
+
+def test_normalize_controls_whitespace_punctuation():
+    from text2llm.data.normalize import normalize
+
+    rep = Counter()
+    raw = "  Hello,\x00 world!\u200b  It\tis “fine”…\r\n\r\n\r\n\r\n第二段：你好，世界！（测试）\u3000 ok \x07\n"
+    out = normalize(raw, DataConfig(), rep)
+    assert out == "Hello, world! It is “fine”…\n\n第二段：你好，世界！（测试） ok"
+    assert rep["control_chars_removed"] == 1
+    assert normalize("a\nb\n\nc", DataConfig(), rep) == "a\nb\n\nc"  # single newlines and paragraphs kept
+
+
+# ---------------------------------------------------------------------------------------
+# filters on literal strings
+
+
+def test_length_filter_en_zh():
+    assert check("length", EN_GOOD) is None
+    assert check("length", "Too short to keep.") == "length:too_short"
+    assert check("length", ZH_GOOD, preset="zh") is None  # CJK characters count as words
+    assert check("length", "你好世界。", preset="zh") == "length:too_short"
+    assert check("length", EN_GOOD, max_words=20) == "length:too_long"
+
+
+def test_language_filter():
+    assert check("language", EN_GOOD, preset="web-en") is None
+    assert check("language", ZH_GOOD, preset="web-en") == "language:not_allowed(zh)"
+    assert check("language", ZH_GOOD, preset="zh") is None
+    fr = "Le vieux gardien du phare montait les escaliers chaque soir pour allumer la lampe du port."
+    assert check("language", fr, preset="web-en").startswith("language:not_allowed(")
+    assert check("language", "Ceci est un texte français.", preset="web-en", languages=["en", "fr"]) is None
+
+
+def test_gopher_quality_filter():
+    assert check("gopher_quality", EN_GOOD, preset="web-en") is None
+    assert check("gopher_quality", ZH_GOOD, preset="zh") is None
+    assert check("gopher_quality", "#tag " * 30 + EN_GOOD, preset="web-en") == "gopher_quality:symbol_word_ratio"
+    bullets = "\n".join(f"- item number {i} of the list and the rest" for i in range(30))
+    assert check("gopher_quality", bullets, preset="web-en") == "gopher_quality:bullet_lines"
+    no_stop = "Apple banana cherry grape melon orange peach plum pear kiwi lemon lime. " * 5
+    assert check("gopher_quality", no_stop, preset="web-en") == "gopher_quality:too_few_stop_words"
+    zh_no_stop = "山水云雨风花雪月日星辰江河湖海松竹梅兰菊" * 4
+    assert check("gopher_quality", zh_no_stop, preset="zh", min_stop_words=2) == "gopher_quality:too_few_stop_words"
+    digits = " ".join(str(i * 7919) for i in range(80)) + " the and"
+    assert check("gopher_quality", digits, preset="web-en") == "gopher_quality:alpha_words_low"
+
+
+def test_gopher_repetition_filter():
+    assert check("gopher_repetition", EN_GOOD, preset="web-en") is None
+    assert check("gopher_repetition", ZH_GOOD, preset="zh") is None
+    lines = "\n".join(["Buy cheap shoes online today."] * 5 + ["A different line here about other things."] * 2)
+    assert check("gopher_repetition", lines, preset="web-en").startswith("gopher_repetition:dup_line")
+    spam = EN_GOOD + " " + "click here to win a prize now " * 20
+    assert check("gopher_repetition", spam, preset="web-en").startswith("gopher_repetition:")
+    zh_spam = ZH_GOOD + "点击这里领取大奖" * 30
+    assert check("gopher_repetition", zh_spam, preset="zh").startswith("gopher_repetition:")
+
+
+def test_c4_filter_edits_and_drops():
+    cfg = DataConfig(preset="web-en")
+    c4 = FILTERS["c4"](cfg)
+    doc = Document("t", EN_GOOD + "\nPlease enable JavaScript to view the comments.\nHome", "s")
+    assert c4(doc) is None
+    assert "JavaScript" not in doc.text and not doc.text.endswith("Home") and doc.text.startswith("The old")
+    assert c4(Document("t", EN_GOOD + " Lorem ipsum dolor sit amet.", "s")) == "c4:lorem_ipsum"
+    assert c4(Document("t", EN_GOOD + " function() { return 1; }", "s")) == "c4:curly_bracket"
+    assert c4(Document("t", "One sentence only, with several words.", "s")) == "c4:too_few_sentences"
+
+
+def test_fineweb_filter():
+    assert check("fineweb", EN_GOOD, preset="web-en") is None
+    assert check("fineweb", ZH_GOOD, preset="zh") is None
+    menu = "\n".join(["Home", "About us", "Products", "Contact", "Blog", "Careers", "Shop now today and save"] * 3)
+    assert check("fineweb", menu, preset="web-en") in ("fineweb:line_punct_ratio", "fineweb:short_line_ratio")
+    many_lines = "\n".join(f"Pneumonoultramicroscopicsilicovolcanoconiosis{i}." for i in range(40))
+    assert check("fineweb", many_lines, preset="web-en") == "fineweb:newline_ratio"
+
+
+def test_presets_keep_real_text():
+    """Real stories and real Chinese are not thrown away by their presets."""
+    for preset, name, min_keep in (
+        ("stories", "tinystories-sample.jsonl.gz", 1.0),
+        ("web-en", "tinystories-sample.jsonl.gz", 0.95),
+        ("zh", "zh-poetry-sample.jsonl.gz", 0.8),  # the Shijing, refrains and all
+        ("zh", "zh-novel-sample.jsonl.gz", 1.0),
+    ):
+        filters = build_filters(DataConfig(preset=preset))
+        recs = read_jsonl(FIX / name)
+        kept = [r for r in recs if not any(f(Document(r["id"], r["text"], "")) for f in filters)]
+        assert len(kept) >= min_keep * len(recs), (preset, name, len(kept), len(recs))
+
+
+# ---------------------------------------------------------------------------------------
+# HTML and WARC
+
+
+def _f1(pred: str, gold: str, zh: bool) -> float:
+    tok = (lambda t: [c for c in t if not c.isspace()]) if zh else (lambda t: re.findall(r"\w+", t.lower()))
+    p, g = Counter(tok(pred)), Counter(tok(gold))
+    overlap = sum((p & g).values())
+    if not overlap:
+        return 0.0
+    prec, rec = overlap / sum(p.values()), overlap / sum(g.values())
+    return 2 * prec * rec / (prec + rec)
+
+
+def _extraction_f1(html_dir: Path) -> dict[str, list[float]]:
+    from text2llm.data.extract import html_to_text
+
+    scores: dict[str, list[float]] = {"en": [], "zh": []}
+    for rec in read_jsonl(html_dir / "ground-truth.jsonl.gz"):
+        data = gzip.decompress((html_dir / rec["file"]).read_bytes())
+        zh = rec["lang"].startswith("zh")
+        scores["zh" if zh else "en"].append(_f1(html_to_text(data, None, Counter()), rec["text"], zh))
+    return scores
+
+
+def test_html_extraction_f1_fixtures():
+    scores = _extraction_f1(FIX / "html")
+    assert min(scores["en"]) >= 0.85, scores
+    assert sum(scores["zh"]) / 3 >= 0.8, scores  # two of the three are GB2312 pages
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+def test_html_extraction_f1_shared_pages():
+    scores = _extraction_f1(SHARED / "html")  # gold "file" is relative to html/
+    en, zh = (sum(v) / len(v) for v in (scores["en"], scores["zh"]))
+    assert en >= 0.85 and zh >= 0.80, (en, zh)
+
+
+def test_gbk_page_decoded_without_mojibake():
+    from text2llm.data.extract import html_to_text
+
+    rep = Counter()
+    text = html_to_text(gzip.decompress((FIX / "html" / "zh-f70d9c97.html.gz").read_bytes()), None, rep)
+    assert len(re.findall(r"[\u4e00-\u9fff]", text)) > 100
+    assert "\ufffd" not in text and "锟" not in text
+
+
+def _warc_record(headers: dict[str, str], block: bytes) -> bytes:
+    head = "WARC/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": str(len(block))}.items())
+    return head.encode() + b"\r\n" + block + b"\r\n\r\n"
+
+
+def test_warc_reader(tmp_path):
+    page = gzip.decompress((FIX / "html" / "en-4648a420af9984d4.html.gz").read_bytes())
+    http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + page
+    png = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n\x89PNG..."
+    recs = [
+        _warc_record({"WARC-Type": "warcinfo", "Content-Type": "application/warc-fields"}, b"software: test\r\n"),
+        _warc_record({"WARC-Type": "request", "Content-Type": "application/http; msgtype=request"}, b"GET / HTTP/1.1\r\n\r\n"),
+        _warc_record({"WARC-Type": "response", "WARC-Target-URI": "https://example.org/a",
+                      "WARC-Record-ID": "<urn:uuid:1>", "Content-Type": "application/http; msgtype=response"}, http),
+        _warc_record({"WARC-Type": "response", "WARC-Target-URI": "https://example.org/b.png",
+                      "Content-Type": "application/http; msgtype=response"}, png),
+    ]
+    path = tmp_path / "x.warc.gz"
+    path.write_bytes(b"".join(gzip.compress(r, mtime=0) for r in recs))  # one gzip member per record
+    stats = run_clean([path], tmp_path / "out", DataConfig(preset="web-en", dedup=False), progress=False)
+    docs = list(iter_cleaned(tmp_path / "out"))
+    assert stats["skipped"] == {"warc_non_html": 1}
+    assert len(docs) == 1 and docs[0].source == "https://example.org/a" and docs[0].id == "urn:uuid:1"
+    assert len(docs[0].text.split()) > 100 and "<" not in docs[0].text
+
+
+# ---------------------------------------------------------------------------------------
+# dedup
+
+
+def test_exact_and_near_duplicates_removed(tmp_path):
+    stories = read_jsonl(FIX / "tinystories-sample.jsonl.gz")
+    base = max(stories, key=lambda r: len(r["text"]))["text"]
+    words = base.split()
+    near = " ".join(w if i % 60 else w.upper() + "s" for i, w in enumerate(words))  # ~1 word in 60 changed
+    recs = [{"id": r["id"], "text": r["text"]} for r in stories]
+    recs += [
+        {"id": "exact", "text": "  " + base.replace(" ", "   ") + "\n"},  # same text, other whitespace
+        {"id": "near", "text": near},
+    ]
+    stats = run_clean([write_jsonl(tmp_path / "in.jsonl", recs)], tmp_path / "o", DataConfig(), progress=False)
+    assert stats["removed_reasons"] == {"dedup:exact": 1, "dedup:near": 1}
+    assert stats["docs_out"] == len(stories)
+    rejected = {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "o" / "rejected-00000.jsonl.gz")}
+    assert rejected == {"exact": "dedup:exact", "near": "dedup:near"}
+
+
+def test_no_duplicates_among_distinct_documents(tmp_path):
+    inputs = [FIX / "tinystories-sample.jsonl.gz", FIX / "c4-sample.jsonl.gz", FIX / "zh-poetry-sample.jsonl.gz"]
+    stats = run_clean(inputs, tmp_path / "o", DataConfig(filter=False), progress=False)
+    assert "dedup" not in stats["removed"], stats["removed_reasons"]
+
+
+def test_chinese_near_duplicate_uses_characters():
+    from text2llm.data.dedup import MinHasher
+
+    mh = MinHasher(DataConfig(preset="zh"))
+    a = mh.signature(ZH_GOOD * 2)
+    b = mh.signature((ZH_GOOD * 2).replace("小河边", "小溪旁"))
+    c = mh.signature(read_jsonl(FIX / "zh-novel-sample.jsonl.gz")[0]["text"])
+    assert (a == b).mean() > 0.8 and (a == c).mean() < 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# pipeline
+
+
+def test_byte_identical_for_1_and_2_workers(tmp_path):
+    inputs = [FIX / "c4-sample.jsonl.gz", FIX / "tinystories-sample.jsonl.gz", FIX / "html"]
+    cfg = DataConfig(preset="web-en", batch_docs=7, shard_docs=25)
+    run_clean(inputs, tmp_path / "w1", cfg, workers=1, progress=False)
+    run_clean(inputs, tmp_path / "w2", cfg, workers=2, progress=False)
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "w2").iterdir())
+    assert "clean-00001.jsonl.gz" in names and "stats.json" in names
+    for n in names:
+        assert (tmp_path / "w1" / n).read_bytes() == (tmp_path / "w2" / n).read_bytes(), n
+
+
+def test_outputs_stats_and_iter_cleaned(tmp_path, capsys):
+    stats = run_clean([FIX / "tinystories-sample.jsonl.gz"], tmp_path / "o", DataConfig(), progress=True)
+    on_disk = json.loads((tmp_path / "o" / "stats.json").read_text())
+    for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "removed", "skipped"):
+        assert on_disk[k] == stats[k]
+    docs = list(iter_cleaned(tmp_path / "o"))
+    assert len(docs) == stats["docs_out"] == 60 and all(isinstance(d, Document) for d in docs)
+    assert list(iter_cleaned(tmp_path / "o" / "clean-00000.jsonl.gz")) == docs
+    assert "kept" in capsys.readouterr().err  # the closing table
+
+
+def test_no_filter_no_dedup(tmp_path):
+    recs = [{"text": "Short."}, {"text": "Short."}, {"text": "Caf\u00c3\u00a9 au lait, mon ami."}]
+    stats = run_clean([write_jsonl(tmp_path / "a.jsonl", recs)], tmp_path / "o",
+                      DataConfig(filter=False, dedup=False), progress=False)
+    assert stats["docs_out"] == 3 and stats["removed"] == {}
+    assert [d.text for d in iter_cleaned(tmp_path / "o")][2] == "Café au lait, mon ami."
+
+
+def test_txt_separators(tmp_path):
+    p = tmp_path / "s.txt"
+    p.write_text("One story here.<|endoftext|>\nTwo stories.\n\nStill two.<|endoftext|>Three.", encoding="utf-8")
+    cfg = dict(filter=False, dedup=False)
+    for sep, n in (("<|endoftext|>", 3), ("blank-line", 2), ("file", 1), ("line", 3)):
+        s = run_clean([p], tmp_path / sep.strip("<|>"), DataConfig(txt_separator=sep, **cfg), progress=False)
+        assert s["docs_out"] == n, (sep, s)
+
+
+def test_out_dir_rules_and_interrupted_run(tmp_path, monkeypatch):
+    from text2llm.data import pipeline
+
+    src = FIX / "tinystories-sample.jsonl.gz"
+    out = tmp_path / "o"
+    run_clean([src], out, DataConfig(), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="not empty"):
+        run_clean([src], out, DataConfig(), progress=False)
+
+    calls = {"n": 0}
+    real = pipeline.process_batch
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(pipeline, "process_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_clean([src], out, DataConfig(batch_docs=10, shard_docs=5), overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old output untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no staging dir left behind
+    monkeypatch.setattr(pipeline, "process_batch", real)
+    run_clean([src], out, DataConfig(shard_docs=5), overwrite=True, progress=False)
+    assert "clean-00011.jsonl.gz" in {p.name for p in out.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+
+
+def test_missing_and_unreadable_paths(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        run_clean([tmp_path / "nope.jsonl"], tmp_path / "o", DataConfig(), progress=False)
+    with pytest.raises(UserError, match="no such file"):
+        list(iter_cleaned(tmp_path / "nope"))
+    with pytest.raises(UserError) as e:
+        run_clean([tmp_path], tmp_path / "o", DataConfig(), progress=False)  # a dir with no inputs
+    assert "\n" not in str(e.value)
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    good = [json.dumps({"text": f"Good document number {i} is here and fine."}).encode() for i in range(3)]
+    lines = [
+        good[0],
+        b'{"text": "broken json',
+        b'{"body": "no text field"}',
+        b'["not", "an", "object"]',
+        b'{"text": "invalid utf-8 \xff\xfe here, still a document"}',
+        b'{"text": "NUL \\u0000 bytes and raw \x00 too"}',
+        good[1],
+    ]
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "big.jsonl").write_bytes(b'{"text": "' + b"x" * 50_000_000 + b'"}\n' + good[2] + b"\n")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    full = gzip.compress(b"\n".join(json.dumps({"text": f"Gzipped document {i}."}).encode() for i in range(2000)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("从前有座山，山里有座庙。".encode("gb18030"))
+
+    stats = run_clean([tmp_path], tmp_path.parent / "out-bad", DataConfig(filter=False, dedup=False), progress=False)
+    assert stats["skipped"] == {
+        "binary_file": 1, "empty_file": 1, "line_too_large": 1, "malformed_json": 2,
+        "missing_text_field": 1, "truncated_or_corrupt_gzip": 1,
+    }
+    assert stats["repaired"]["invalid_utf8_replaced"] == 1 and stats["repaired"]["control_chars_removed"] >= 1
+    texts = [d.text for d in iter_cleaned(tmp_path.parent / "out-bad")]
+    assert "从前有座山，山里有座庙。" in texts
+    assert "NUL bytes and raw too" in texts and any("\ufffd" in t for t in texts)
+    assert sum(t.startswith("Gzipped document") for t in texts) > 100
+    assert sum(t.startswith("Good document") for t in texts) == 3
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+def test_shared_corpora_keep_rates(tmp_path):
+    """Presets keep nearly all real stories and most of the Chinese corpus (a slice of each)."""
+    s = run_clean([SHARED / "tinystories" / "train-000.jsonl.gz"], tmp_path / "ts", DataConfig(), progress=False)
+    assert s["docs_out"] >= 0.99 * s["docs_in"]
+    z = run_clean([SHARED / "zh" / "poetry-000.jsonl.gz"], tmp_path / "zh", DataConfig(preset="zh"), progress=False)
+    assert z["docs_out"] >= 0.95 * z["docs_in"], z["removed_reasons"]
