@@ -1,4 +1,6 @@
-"""A decoder-only Transformer, Llama-style: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+"""A decoder-only Transformer, Llama-style: RoPE, RMSNorm, SwiGLU, grouped-query attention,
+optional Mixture-of-Experts MLPs (``moe.py``). With the default config it computes exactly what
+transformers' LlamaForCausalLM computes (MixtralForCausalLM with experts); see ``infer/hf.py``.
 
 Shape legend (used in names and comments):
     B batch, T new tokens in this call, S tokens attended to (cache + new), D d_model,
@@ -7,10 +9,16 @@ Shape legend (used in names and comments):
 Data flow of one forward pass::
 
     ids_BT -> embed -> [ Block ] x n_layer -> norm -> lm_head -> logits_BTV
-    Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))
+    Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))     (MLP or MoE)
 
 Inference state (the KV cache) lives in a :class:`KVCache` object that the caller creates and
 passes to ``forward``; layers never allocate or keep caches themselves.
+
+Attention masks: without ``attn_mask`` attention is causal. An ``attn_mask`` *replaces* the causal
+mask: bool, True = may attend, broadcastable to (B, 1, T, S) (a float mask is added to the scores).
+Build one with :func:`causal_mask` (padding, e.g. left-padded batched generation; HF's
+``attention_mask`` of 1 = token, 0 = pad is its ``key_padding_BS``) or :func:`document_mask`
+(packed documents that must not see each other).
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ class ModelOutput:
     """What ``Transformer.forward`` returns. ``logits`` is (B, T, V)."""
 
     logits: torch.Tensor
-    aux_loss: torch.Tensor | None = None  # MoE load-balancing + z-loss, already weighted
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing + z-loss, already weighted (None if dense)
+    expert_load: torch.Tensor | None = None  # int64 (n_moe_layers, n_experts): assignments per expert; rows sum to B*T*top_k
+    expert_dropped: torch.Tensor | None = None  # int64 (n_moe_layers, n_experts): of those, dropped by the capacity limit
 
 
 class KVCache:
@@ -76,9 +86,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
+        # F.rms_norm (fused, ~1.8x faster on CPU) == x * rsqrt(mean(x^2) + eps) * weight
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -100,6 +109,32 @@ def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor)
     x1, x2 = x_BHTD[..., :half], x_BHTD[..., half:]
     cos, sin = cos_TD.to(x_BHTD.dtype), sin_TD.to(x_BHTD.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def causal_mask(T: int, start: int = 0, key_padding_BS: torch.Tensor | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool mask (T, S) or (B, 1, T, S), True = may attend, for T queries at ``start..start+T-1``
+    over S = start+T keys. ``key_padding_BS`` (B, S; True/1 = real token, False/0 = padding) also
+    hides padded keys; a padded query still sees itself, so its (unused) row never becomes NaN."""
+    if key_padding_BS is not None:
+        device = key_padding_BS.device
+    S = start + T
+    q_pos_T1 = torch.arange(start, S, device=device)[:, None]
+    mask_TS = torch.arange(S, device=device)[None, :] <= q_pos_T1
+    if key_padding_BS is None:
+        return mask_TS
+    keep_BS = key_padding_BS.bool()
+    mask_BTS = mask_TS[None] & keep_BS[:, None, :]
+    mask_BTS |= torch.arange(S, device=device)[None, None, :] == q_pos_T1[None]  # the diagonal
+    return mask_BTS[:, None]  # B 1 T S
+
+
+def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Bool (B, 1, T, T): causal, and a token attends only within its own document.
+    ``doc_ids_BT`` numbers the documents of each packed row, e.g. ``cumsum(ids == bos)``."""
+    T = doc_ids_BT.size(1)
+    same_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+    return (same_BTT & causal_mask(T, device=doc_ids_BT.device))[:, None]
 
 
 class Attention(nn.Module):
@@ -155,19 +190,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+    ``mlp`` is an :class:`MLP`, or a :class:`~text2llm.model.moe.MoE` in MoE layers; then
+    ``forward`` also returns the router's :class:`~text2llm.model.moe.RouterStats`."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        if self.is_moe:
+            from text2llm.model.moe import MoE
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, rope, cache, attn_mask):
         x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), rope, cache, attn_mask))
-        return x_BTD + self.drop(self.mlp(self.mlp_norm(x_BTD))), None
+        if not self.is_moe:
+            return x_BTD + self.drop(self.mlp(self.mlp_norm(x_BTD))), None
+        y_BTD, stats = self.mlp(self.mlp_norm(x_BTD))
+        return x_BTD + self.drop(y_BTD), stats
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -184,6 +230,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -196,24 +243,27 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """All initialisation in one place (GPT-2 / nanoGPT scheme):
+        """All initialisation in one place (GPT-2 / nanoGPT scheme, "scaled residual init"):
 
-        | tensor                                   | init                                  |
-        |------------------------------------------|---------------------------------------|
-        | token / position embeddings, q/k/v, MLP in | normal(0, init_std)                 |
-        | residual outputs (attn o_proj, MLP down_proj) | normal(0, init_std / sqrt(2 n_layer)) |
-        | lm_head (when untied)                    | normal(0, init_std)                   |
-        | biases                                   | zeros                                 |
-        | norm weights                             | ones (their constructor)              |
+        | tensor                                          | init                                  |
+        |-------------------------------------------------|---------------------------------------|
+        | token / position embeddings, q/k/v, MLP in      | normal(0, init_std)                   |
+        | residual outputs (attn o_proj, MLP down_proj,   | normal(0, init_std / sqrt(2 n_layer)) |
+        |   every expert's down_proj)                     |                                       |
+        | MoE router                                      | normal(0, init_std)                   |
+        | lm_head (when untied)                           | normal(0, init_std)                   |
+        | biases                                          | zeros                                 |
+        | norm weights (and LayerNorm biases)             | ones (zeros)                          |
 
-        The residual scaling keeps the variance of the residual stream roughly constant with depth.
+        Each block adds two branches to the residual stream; scaling their output projections by
+        1/sqrt(2 n_layer) keeps the stream's variance roughly constant with depth.
         """
         std, resid_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif "norm" in name:
-                continue
+                nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, resid_std)
             elif p.dim() >= 2:
@@ -226,7 +276,8 @@ class Transformer(nn.Module):
         With a ``cache``, ``input_ids`` are the *new* tokens; they sit at positions
         ``cache.pos ... cache.pos+T-1`` and attend to everything cached before them.
         ``attn_mask`` (optional, bool, broadcastable to (B, 1, T, S), True = may attend) replaces
-        the causal mask, e.g. to stop attention across packed documents.
+        the causal mask, e.g. :func:`causal_mask` with padding or :func:`document_mask`.
+        MoE models also return the (weighted) router losses and per-expert load counts.
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
@@ -238,36 +289,46 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         else:
             x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device))
+        x = self.drop(x)
         if cache is not None and start > 0 and T > 1 and attn_mask is None:
-            # a chunk after a cached prefix: query i (absolute start+i) sees keys 0..start+i
-            q_pos = torch.arange(start, start + T, device=input_ids.device)[:, None]
-            attn_mask = torch.arange(start + T, device=input_ids.device)[None, :] <= q_pos  # T S
-        aux_losses = []
+            attn_mask = causal_mask(T, start, device=input_ids.device)  # a chunk after a cached prefix
+        stats = []
         for block in self.blocks:
-            x, aux = block(x, rope, cache, attn_mask)
-            if aux is not None:
-                aux_losses.append(aux)
+            x, s = block(x, rope, cache, attn_mask)
+            if s is not None:
+                stats.append(s)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.norm(x))  # B T V
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return ModelOutput(logits=logits, aux_loss=aux_loss)
+        if not stats:
+            return ModelOutput(logits=logits)
+        return ModelOutput(
+            logits=logits,
+            aux_loss=torch.stack([s.aux_loss for s in stats]).sum(),
+            expert_load=torch.stack([s.load_E for s in stats]),
+            expert_dropped=torch.stack([s.dropped_E for s in stats]),
+        )
 
     # ---- helpers --------------------------------------------------------------------------
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (a tied head counts once); optionally without the embeddings."""
+    def num_params(self, non_embedding: bool = False, active_only: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the embeddings.
+        ``active_only``: count only the ``moe_top_k`` experts a token uses in each MoE layer."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.embed.weight.numel()
             if self.cfg.positions == "learned":
                 n -= self.pos_embed.weight.numel()
+        if active_only and self.cfg.n_experts:
+            per_expert = sum(p.numel() for p in self.blocks[self.cfg.moe_layers[0]].mlp.experts[0].parameters())
+            n -= len(self.cfg.moe_layers) * (self.cfg.n_experts - self.cfg.moe_top_k) * per_expert
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
-        6 * (matmul parameters) + 12 * n_layer * d_model * seq_len for attention scores/values."""
+        6 * (active matmul parameters) + 12 * n_layer * d_model * seq_len for attention scores/values.
+        For MoE only the top-k experts (and the router) a token passes through count."""
         cfg = self.cfg
-        matmul_params = self.num_params(non_embedding=True)  # includes an untied lm_head
+        matmul_params = self.num_params(non_embedding=True, active_only=True)  # includes an untied lm_head
         if cfg.tie_embeddings:
             matmul_params += cfg.vocab_size * cfg.d_model  # the tied head is still a matmul
         return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
