@@ -49,11 +49,30 @@ def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0) -> 
     return save_checkpoint(root / "run", 1, model, None, {}, cfg.to_toml(), root / "tok")
 
 
+def shared_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint, built once per test session (the ONNX and server tests reuse it)."""
+    root = tmp_path_factory.getbasetemp() / "text2llm-tiny"
+    ckpt = root / "run" / "checkpoints" / "step_0000001"
+    if not ckpt.is_dir():
+        tiny_checkpoint(root)
+    return ckpt
+
+
+def shared_export(tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to ONNX (fp32 + int8), once per test session."""
+    from text2llm.infer.onnx import export_onnx
+
+    out = tmp_path_factory.getbasetemp() / "text2llm-tiny-onnx"
+    if not (out / "text2llm-onnx.json").is_file():
+        export_onnx(shared_checkpoint(tmp_path_factory), out, int8=True, overwrite=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     import text2llm
 
-    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("gen"))
+    ckpt = shared_checkpoint(tmp_path_factory)
     model, tok = text2llm.load(ckpt)
     return ckpt, model, tok
 
