@@ -250,9 +250,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
         (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
         (run_dir / "run.json").write_text(json.dumps({"data": str(data_dir.resolve())}) + "\n", encoding="utf-8")
     tokenizer_dir = Path(meta["tokenizer_dir"]) if Path(meta.get("tokenizer_dir", "")).is_dir() else None
-    pad_id = meta.get("pad_id")
-    pad_id = pad_id if isinstance(pad_id, int) and pad_id >= 0 else None
-    padded = meta.get("mode") == "padded" and pad_id is not None
+    padded = meta.get("mode") == "padded"  # targets hold IGNORE_INDEX: count real target tokens per step
 
     # ---- model and optimizer (identical init on every rank; weights loaded before wrapping) ----
     torch.manual_seed(tc.seed)
@@ -278,7 +276,9 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
                            rank=env.rank * k + i, world_size=slots) for i in range(k)]
     attn_mask_fn = None
     if tc.document_mask:
-        mask_fn = getattr(loaders[0], "document_attention_mask", None)
+        import text2llm.loader
+
+        mask_fn = getattr(text2llm.loader, "document_attention_mask", None)
         if mask_fn is None:
             raise UserError("train.document_mask: this version of text2llm.loader has no document_attention_mask")
         bos = meta.get("bos_id")
@@ -332,7 +332,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
     def run_eval() -> dict:
         if val_loader is None:
             return {}
-        nll, count = loader_nll(fwd, val_loader, tc.eval_batches, device, amp_dtype, pad_id if padded else None, attn_mask_fn)
+        nll, count = loader_nll(fwd, val_loader, tc.eval_batches, device, amp_dtype, None, attn_mask_fn)
         if not val_shared:
             both = D.all_reduce_sum(torch.stack([nll, count]), env)
             nll, count = both[0], both[1]
@@ -405,10 +405,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
                 group["lr"] = lr
             batches = []
             for loader in loaders:
-                x, y = next(loader)
-                if padded:
-                    y = y.masked_fill(y == pad_id, IGNORE_INDEX)
-                batches.append((x, y))
+                batches.append(next(loader))  # padded data: the loader sets padding targets to IGNORE_INDEX
             if padded:  # count target tokens of the whole global batch
                 denom = float(D.all_reduce_sum(torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)),
                                                             device=device), env))
