@@ -1,0 +1,127 @@
+"""Knowledge distillation: train a smaller student on a teacher's softened logits (Hinton et al. 2015).
+
+Per target token, with student logits s, teacher logits t, temperature T and weight alpha::
+
+    loss = alpha * T^2 * KL( softmax(t / T) || softmax(s / T) )  +  (1 - alpha) * CE(s, y)
+
+The T^2 factor keeps the gradient scale of the soft term independent of T. The loss plugs into the
+one training loop as ``train(..., loss_fn=DistillLoss(teacher, alpha, T))``; nothing else of the
+loop changes (schedule, accumulation, clipping, checkpoints, metrics: ``kl`` and ``ce`` are logged).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from text2llm.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, (B, T) in nats."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+
+
+class DistillLoss:
+    """``loss_fn(model, x, y) -> (loss, {"kl", "ce"})`` for :func:`text2llm.train.trainer.train`."""
+
+    def __init__(self, teacher: torch.nn.Module, alpha: float = 0.5, temperature: float = 2.0):
+        if not 0.0 <= alpha <= 1.0:
+            raise UserError(f"--alpha: {alpha} must be in [0, 1]")
+        if temperature <= 0:
+            raise UserError(f"--temperature: {temperature} must be > 0")
+        self.teacher, self.alpha, self.T = teacher.eval(), alpha, temperature
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, model, x, y):
+        if next(self.teacher.parameters()).device != x.device:
+            self.teacher.to(x.device)
+        with torch.no_grad():
+            t_logits = self.teacher(x).logits
+        out = model(x)
+        s_logits = out.logits
+        if s_logits.size(-1) != t_logits.size(-1):
+            raise UserError(f"distill: student vocab {s_logits.size(-1)} != teacher vocab {t_logits.size(-1)}")
+        valid = (y != IGNORE_INDEX).float()
+        n = valid.sum().clamp(min=1.0)
+        kl = (kl_per_token(s_logits, t_logits, self.T) * valid).sum() / n * self.T**2
+        ce = F.cross_entropy(s_logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        loss = self.alpha * kl + (1.0 - self.alpha) * ce
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+
+
+@torch.no_grad()
+def kl_to_teacher(student, teacher, tokens_dir: str | Path, batches: int = 8, batch_size: int = 4,
+                  seq_len: int | None = None) -> float:
+    """Mean KL(teacher || student) per token (T = 1, nats) over the first val windows."""
+    from text2llm.loader import TokenLoader
+
+    seq_len = min(seq_len or student.cfg.max_seq_len, student.cfg.max_seq_len, teacher.cfg.max_seq_len)
+    loader = TokenLoader(tokens_dir, "val", batch_size, seq_len, "sequential")
+    n_batches = max(1, min(batches, loader.num_windows() // batch_size))
+    total, count = 0.0, 0
+    for _ in range(n_batches):
+        x, y = next(loader)
+        kl = kl_per_token(student(x).logits, teacher(x).logits)
+        valid = y != IGNORE_INDEX
+        total += float(kl[valid].sum())
+        count += int(valid.sum())
+    return total / max(1, count)
+
+
+def student_config(path: str | Path | None, overrides: list[str], teacher_cfg):
+    """The student's Config: a TOML preset + KEY=VALUE overrides; its vocab is the teacher's."""
+    from text2llm.config import load_config
+
+    cfg = load_config(path, overrides)
+    vocab = teacher_cfg.model.vocab_size
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size != vocab:
+        raise UserError(f"{path or 'student'}: model.vocab_size {cfg.model.vocab_size} != the teacher's {vocab}; "
+                        f"the student must share the teacher's tokenizer (leave model.vocab_size at 0)")
+    return cfg
+
+
+def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str | Path, overrides: list[str] | None = None,
+                       data: str | Path | None = None, alpha: float = 0.5, temperature: float = 2.0,
+                       overwrite: bool = False, report: bool = True, latency_kwargs: dict | None = None,
+                       progress: bool = True) -> dict:
+    """``text2llm compress distill``: train the student config on the teacher into run dir ``out`` + report.json."""
+    import text2llm
+    from text2llm.compress.common import report_data
+    from text2llm.compress.report import compare, measure, write_report
+    from text2llm.train.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from text2llm.train.trainer import train
+
+    t_ckpt = resolve_checkpoint(teacher)
+    t_cfg = read_checkpoint_config(t_ckpt)
+    t_model, _ = text2llm.load(t_ckpt)
+    cfg = student_config(student, overrides or [], t_cfg)
+    data = report_data(t_ckpt, data)
+    if data is None:
+        raise UserError("distill: --data TOKENS_DIR is required (the teacher's training data was not found)")
+    loss_fn = DistillLoss(t_model, alpha, temperature)
+    res = train(cfg, data, out, overwrite=overwrite, progress=progress, loss_fn=loss_fn)
+    s_model, _ = text2llm.load(res.last_checkpoint)
+    rep = {}
+    if report:
+        before = measure(t_model, t_ckpt, data, latency_kwargs)
+        after = measure(s_model, res.last_checkpoint, data, latency_kwargs)
+        after["kl_to_teacher"] = kl_to_teacher(s_model, t_model, data)
+        rep = compare({"before": before, "after": after})
+    rep.update(method="distill", settings={"teacher": str(t_ckpt), "student_checkpoint": str(res.last_checkpoint),
+                                           "alpha": alpha, "temperature": temperature, "steps": res.step,
+                                           "data": str(data)})
+    if report:
+        write_report(rep, out, f"distillation: {t_ckpt} -> {res.last_checkpoint} (alpha {alpha}, T {temperature})")
+    return rep
