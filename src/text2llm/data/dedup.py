@@ -11,8 +11,7 @@ MinHash, vectorised with numpy:
 
 * shingles: word n-grams (default 5) from :mod:`text2llm.data.textstats`, where every CJK
   character is a word -- so Chinese gets character 5-grams, English word 5-grams;
-* permutations: ``h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32`` (multiply-shift hashing) with
-  ``a`` odd, ``a, b`` drawn from ``numpy.random.default_rng(seed)``;
+* one-permutation hashing with rotation densification (see :class:`MinHasher`), seeded by ``seed``;
 * LSH: the signature is cut into ``bands`` bands of ``rows`` values; documents sharing a band
   are candidates, and a candidate is a duplicate when the share of equal signature values (the
   Jaccard estimate) is >= ``threshold`` (0.8 by default). Keeping that check makes the cut at
@@ -36,50 +35,50 @@ def exact_key(text: str) -> int:
 
 
 class MinHasher:
-    """Computes ``bands * rows`` MinHash values of a document's shingles."""
+    """MinHash signatures of ``bands * rows`` values by one-permutation hashing (OPH).
+
+    Classic MinHash hashes every shingle ``P`` times (``P`` = bands x rows = 112 by default),
+    which made it the most expensive step of the pipeline. OPH hashes each shingle once: the
+    hash's high bits pick one of ``P`` bins, its low 32 bits are the value, and each bin keeps
+    its minimum. Empty bins (documents with few shingles) are filled by rotation densification
+    (Shrivastava & Li, ICML 2014): an empty bin takes the value of the next non-empty bin to its
+    right, offset by the distance. For two documents, P(bin values equal) is their Jaccard
+    similarity, as with classic MinHash, so LSH banding and the Jaccard estimate work unchanged.
+    """
+
+    _OFFSET = np.uint64(0x9E3779B1)  # added per bin of rotation distance (mod 2^32)
 
     def __init__(self, cfg: DataConfig):
         self.n = cfg.word_ngram
-        rng = np.random.default_rng(cfg.seed)
-        p = cfg.num_perm
-        self.a = (rng.integers(0, 2**63, size=(p, 1), dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
-        self.b = rng.integers(0, 2**63, size=(p, 1), dtype=np.uint64)
-
-    def from_shingles(self, sh: np.ndarray) -> np.ndarray:
-        """uint32 signature of a set of uint64 shingle hashes."""
-        out = np.full(len(self.a), np.iinfo(np.uint32).max, dtype=np.uint32)
-        step = 2048  # keep the (num_perm, step) block in cache
-        with np.errstate(over="ignore"):
-            for i in range(0, len(sh), step):
-                h = self.a * sh[i : i + step]  # (P, S), wraps mod 2^64
-                h += self.b
-                h >>= np.uint64(32)
-                np.minimum(out, h.min(axis=1), out=out, casting="unsafe")
-        return out
+        self.p = cfg.num_perm
+        self.salt = np.uint64(np.random.default_rng(cfg.seed).integers(0, 2**63, dtype=np.uint64))
 
     def batch_signatures(self, batch: BatchStats, docs: list[int]) -> np.ndarray:
-        """Signatures ``(len(docs), P)`` of documents of ``batch``, several documents per numpy call."""
-        out = np.empty((len(docs), len(self.a)), dtype=np.uint32)
-        i = 0
-        while i < len(docs):
-            group, parts, size = [], [], 0
-            while i < len(docs) and (not group or size + len(batch.shingles(docs[i], self.n)) <= 4096):
-                sh = batch.shingles(docs[i], self.n)
-                group.append(i)
-                parts.append(sh)
-                size += len(sh)
-                i += 1
-            if len(group) == 1:
-                out[group[0]] = self.from_shingles(parts[0])
-                continue
-            cols = np.concatenate(parts)
-            starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]])
-            with np.errstate(over="ignore"):
-                h = self.a * cols
-                h += self.b
-                h >>= np.uint64(32)
-            out[group] = np.minimum.reduceat(h, starts, axis=1).T
-        return out
+        """uint32 signatures ``(len(docs), P)`` of documents ``docs`` of ``batch``."""
+        p = self.p
+        parts = [batch.shingles(d, self.n) for d in docs]
+        sizes = np.fromiter((len(x) for x in parts), dtype=np.int64, count=len(parts))
+        sh = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        h = _mix64(sh ^ self.salt)
+        row = np.repeat(np.arange(len(docs)), sizes)
+        bins = ((h >> np.uint64(32)) * np.uint64(p)) >> np.uint64(32)
+        vals = (h & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        sig = np.full(len(docs) * p, np.iinfo(np.uint32).max, dtype=np.uint32)
+        filled = np.zeros(len(docs) * p, dtype=bool)
+        flat = row * p + bins.astype(np.int64)
+        np.minimum.at(sig, flat, vals)
+        filled[flat] = True
+        sig, filled = sig.reshape(len(docs), p), filled.reshape(len(docs), p)
+        if not filled.all():
+            # nearest filled bin at or after each position, circularly (positions 0..2P-1)
+            pos = np.where(np.concatenate([filled, filled], axis=1), np.arange(2 * p), 4 * p)
+            nearest = np.minimum.accumulate(pos[:, ::-1], axis=1)[:, ::-1][:, :p]
+            ok = nearest < 4 * p  # rows with no shingle at all keep the max value
+            src = np.where(ok, nearest % p, 0)
+            dist = np.where(ok, nearest - np.arange(p), 0).astype(np.uint64)
+            dense = ((sig[np.arange(len(docs))[:, None], src].astype(np.uint64) + dist * self._OFFSET) & np.uint64(0xFFFFFFFF))
+            sig = np.where(filled | ~ok, sig, dense.astype(np.uint32))
+        return sig
 
     def band_keys(self, sigs: np.ndarray, bands: int) -> np.ndarray:
         """``(N, bands)`` uint64 keys, one per band of each signature (equal band -> equal key)."""
@@ -91,7 +90,13 @@ class MinHasher:
     def signature(self, text: str, batch: BatchStats | None = None, index: int = 0) -> np.ndarray:
         """Signature of ``text`` (or of document ``index`` of an already computed ``batch``)."""
         batch = batch if batch is not None else BatchStats([text])
-        return self.from_shingles(batch.shingles(index, self.n))
+        return self.batch_signatures(batch, [index])[0]
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    from text2llm.data.textstats import _mix
+
+    return _mix(h)
 
 
 class Deduplicator:

@@ -69,7 +69,7 @@ class DocStats:
         b = self.batch
         return b.whash[b.bounds[self.i] : b.bounds[self.i + 1]]
 
-    @property
+    @cached_property
     def is_cjk(self) -> bool:
         """CJK characters make up >= 30% of the words."""
         return self.batch.cjk_words[self.i] >= 0.3 * max(1, self.n_words)
@@ -83,8 +83,12 @@ class DocStats:
 
     def stop_words(self) -> int:
         """Distinct stop words present (the Chinese list for CJK text)."""
-        hashes = _ZH_STOP_H if self.is_cjk else _EN_STOP_H
-        return int(np.isin(hashes, self.word_hashes).sum())
+        name, table = ("zh_stop", _ZH_STOP_H) if self.is_cjk else ("en_stop", _EN_STOP_H)
+        return int(self.batch.members(name, table)[1][self.i])
+
+    def common_en_words(self) -> int:
+        """Words among the 100 most common English words."""
+        return int(self.batch.members("en_common", _EN_COMMON_H)[0][self.i])
 
     def top_ngram_frac(self, n: int) -> float:
         return float(self.batch.cached(("top", n), self.batch.top_ngram_frac, n)[self.i])
@@ -198,8 +202,7 @@ class LanguageFilter(Filter):
             return None
         head = doc.text[:2000]
         if st.n_words >= 10 and (head.isascii() or len(head.encode("utf-8")) - len(head) <= 0.02 * len(head)):
-            common = np.isin(st.word_hashes, _EN_COMMON_H).sum()
-            if common >= 0.25 * st.n_words:
+            if st.common_en_words() >= 0.25 * st.n_words:
                 return "en"
         return None
 
@@ -301,26 +304,34 @@ class C4Filter(Filter):
         if "{" in doc.text:
             return "curly_bracket"
         kept = []
+        flagged = "javascript" in low or any(p in low for p in _POLICY)  # skip per-line tests when absent
+        cjk = st.batch.cjk_words[st.i] > 0
         for line in doc.text.split("\n"):
             s = line.strip()
             if not s:
                 kept.append("")
                 continue
-            ls = s.lower()
-            if "javascript" in ls or any(p in ls for p in _POLICY):
-                continue
-            words = _TOKEN_RE.findall(s) if _CJK_CHAR_RE.search(s) else s.split()
-            if len(words) < c.c4_min_words_per_line:
+            if flagged:
+                ls = s.lower()
+                if "javascript" in ls or any(p in ls for p in _POLICY):
+                    continue
+            if cjk:
+                words = _TOKEN_RE.findall(s)
+            elif s.count(" ") + 1 >= c.c4_min_words_per_line and len(s) <= c.c4_max_word_len:
+                words = None  # normalised text: words = spaces + 1, none can be too long
+            else:
+                words = s.split()
+            if words is not None and len(words) < c.c4_min_words_per_line:
                 continue
             if c.c4_drop_lines and not s.endswith(_TERMINAL):
                 continue
-            if len(s) > c.c4_max_word_len and max(map(len, words)) > c.c4_max_word_len:
+            if words is not None and len(s) > c.c4_max_word_len and max(map(len, words)) > c.c4_max_word_len:
                 return "word_too_long"
             kept.append(s)
         text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
         if not text:
             return "no_lines_left"
-        if len(_SENTENCE_END_RE.findall(text)) < c.c4_min_sentences:
+        if sum(1 for _ in zip(range(c.c4_min_sentences), _SENTENCE_END_RE.finditer(text))) < c.c4_min_sentences:
             return "too_few_sentences"
         if text != doc.text:
             doc.text = text

@@ -70,7 +70,7 @@ def _shifted(a: np.ndarray, fill=False) -> np.ndarray:
 
 def word_hashes(words: list[str]) -> np.ndarray:
     """Hashes of single words with the same function as :class:`BatchStats` (for stop-word lists)."""
-    return BatchStats([" ".join(words)]).whash
+    return np.sort(BatchStats([" ".join(words)]).whash)
 
 
 class BatchStats:
@@ -134,6 +134,20 @@ class BatchStats:
     def alpha_tokens(self) -> np.ndarray:
         return self.cached("tokens", self._tokens)[1]
 
+    def _members(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per doc: (words found in the sorted hash ``table``, distinct such words)."""
+        if not len(self.whash):
+            return np.zeros(self.n_docs, dtype=np.int64), np.zeros(self.n_docs, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(table, self.whash), len(table) - 1)
+        hit = table[pos] == self.whash
+        count = np.bincount(self.wdoc[hit], minlength=self.n_docs)
+        distinct = np.unique(self.wdoc[hit] * len(table) + pos[hit]) // len(table)
+        return count, np.bincount(distinct, minlength=self.n_docs)
+
+    def members(self, name: str, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cached :meth:`_members` for a named word list (``table`` sorted uint64 hashes)."""
+        return self.cached(("members", name), self._members, table)
+
     def cached(self, key, fn, *args):
         """``fn(*args)``, computed once per batch."""
         if key not in self._cache:
@@ -195,8 +209,8 @@ class BatchStats:
         g, idx = self.ngrams(n)
         lo, hi = self.bounds[d], self.bounds[d + 1]
         if hi - lo >= n:
-            a, b = np.searchsorted(idx, [lo, hi - n + 1])
-            return g[a:b]
+            seg = self.cached(("seg", n), np.searchsorted, idx, self.bounds)  # each doc's first n-gram
+            return g[seg[d] : seg[d + 1]]
         with np.errstate(over="ignore"):
             h = _U(0)
             for x in self.whash[lo:hi]:

@@ -1,0 +1,139 @@
+"""Benchmark of the data stage (`text2llm clean`) on ../shared/data. One JSON object per line.
+
+    flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/clean.py [--quick]
+
+Cases:
+* throughput: TinyStories, the C4 sample and the Chinese corpus, with 1 and 2 workers, full filter
+  set of the preset plus exact and MinHash dedup. ``mb_per_s`` is wall clock; ``mb_per_cpu_s`` is
+  input MB per CPU-second summed over all processes (robust to other load on a shared machine).
+* memory: peak RSS (max over the main process and its workers) at 1x and ~4x input, each run in
+  a fresh process.
+* extraction: mean word-level F1 (English) and character-level F1 (Chinese) of HTML -> main text
+  against the gold text of the shared pages.
+
+Targets (issue 3): >= 5 MB/s per core for English text through the full filter set with dedup;
+2 workers >= 1.7x one; peak RSS flat as input grows; F1 >= 0.85 English, >= 0.80 Chinese.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def emit(**rec) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def cpu_seconds() -> float:
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def throughput(name: str, inputs: list[Path], preset: str, workers: int, tmp: Path) -> dict:
+    from text2llm.data import DataConfig, run_clean
+    from text2llm.data.pipeline import _init_worker
+
+    cfg = DataConfig(preset=preset)
+    _init_worker(cfg.model_dump_json(), warm=True)  # one-off start-up (imports, tables, langid) not timed
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    s = run_clean(inputs, tmp / f"{name}-{workers}", cfg, workers=workers, overwrite=True, progress=False)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    mb = s["bytes_in"] / 1e6
+    rec = dict(
+        case="throughput", corpus=name, preset=preset, workers=workers, mb=round(mb, 2), docs=s["docs_in"],
+        docs_out=s["docs_out"], wall_s=round(wall, 2), mb_per_s=round(mb / wall, 2),
+        docs_per_s=round(s["docs_in"] / wall, 1), cpu_s=round(cpu, 2), mb_per_cpu_s=round(mb / cpu, 2),
+        removed=s["removed"],
+    )
+    emit(**rec)
+    return rec
+
+
+_RSS_CHILD = """
+import json, resource, sys
+sys.path.insert(0, {src!r})
+from text2llm.data import DataConfig, run_clean
+s = run_clean({inputs!r}, {out!r}, DataConfig(preset="stories"), workers=1, overwrite=True, progress=False)
+r = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({{"mb": s["bytes_in"] / 1e6, "docs": s["docs_in"], "peak_rss_mb": r / 1024}}))
+"""
+
+
+def peak_rss(label: str, inputs: list[Path], tmp: Path) -> dict:
+    code = _RSS_CHILD.format(src=str(ROOT / "src"), inputs=[str(p) for p in inputs], out=str(tmp / f"rss-{label}"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    rec = dict(case="peak_rss", input=label, mb=round(r["mb"], 2), docs=r["docs"], peak_rss_mb=round(r["peak_rss_mb"], 1))
+    emit(**rec)
+    return rec
+
+
+def _f1(pred: str, gold: str, zh: bool) -> float:
+    tok = (lambda t: [c for c in t if not c.isspace()]) if zh else (lambda t: re.findall(r"\w+", t.lower()))
+    p, g = Counter(tok(pred)), Counter(tok(gold))
+    overlap = sum((p & g).values())
+    if not overlap:
+        return 0.0
+    prec, rec = overlap / sum(p.values()), overlap / sum(g.values())
+    return 2 * prec * rec / (prec + rec)
+
+
+def extraction_f1() -> None:
+    from text2llm.data.extract import html_to_text
+
+    scores: dict[str, list[float]] = {"en": [], "zh": []}
+    t0 = time.perf_counter()
+    with gzip.open(DATA / "html" / "ground-truth.jsonl.gz", "rt", encoding="utf-8") as f:
+        gold = [json.loads(line) for line in f]
+    for g in gold:
+        data = gzip.decompress((DATA / "html" / g["file"]).read_bytes())
+        zh = g["lang"].startswith("zh")
+        scores["zh" if zh else "en"].append(_f1(html_to_text(data, None, Counter()), g["text"], zh))
+    for lang, v in scores.items():
+        emit(case="extraction_f1", lang=lang, pages=len(v), mean_f1=round(sum(v) / len(v), 4),
+             min_f1=round(min(v), 4), metric="word F1" if lang == "en" else "character F1")
+    emit(case="extraction_speed", pages=len(gold), pages_per_s=round(len(gold) / (time.perf_counter() - t0), 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only the 1- and 2-worker TinyStories cases and F1")
+    args = ap.parse_args()
+    if not DATA.exists():
+        sys.exit(f"{DATA}: shared data not found")
+    ts = sorted((DATA / "tinystories").glob("train-*.jsonl.gz"))
+    c4 = [DATA / "web" / "c4-sample-000.jsonl.gz"]
+    zh = sorted((DATA / "zh").glob("*.jsonl.gz"))
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cases = [("tinystories", ts, "web-en"), ("tinystories", ts, "stories")]
+        if not args.quick:
+            cases += [("c4", c4, "web-en"), ("zh", zh, "zh")]
+        for name, inputs, preset in cases:
+            one = throughput(name, inputs, preset, 1, tmp)
+            two = throughput(name, inputs, preset, 2, tmp)
+            emit(case="scaling", corpus=name, preset=preset, speedup_2_workers=round(two["mb_per_s"] / one["mb_per_s"], 2),
+                 cpu_speedup=round(two["mb_per_cpu_s"] / one["mb_per_cpu_s"], 2))
+        if not args.quick:
+            a = peak_rss("1x", [DATA / "zh" / "novels-000.jsonl.gz"], tmp)
+            b = peak_rss("4x", [*sorted((DATA / "zh").glob("novels-*.jsonl.gz")), *ts, *c4], tmp)
+            emit(case="rss_growth", input_ratio=round(b["mb"] / a["mb"], 2), rss_ratio=round(b["peak_rss_mb"] / a["peak_rss_mb"], 3))
+    extraction_f1()
+
+
+if __name__ == "__main__":
+    main()
