@@ -224,7 +224,7 @@ def _from_hf_config(hf: dict, where: str) -> ModelConfig:
     if bias != bool(hf.get("mlp_bias", False)):
         raise UserError(f"{where}: attention_bias != mlp_bias; text2llm has one 'bias' switch for all layers")
     kw = dict(vocab_size=need("vocab_size"), d_model=d, n_layer=need("num_hidden_layers"), n_head=n_head,
-              n_kv_head=hf.get("num_key_value_heads") or n_head, ffn_hidden=need("intermediate_size"),
+              n_kv_head=0 if hf.get("num_key_value_heads") in (None, n_head) else hf["num_key_value_heads"], ffn_hidden=need("intermediate_size"),
               max_seq_len=need("max_position_embeddings"), rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
               tie_embeddings=tie, bias=bias, init_std=hf.get("initializer_range", 0.02))
     if mt == "mixtral":
