@@ -56,7 +56,7 @@ class TokenizerConfig(Section):
     )
     vocab_size: int = Field(4096, ge=260, le=1_000_000, description="vocabulary size, special tokens included")
     character_coverage: float = Field(
-        0.9995, gt=0.0, le=1.0, description="SentencePiece: share of characters covered (0.9995 suits CJK); the rest fall back to bytes"
+        0.9995, ge=0.98, le=1.0, description="SentencePiece: share of characters covered, 0.98-1 (0.9995 suits CJK); the rest fall back to bytes"
     )
     max_train_bytes: int = Field(
         50_000_000, ge=1_000, description="train on at most this many bytes of text (see sample)"

@@ -1,14 +1,25 @@
 """Documents -> token shards (``text2llm pack``).
 
-Each document becomes ``BOS ... EOS`` and documents are written back to back into flat
-little-endian ``uint16`` files (``uint32`` when the vocab needs it)::
+Two layouts (``pack.mode``), both flat little-endian ``uint16`` files (``uint32`` when the vocab
+needs it)::
 
     OUT/train-00000.bin  OUT/val-00000.bin  OUT/meta.json
 
+* ``packed`` (default): each document becomes ``BOS ... EOS`` and documents are written back to
+  back; the loader cuts windows anywhere in the stream.
+* ``padded`` (the seed's fixed-length rows): each document becomes rows of ``seq_len + 1``
+  tokens (``BOS ... EOS`` then ``<pad>``), so a row gives ``seq_len`` inputs and ``seq_len``
+  targets; the loader turns targets at padding into the ignore index (-100). A longer document
+  is truncated, or with ``pack.split_long`` cut into several rows that overlap by one token (so
+  every token is a target exactly once). ``meta.json`` holds ``seq_len`` and ``row_len``.
+
 The train/val split is by document and deterministic: a document goes to val when a hash of
 (seed, document id) falls under ``val_fraction`` -- the same document lands in the same split on
-every run and with any number of workers. ``meta.json`` records dtype, vocab size, the tokenizer
-fingerprint and, per split, tokens, documents and UTF-8 bytes (for bits-per-byte).
+every run and with any number of workers. Documents are tokenised in ``pack.workers``
+processes in fixed-size chunks whose results are written in order, so the output is
+byte-identical for any worker count. ``meta.json`` records dtype, vocab size, special ids,
+the tokenizer fingerprint and, per split, tokens (not counting padding), documents, UTF-8 bytes
+of the text the tokens spell (for bits-per-byte) and the shard files.
 """
 
 from __future__ import annotations
@@ -27,19 +38,19 @@ import numpy as np
 from text2llm.errors import UserError
 
 META = "meta.json"
-_tok = None  # the tokenizer of a worker process
+CHUNK_DOCS, CHUNK_BYTES = 512, 1 << 20  # a work unit: this many documents or bytes, whichever comes first
+_tok = None  # the tokenizer of this (worker) process
+_job: dict = {}  # what every chunk needs: dtype, split and mode settings
 
 
-def _init_worker(tok_dir: str) -> None:
-    global _tok
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def _init_worker(tok_dir: str, job: dict) -> None:
+    global _tok, _job
+    for var in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from text2llm.tokenizer import Tokenizer
 
-    _tok = Tokenizer.load(tok_dir)
-
-
-def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=np.int64) for ids in _tok.encode_batch(texts, add_bos=True, add_eos=True)]
+    _tok, _job = Tokenizer.load(tok_dir), job
 
 
 def is_val(doc_id: str, seed: int, val_fraction: float) -> bool:
@@ -48,24 +59,69 @@ def is_val(doc_id: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
-class ShardWriter:
-    """Appends token arrays to ``{split}-00000.bin``, starting a new shard every ``shard_tokens``."""
+def _rows(ids: list[int], row_len: int, split_long: bool, pad_id: int) -> tuple[list[list[int]], int]:
+    """Padded mode: rows of ``row_len`` for one document's ``BOS ... EOS`` ids, and how many of
+    its tokens were kept (less than ``len(ids)`` only when truncated)."""
+    T = row_len - 1
+    if len(ids) <= row_len:
+        return [ids + [pad_id] * (row_len - len(ids))], len(ids)
+    if not split_long:
+        return [ids[:row_len]], row_len
+    rows = []
+    for start in range(0, len(ids) - 1, T):  # windows overlap by one token: each token is a target once
+        row = ids[start : start + row_len]
+        rows.append(row + [pad_id] * (row_len - len(row)))
+    return rows, len(ids)
 
-    def __init__(self, out: Path, split: str, dtype, shard_tokens: int):
-        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+
+def _encode_chunk(chunk: list[tuple[str, str]]) -> dict:
+    """Tokenise one chunk of (id, text); return per split the token array and counts."""
+    j = _job
+    encoded = _tok.encode_batch([t for _, t in chunk], add_bos=True, add_eos=True, num_threads=1)
+    out = {s: {"ids": [], "tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
+    for (doc_id, text), ids in zip(chunk, encoded):
+        acc = out["val" if is_val(doc_id, j["seed"], j["val_fraction"]) else "train"]
+        if j["mode"] == "padded":
+            rows, kept = _rows(ids, j["row_len"], j["split_long"], _tok.pad_id)
+            for r in rows:
+                acc["ids"].extend(r)
+            acc["tokens"] += kept
+            if kept < len(ids):  # truncated: count the bytes of the text that was kept
+                acc["bytes"] += len(_tok.decode(ids[:kept]).encode("utf-8"))
+            else:
+                acc["bytes"] += len(text.encode("utf-8"))
+        else:
+            acc["ids"].extend(ids)
+            acc["tokens"] += len(ids)
+            acc["bytes"] += len(text.encode("utf-8"))
+        acc["documents"] += 1
+    for acc in out.values():
+        acc["ids"] = np.asarray(acc["ids"], dtype=j["dtype"])
+    return out
+
+
+class ShardWriter:
+    """Appends token arrays to ``{split}-00000.bin``, starting a new shard every ``shard_tokens``
+    (at a chunk boundary, so a shard never starts inside a document or a row)."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int):
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
         self.files: list[str] = []
-        self.tokens = self.documents = self.bytes = 0
+        self.tokens = self.documents = self.bytes = self.stored = 0
         self._fh = None
         self._in_shard = 0
 
-    def write(self, ids: np.ndarray, n_bytes: int) -> None:
-        if self._fh is None or self._in_shard >= self.shard_tokens:
-            self._open()
-        self._fh.write(ids.astype(self.dtype).tobytes())
-        self._in_shard += len(ids)
-        self.tokens += len(ids)
-        self.documents += 1
-        self.bytes += n_bytes
+    def write(self, part: dict) -> None:
+        ids = part["ids"]
+        if len(ids):
+            if self._fh is None or self._in_shard >= self.shard_tokens:
+                self._open()
+            self._fh.write(ids.astype(ids.dtype.newbyteorder("<"), copy=False).tobytes())
+            self._in_shard += len(ids)
+        self.stored += len(ids)
+        self.tokens += part["tokens"]
+        self.documents += part["documents"]
+        self.bytes += part["bytes"]
 
     def _open(self) -> None:
         if self._fh:
@@ -81,76 +137,88 @@ class ShardWriter:
         return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.files}
 
 
-def _chunks(docs: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for d in docs:
-        chunk.append(d)
-        if len(chunk) == size:
+def _chunks(docs: Iterable, skipped: list[int]) -> Iterator[list[tuple[str, str]]]:
+    """(id, text) pairs in work units; empty documents are skipped and counted."""
+    chunk, size = [], 0
+    for n, d in enumerate(docs):
+        doc_id, text = (str(n), d) if isinstance(d, str) else (str(d.id), d.text)
+        if not text:
+            skipped[0] += 1
+            continue
+        chunk.append((doc_id, text))
+        size += len(text)
+        if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
             yield chunk
-            chunk = []
+            chunk, size = [], 0
     if chunk:
         yield chunk
 
 
 def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, overwrite: bool = False,
          progress: bool = True) -> dict:
-    """Tokenise ``docs`` (objects with ``id`` and ``text``) into token shards; return meta.json's dict.
+    """Tokenise ``docs`` (objects with ``id`` and ``text``, or plain strings) into token shards;
+    return meta.json's dict.
 
-    ``cfg`` is a :class:`text2llm.config.PackConfig`. Work is done in ``cfg.workers`` processes;
-    the output is the same whatever the worker count (chunks are processed in order).
+    ``cfg`` is a :class:`text2llm.config.PackConfig`. With ``cfg.workers`` > 1 the tokenising
+    runs in that many processes (one thread each) while this one reads and writes.
     """
     from text2llm.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_dir)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    row_len = cfg.seq_len + 1
+    job = {"dtype": np.dtype(dtype).name, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+           "mode": cfg.mode, "row_len": row_len, "split_long": cfg.split_long}
+    writers = {s: ShardWriter(tmp, s, cfg.shard_tokens) for s in ("train", "val")}
+    skipped = [0]
+    chunks = _chunks(docs, skipped)
 
     from tqdm import tqdm
 
     bar = tqdm(desc="pack", unit=" docs", disable=not progress, mininterval=0.5)
     t0 = time.perf_counter()
-    chunks = _chunks(((d.id, d.text) for d in docs), 256)
 
-    def encoded() -> Iterator[tuple[list, list[np.ndarray]]]:
+    def encoded() -> Iterator[dict]:
         if cfg.workers <= 1:
-            _init_worker(str(tok.path))
-            for ch in chunks:
-                yield ch, _encode_chunk([t for _, t in ch])
+            _init_worker(str(tok.path), job)
+            yield from map(_encode_chunk, chunks)
             return
-        with get_context("spawn").Pool(cfg.workers, initializer=_init_worker, initargs=(str(tok.path),)) as pool:
-            # imap keeps chunk order, so the output is identical for any worker count;
-            # only the texts travel to the workers, the ids stay here in `sent`.
-            sent: list[list] = []
+        ctx = get_context("spawn")  # workers import only numpy + the tokenizer backend
+        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(str(tok.path), job)) as pool:
+            # imap keeps chunk order, so the output is identical for any worker count
+            yield from pool.imap(_encode_chunk, chunks, chunksize=1)
 
-            def texts():
-                for ch in chunks:
-                    sent.append(ch)
-                    yield [t for _, t in ch]
-
-            for ids in pool.imap(_encode_chunk, texts(), chunksize=1):
-                yield sent.pop(0), ids
-
-    for ch, ids_list in encoded():
-        for (doc_id, text), ids in zip(ch, ids_list):
-            split = "val" if is_val(doc_id, cfg.seed, cfg.val_fraction) else "train"
-            writers[split].write(ids, len(text.encode("utf-8")))
-        bar.update(len(ch))
-    bar.close()
-    if cfg.val_fraction > 0 and writers["val"].documents < cfg.val_min_docs:
+    tokens = 0
+    try:
+        for res in encoded():
+            for split, part in res.items():
+                writers[split].write(part)
+                tokens += part["tokens"]
+            bar.update(res["train"]["documents"] + res["val"]["documents"])
+            bar.set_postfix_str(f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+    finally:
+        bar.close()
+        splits = {s: w.close() for s, w in writers.items()}
+    if cfg.mode == "padded":
+        for s, w in writers.items():
+            splits[s]["rows"] = w.stored // row_len
+            splits[s]["padding"] = w.stored - w.tokens - (w.stored // row_len - w.documents if cfg.split_long else 0)
+    if splits["train"]["tokens"] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError("pack: no documents to pack (is the input empty?)")
+    if cfg.val_fraction > 0 and splits["val"]["documents"] < cfg.val_min_docs:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
-            f"pack: only {writers['val'].documents} validation documents (pack.val_min_docs={cfg.val_min_docs}); "
+            f"pack: only {splits['val']['documents']} validation documents (pack.val_min_docs={cfg.val_min_docs}); "
             f"raise pack.val_fraction or give more documents"
         )
-    splits = {s: w.close() for s, w in writers.items()}
-    if splits["train"]["tokens"] == 0:
-        raise UserError("pack: no documents to pack (is the input empty?)")
+    seconds = time.perf_counter() - t0
     meta = {
         "format": "text2llm-tokens/1",
         "mode": cfg.mode,
@@ -162,8 +230,13 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "splits": splits,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "skipped_empty": skipped[0],
+        "workers": cfg.workers,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round((splits["train"]["bytes"] + splits["val"]["bytes"]) / 1e6 / max(seconds, 1e-9), 3),
     }
+    if cfg.mode == "padded":
+        meta.update({"seq_len": cfg.seq_len, "row_len": row_len, "split_long": cfg.split_long})
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
@@ -175,4 +248,7 @@ def read_meta(tokens_dir: str | Path) -> dict:
     path = Path(tokens_dir) / META
     if not path.is_file():
         raise UserError(f"{tokens_dir}: not a token dir (no {META}); make one with `text2llm pack`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
