@@ -78,13 +78,14 @@ def _encode_chunk(chunk: list[tuple[str, str]]) -> dict:
     """Tokenise one chunk of (id, text); return per split the token array and counts."""
     j = _job
     encoded = _tok.encode_batch([t for _, t in chunk], add_bos=True, add_eos=True, num_threads=1)
-    out = {s: {"ids": [], "tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
+    out = {s: {"ids": [], "lens": [], "tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
     for (doc_id, text), ids in zip(chunk, encoded):
         acc = out["val" if is_val(doc_id, j["seed"], j["val_fraction"]) else "train"]
         if j["mode"] == "padded":
             rows, kept = _rows(ids, j["row_len"], j["split_long"], _tok.pad_id)
             for r in rows:
                 acc["ids"].extend(r)
+            acc["lens"].append(len(rows) * len(rows[0]))
             acc["tokens"] += kept
             if kept < len(ids):  # truncated: count the bytes of the text that was kept
                 acc["bytes"] += len(_tok.decode(ids[:kept]).encode("utf-8"))
@@ -92,17 +93,19 @@ def _encode_chunk(chunk: list[tuple[str, str]]) -> dict:
                 acc["bytes"] += len(text.encode("utf-8"))
         else:
             acc["ids"].extend(ids)
+            acc["lens"].append(len(ids))
             acc["tokens"] += len(ids)
             acc["bytes"] += len(text.encode("utf-8"))
         acc["documents"] += 1
     for acc in out.values():
         acc["ids"] = np.asarray(acc["ids"], dtype=j["dtype"])
+        acc["lens"] = np.asarray(acc["lens"], dtype=np.int64)
     return out
 
 
 class ShardWriter:
-    """Appends token arrays to ``{split}-00000.bin``, starting a new shard every ``shard_tokens``
-    (at a chunk boundary, so a shard never starts inside a document or a row)."""
+    """Appends token arrays to ``{split}-00000.bin``, starting a new shard once one holds
+    ``shard_tokens`` (at a document boundary: a document's tokens or rows never span two shards)."""
 
     def __init__(self, out: Path, split: str, shard_tokens: int):
         self.out, self.split, self.shard_tokens = out, split, shard_tokens
@@ -112,12 +115,19 @@ class ShardWriter:
         self._in_shard = 0
 
     def write(self, part: dict) -> None:
-        ids = part["ids"]
-        if len(ids):
+        ids = part["ids"].astype(part["ids"].dtype.newbyteorder("<"), copy=False)
+        ends = np.cumsum(part["lens"])
+        start = 0
+        while start < len(ids):
             if self._fh is None or self._in_shard >= self.shard_tokens:
                 self._open()
-            self._fh.write(ids.astype(ids.dtype.newbyteorder("<"), copy=False).tobytes())
-            self._in_shard += len(ids)
+            # the documents that fit before this shard is full (at least one)
+            room = self.shard_tokens - self._in_shard
+            k = int(np.searchsorted(ends, start + room, side="right"))
+            stop = int(ends[k - 1]) if k > 0 and ends[k - 1] > start else int(ends[np.searchsorted(ends, start, side="right")])
+            self._fh.write(ids[start:stop].tobytes())
+            self._in_shard += stop - start
+            start = stop
         self.stored += len(ids)
         self.tokens += part["tokens"]
         self.documents += part["documents"]
