@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -199,7 +200,10 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
             _init_worker(str(tok.path), job)
             yield from map(_encode_chunk, chunks)
             return
-        ctx = get_context("spawn")  # workers import only numpy + the tokenizer backend
+        # fork starts a worker in milliseconds (spawn re-imports numpy and the backend, ~0.3 s of
+        # CPU each, a third of the work on a 5 MB corpus); workers touch neither torch nor threads
+        # of this process, so fork is safe where the platform has it
+        ctx = get_context("fork" if sys.platform == "linux" else "spawn")
         with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(str(tok.path), job)) as pool:
             # imap keeps chunk order, so the output is identical for any worker count
             yield from pool.imap(_encode_chunk, chunks, chunksize=1)

@@ -207,9 +207,10 @@ class Tokenizer:
         ``num_threads`` None uses all cores; 1 encodes in this thread (what pack workers use).
         """
         texts = list(texts)
-        if self._sp is not None:
-            ids = self._sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
-        elif num_threads == 1:
+        if self._sp is not None:  # SentencePiece adds the ids itself (no list copies)
+            return self._sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1), add_bos=add_bos,
+                                   add_eos=add_eos)
+        if num_threads == 1:
             ids = [self._hf.encode(t, add_special_tokens=False).ids for t in texts]
         else:
             ids = [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
