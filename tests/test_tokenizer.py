@@ -212,6 +212,16 @@ def test_iter_training_texts_reads_txt_and_jsonl(tmp_path):
     assert list(iter_training_texts([tmp_path])) == ["para one\nline\n\n", "para two\n", "json doc"]
     with pytest.raises(UserError, match="no such"):
         list(iter_training_texts([tmp_path / "missing"]))
+    # a cleaned-shard dir: the kept documents only, never the rejected ones
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for name, text in (("clean-00000.jsonl.gz", "kept"), ("rejected-00000.jsonl.gz", "rejected")):
+        with gzip.open(clean / name, "wt", encoding="utf-8") as f:
+            f.write(json.dumps({"id": "1", "text": text, "reason": "x"}) + "\n")
+    assert list(iter_training_texts([clean])) == ["kept"]
+    with gzip.open(tmp_path / "c.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("gz text")
+    assert list(iter_training_texts([tmp_path / "c.txt.gz"])) == ["gz text"]
 
 
 def test_cli_tokenizer_train(tmp_path):

@@ -33,6 +33,7 @@ use it without torch.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import heapq
 import json
@@ -48,6 +49,7 @@ META_FILE = "text2llm-tokenizer.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIALS = (PAD, BOS, EOS, UNK)
+_TEXT_ENDINGS = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 BACKEND_FILES = {"sentencepiece": "tokenizer.model", "bytelevel": "tokenizer.json"}
 
 
@@ -457,16 +459,21 @@ def iter_training_texts(inputs: Sequence[str | Path]) -> Iterator[str]:
         p = Path(item)
         if not p.exists():
             raise UserError(f"{p}: no such file or dir")
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith((".jsonl", ".jsonl.gz", ".txt")))
+        if p.is_dir() and (any(p.glob("clean-*.jsonl.gz")) or any(p.glob("clean-*.jsonl"))):
+            files = [p]  # a cleaned-shard dir: its clean-* shards only (not rejected-*)
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(_TEXT_ENDINGS))
             if not files:
-                raise UserError(f"{p}: holds no .jsonl, .jsonl.gz or .txt files")
+                raise UserError(f"{p}: holds no .jsonl, .jsonl.gz, .txt or .txt.gz files")
         else:
             files = [p]
         for f in files:
-            if f.name.endswith(".txt"):
+            if f.name.endswith((".txt", ".txt.gz")):
                 try:
-                    text = f.read_text(encoding="utf-8")
+                    raw = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
+                    text = raw.decode("utf-8")
+                except (OSError, EOFError) as e:
+                    raise UserError(f"{f}: not a readable gzip file ({e})") from None
                 except UnicodeDecodeError as e:
                     raise UserError(f"{f}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 yield from (block for block in re.split(r"(?<=\n\n)", text) if block.strip())
