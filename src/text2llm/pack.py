@@ -122,10 +122,11 @@ class ShardWriter:
         while start < len(ids):
             if self._fh is None or self._in_shard >= self.shard_tokens:
                 self._open()
-            # the documents that fit before this shard is full (at least one)
+            # write the documents that fit before this shard is full (at least one)
             room = self.shard_tokens - self._in_shard
-            k = int(np.searchsorted(ends, start + room, side="right"))
-            stop = int(ends[k - 1]) if k > 0 and ends[k - 1] > start else int(ends[np.searchsorted(ends, start, side="right")])
+            first = int(np.searchsorted(ends, start, side="right"))  # the next document
+            last = max(first, int(np.searchsorted(ends, start + room, side="right")) - 1)
+            stop = int(ends[last])
             self._fh.write(ids[start:stop].tobytes())
             self._in_shard += stop - start
             start = stop
