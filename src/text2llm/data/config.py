@@ -123,7 +123,10 @@ class DataConfig(BaseModel):
         256_000_000, ge=1_000, description="Start a new shard once this many UTF-8 text bytes were written."
     )
     write_rejected: bool = Field(True, description="Write dropped documents with their reason to rejected-*.jsonl.gz.")
-    batch_docs: int = Field(256, ge=1, le=100_000, description="Documents sent to a worker at a time.")
+    batch_docs: int = Field(256, ge=1, le=100_000, description="At most this many documents are sent to a worker at a time.")
+    batch_chars: int = Field(
+        200_000, ge=1_000, description="A batch is closed once it holds this many characters (bounds worker memory)."
+    )
 
     # --- length ------------------------------------------------------------------------
     min_words: int = Field(20, ge=0, description="Fewer words (CJK: characters count as words) -> drop 'length:too_short'.")

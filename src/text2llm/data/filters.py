@@ -41,6 +41,8 @@ _TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "…", 
 _SENTENCE_END_RE = re.compile(r"[.!?。！？…]+[\"'”’」』)）]*(?:\s|$)|[。！？]")
 _BULLETS = ("•", "-", "*", "‣", "◦", "⁃", "·", "●", "▪", "►", "–", "—")
 _ELLIPSIS = ("...", "…", ". . .")
+_BULLET_LINE_RE = re.compile("^[" + re.escape("".join(_BULLETS)) + "]", re.M)
+_ELLIPSIS_LINE_RE = re.compile(r"(?:\.\.\.|…|\. \. \.)[ \t]*$", re.M)
 _EN_STOP = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 # frequent function characters of modern and classical Chinese
 _ZH_STOP = frozenset("的了是在和不有我他这也就人之其而以于与为你她们着个说到")
@@ -226,7 +228,7 @@ class GopherQualityFilter(Filter):
         c, text = self.cfg, doc.text
         n = max(1, st.n_words)
         if not st.is_cjk:
-            mean = float(st.word_lens.mean()) if st.n_words else 0.0
+            mean = float(st.batch.word_chars[st.i]) / n
             if mean < c.min_mean_word_len:
                 return "mean_word_len_low"
             if mean > c.max_mean_word_len:
@@ -234,12 +236,11 @@ class GopherQualityFilter(Filter):
         n_sym = text.count("#") + text.count("...") + text.count("…")
         if n_sym / n > c.max_symbol_word_ratio:
             return "symbol_word_ratio"
-        lines = st.lines
-        if lines:
-            if sum(ln.startswith(_BULLETS) for ln in lines) / len(lines) > c.max_bullet_lines_frac:
-                return "bullet_lines"
-            if sum(ln.endswith(_ELLIPSIS) for ln in lines) / len(lines) > c.max_ellipsis_lines_frac:
-                return "ellipsis_lines"
+        n_lines = text.count("\n") + 1 - text.count("\n\n")  # normalised text: no other empty lines
+        if len(_BULLET_LINE_RE.findall(text)) / n_lines > c.max_bullet_lines_frac:
+            return "bullet_lines"
+        if len(_ELLIPSIS_LINE_RE.findall(text)) / n_lines > c.max_ellipsis_lines_frac:
+            return "ellipsis_lines"
         if st.alpha_token_frac < c.min_alpha_word_frac:
             return "alpha_words_low"
         if c.min_stop_words and st.stop_words() < c.min_stop_words:
@@ -249,6 +250,8 @@ class GopherQualityFilter(Filter):
 
 def _dup_frac(items: list[str]) -> tuple[float, float]:
     """(share of items that repeat an earlier one, share of characters in those repeats)."""
+    if len(set(items)) == len(items):
+        return 0.0, 0.0
     seen: set[str] = set()
     dup_n = dup_chars = total = 0
     for it in items:

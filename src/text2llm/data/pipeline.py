@@ -29,8 +29,7 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
-from itertools import islice
+from collections import Counter, deque
 from pathlib import Path
 from typing import Iterator
 
@@ -198,9 +197,32 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 # the run
 
 
-def _batches(it: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
-    while batch := list(islice(it, size)):
+def _batches(it: Iterator[tuple], max_docs: int, max_chars: int) -> Iterator[list[tuple]]:
+    """Cut the record stream into batches of at most ``max_docs`` records / ~``max_chars`` characters.
+
+    The cut depends only on the input, never on the number of workers (determinism).
+    """
+    batch, size = [], 0
+    for rec in it:
+        batch.append(rec)
+        size += len(rec[3])
+        if len(batch) >= max_docs or size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
         yield batch
+
+
+def _bounded_imap(pool, batches: Iterator[list[tuple]], max_in_flight: int) -> Iterator:
+    """Like ``pool.imap(process_batch, batches)`` in order, but reads ahead at most
+    ``max_in_flight`` batches (``Pool.imap`` would queue the whole input in memory)."""
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(process_batch, (batch,)))
+        while len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _payload_bytes(payload) -> int:
@@ -228,7 +250,7 @@ def run_clean(
     cfg = cfg or DataConfig()
     if workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # resolved so that "." or "out/" still has a name and a parent
     files = resolve_inputs(inputs)
     staging = _prepare_out_dir(out_dir, overwrite)
 
@@ -249,7 +271,7 @@ def run_clean(
             yield raw
 
     raw_iter = counted(iter_raw(files, cfg, skipped, repaired))
-    batches = _batches(raw_iter, cfg.batch_docs)
+    batches = _batches(raw_iter, cfg.batch_docs, cfg.batch_chars)
     cfg_json = cfg.model_dump_json()
     display = _Progress(input_bytes, enabled=progress)
     t0 = time.perf_counter()
@@ -265,7 +287,7 @@ def run_clean(
             pool = mp.get_context(method).Pool(
                 workers, initializer=None if method == "fork" else _init_worker, initargs=(cfg_json,)
             )
-            results = pool.imap(process_batch, batches, chunksize=1)
+            results = _bounded_imap(pool, batches, 2 * workers)
         for batch_out, batch_repaired in results:
             repaired.update(batch_repaired)
             for rid, text, src, reason, key, bands, sig in batch_out:
