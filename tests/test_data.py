@@ -425,3 +425,13 @@ def test_shared_corpora_keep_rates(tmp_path):
     assert s["docs_out"] >= 0.99 * s["docs_in"]
     z = run_clean([SHARED / "zh" / "poetry-000.jsonl.gz"], tmp_path / "zh", DataConfig(preset="zh"), progress=False)
     assert z["docs_out"] >= 0.95 * z["docs_in"], z["removed_reasons"]
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+def test_dolma_dedup_fixture(tmp_path):
+    """dolma's deduper fixture: 9 exact copies and 1 near duplicate (only a menu line differs)."""
+    s = run_clean([SHARED / "web" / "cc-noisy-000.jsonl.gz"], tmp_path / "o",
+                  DataConfig(preset="web-en", filter=False), progress=False)
+    assert s["removed_reasons"] == {"dedup:exact": 9, "dedup:near": 1}
+    rejected = {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "o" / "rejected-00000.jsonl.gz")}
+    assert rejected["dolma-dedupe-07"] == "dedup:near"
