@@ -225,6 +225,23 @@ def test_heads_prune_checkpoint_and_moe_refused(tiny, tmp_path):
         prune_model(moe, "ffn", 0.3)
 
 
+def test_prune_cli(tiny, tmp_path, capsys):
+    import text2llm
+    from text2llm.cli import main
+
+    out = tmp_path / "ffn-cli"
+    assert main(["compress", "prune", str(tiny["run"]), "--out", str(out), "--method", "ffn", "--sparsity", "0.5",
+                 "--data", str(tiny["tokens"])]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "val bits/byte" in printed
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["after"]["params"] < rep["before"]["params"] and rep["settings"]["importance"].startswith("taylor")
+    model, _ = text2llm.load(out)
+    assert model.cfg.ffn_hidden == 96
+    assert main(["compress", "prune", str(tiny["run"]), "--out", str(tmp_path / "bad"), "--sparsity", "1.5"]) == 2
+    assert main(["compress", "prune", str(tiny["run"]), "--out", str(out), "--method", "heads"]) == 2  # not empty
+
+
 # ---- distillation -------------------------------------------------------------------------------------
 
 

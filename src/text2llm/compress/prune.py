@@ -303,9 +303,7 @@ def finetune(cfg, ckpt: Path, data: Path, run_dir: Path, steps: int, lr: float |
     tc = cfg.train
     lr = lr if lr is not None else tc.lr * 0.3
     overrides = {"max_steps": steps, "lr": lr, "min_lr": min(tc.min_lr, lr), "warmup_steps": min(tc.warmup_steps, steps // 10),
-                 "eval_every": 0, "checkpoint_every": 0, "keep_last": 1}
-    if "init_from" in type(tc).model_fields:
-        overrides["init_from"] = ""
+                 "eval_every": 0, "checkpoint_every": 0, "keep_last": 1, "init_from": ""}
     ft_cfg = cfg.model_copy(update={"train": tc.model_copy(update=overrides)})
     ft_cfg = type(cfg).model_validate(ft_cfg.model_dump())
     return train(ft_cfg, data, run_dir, overwrite=True, progress=progress, loss_fn=loss_fn, init_from=ckpt)

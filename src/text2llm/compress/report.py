@@ -8,14 +8,14 @@ One :func:`measure` per model gives::
     decode_ms_per_token    one new token with a KV cache after the prompt (batch 1)
     val_loss, val_bits_per_byte   on the val split of token shards (text2llm.evaluate.evaluate_tokens)
 
-Latencies are the median of several repeats on the current torch thread count, which the report
-records: they are CPU wall-clock numbers and move with the machine's load.
+Latencies are the best (minimum) of several repeats on the current torch thread count, which the
+report records: the minimum is the least disturbed by other processes on a shared CPU (as ``timeit``
+advises); they are still wall-clock numbers and move with the machine's load.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -51,18 +51,18 @@ def count_params(model: torch.nn.Module) -> int:
     return n
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _best_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 @torch.no_grad()
 def latency(model, prefill_len: int = 128, decode_tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
-    """Median CPU latency per token of a prefill (1 x prefill_len) and of KV-cache decode steps."""
+    """Best-of-``repeats`` CPU latency per token of a prefill (1 x prefill_len) and of KV-cache decode steps."""
     from text2llm.model.transformer import KVCache
 
     cfg = model.cfg
@@ -87,8 +87,8 @@ def latency(model, prefill_len: int = 128, decode_tokens: int = 32, repeats: int
         return (time.perf_counter() - t0) * 1e3
 
     decode()  # warm-up
-    decode_ms = statistics.median(decode() for _ in range(repeats))
-    return {"prefill_ms_per_token": _median_ms(prefill, repeats) / prefill_len,
+    decode_ms = min(decode() for _ in range(repeats))
+    return {"prefill_ms_per_token": _best_ms(prefill, repeats) / prefill_len,
             "decode_ms_per_token": decode_ms / decode_tokens,
             "prefill_len": prefill_len, "decode_tokens": decode_tokens, "threads": torch.get_num_threads()}
 

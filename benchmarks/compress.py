@@ -1,0 +1,220 @@
+"""Compression benchmark: int8 quantization, structured pruning + fine-tune, distillation vs scratch.
+
+Prints one JSON line per (model, case) to stdout; library tables and progress go to stderr.
+
+    flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/compress.py \\
+        --ckpt runs/demo/train --data runs/demo/tokens          # the default `text2llm run` model
+    flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/compress.py   # trains its own models
+
+Models:
+  demo  the model the default `text2llm run` trains (--ckpt; without it, the same shape is trained
+        here for --demo-steps on the bundled TinyStories sample, which is less converged than a real run)
+  10m   the `dense-10m` preset (~11M parameters with a 4K vocab): --ckpt-10m, or trained for --steps-10m
+
+Cases and targets (issue 7):
+  quantize      int8 decode >= 1.5x faster than fp32, val bits-per-byte +<= 2% relative
+  prune-ffn     30% of the FFN channels removed + --finetune-steps: bits-per-byte within 5% of the original
+  prune-heads   a quarter/third of the heads removed + fine-tune (reported, no target)
+  magnitude     50% unstructured sparsity + fine-tune (reported, no target)
+  distill       student with half the layers: distilled beats the same student from scratch, same steps
+
+Runtime with the defaults (no --ckpt): about 25-35 minutes on the 2-core CPU when it is otherwise idle;
+`--models demo` alone about 10-15 minutes. Latencies use --threads torch threads (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+# `python benchmarks/compress.py` puts benchmarks/ first on sys.path, where benchmarks/tokenize.py
+# would shadow the standard library's tokenize (which torch needs): keep the dir off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+LATENCY = {"prefill_len": 128, "decode_tokens": 64, "repeats": 7}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def build_data(work: Path) -> Path:
+    """Tokenizer (SentencePiece BPE 4096, as the default run) + token shards of the bundled sample."""
+    from text2llm.config import PackConfig, TokenizerConfig
+    from text2llm.pack import pack
+    from text2llm.run import bundled_corpus
+    from text2llm.tokenizer import train_tokenizer
+
+    tokens = work / "tokens"
+    if (tokens / "meta.json").is_file():
+        return tokens
+    texts = []
+    for f in bundled_corpus():
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            texts += [json.loads(line)["text"] for line in fh if line.strip()]
+    train_tokenizer(iter(texts), work / "tokenizer", TokenizerConfig(vocab_size=4096), overwrite=True)
+    pack(texts, work / "tokenizer", tokens, PackConfig(), overwrite=True, progress=False)
+    return tokens
+
+
+def train_model(work: Path, name: str, overrides: list[str], data: Path) -> Path:
+    from text2llm.config import load_config
+    from text2llm.train.checkpoint import list_checkpoints
+    from text2llm.train.trainer import train
+
+    run = work / name
+    if list_checkpoints(run):
+        return list_checkpoints(run)[-1]
+    t0 = time.perf_counter()
+    res = train(load_config(None, overrides), data, run, overwrite=True, progress=False)
+    log(f"trained {name}: {res.step} steps in {time.perf_counter() - t0:.0f}s, val bpb {res.val_bits_per_byte}")
+    return res.last_checkpoint
+
+
+def case_quantize(name, ckpt, data, work):
+    from text2llm.compress.quantize import quantize_checkpoint
+
+    rep = quantize_checkpoint(ckpt, work / f"{name}-int8", data=data, overwrite=True, latency_kwargs=LATENCY)
+    b, a, d = rep["before"], rep["after"], rep["delta"]
+    speed = d["decode_ms_per_token"]["ratio"]
+    bpb_rel = d["val_bits_per_byte"]["rel"]
+    return {"case": "quantize", "model": name, "size_mb_fp32": b["size_bytes"] / 1e6, "size_mb_int8": a["size_bytes"] / 1e6,
+            "decode_ms_fp32": b["decode_ms_per_token"], "decode_ms_int8": a["decode_ms_per_token"], "decode_speedup": speed,
+            "prefill_ms_per_token_fp32": b["prefill_ms_per_token"], "prefill_ms_per_token_int8": a["prefill_ms_per_token"],
+            "prefill_speedup": d["prefill_ms_per_token"]["ratio"],
+            "bpb_fp32": b["val_bits_per_byte"], "bpb_int8": a["val_bits_per_byte"], "bpb_rel_change": bpb_rel,
+            "target": "decode_speedup >= 1.5 and bpb_rel_change <= 0.02",
+            "pass": bool(speed >= 1.5 and bpb_rel <= 0.02)}
+
+
+def case_prune(name, ckpt, data, work, method, sparsity, steps):
+    from text2llm.compress.prune import prune_checkpoint
+
+    rep = prune_checkpoint(ckpt, work / f"{name}-{method}", method, sparsity, finetune_steps=steps, data=data,
+                           overwrite=True, latency_kwargs=LATENCY, progress=False)
+    b, a = rep["before"], rep["after"]
+    p = rep.get("pruned", {})
+    rel = a["val_bits_per_byte"] / b["val_bits_per_byte"] - 1
+    out = {"case": f"prune-{method}", "model": name, "sparsity": sparsity, "finetune_steps": steps,
+           "params_before": b["params"], "params_after": a["params"], "params_removed_share": 1 - a["params"] / b["params"],
+           "decode_ms_before": b["decode_ms_per_token"], "decode_ms_after": a["decode_ms_per_token"],
+           "prefill_speedup": b["prefill_ms_per_token"] / a["prefill_ms_per_token"],
+           "bpb_before": b["val_bits_per_byte"], "bpb_pruned_no_finetune": p.get("val_bits_per_byte"),
+           "bpb_after_finetune": a["val_bits_per_byte"], "bpb_rel_change": rel,
+           "shape": {k: v for k, v in rep["settings"].items() if k in ("ffn_hidden", "n_head", "n_kv_head", "sparsity")}}
+    if method == "ffn":
+        out.update(target="bpb_rel_change <= 0.05", **{"pass": bool(rel <= 0.05)})
+    return out
+
+
+def case_distill(name, ckpt, data, work, steps, alpha, temperature):
+    import text2llm
+    from text2llm.compress.distill import distill_checkpoint, kl_to_teacher
+    from text2llm.config import load_config
+    from text2llm.evaluate import evaluate_tokens
+    from text2llm.train.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from text2llm.train.trainer import train
+
+    ckpt = resolve_checkpoint(ckpt)
+    t_cfg = read_checkpoint_config(ckpt)
+    layers = max(1, t_cfg.model.n_layer // 2)
+    over = [f"model.n_layer={layers}", f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+            "train.eval_every=0", "train.checkpoint_every=0", f"train.threads={torch.get_num_threads()}"]
+    teacher, _ = text2llm.load(ckpt)
+    t0 = time.perf_counter()
+    rep = distill_checkpoint(ckpt, ckpt / "config.toml", work / f"{name}-distilled", overrides=over, data=data,
+                             alpha=alpha, temperature=temperature, overwrite=True, latency_kwargs=LATENCY, progress=False)
+    t_distill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = train(load_config(ckpt / "config.toml", over), data, work / f"{name}-scratch", overwrite=True, progress=False)
+    t_scratch = time.perf_counter() - t0
+    scratch, _ = text2llm.load(res.last_checkpoint)
+    ev = evaluate_tokens(scratch, data)
+    d_bpb, s_bpb = rep["after"]["val_bits_per_byte"], ev["bits_per_byte"]
+    return {"case": "distill", "model": name, "teacher_layers": t_cfg.model.n_layer, "student_layers": layers,
+            "steps": steps, "alpha": alpha, "temperature": temperature,
+            "teacher_params": rep["before"]["params"], "student_params": rep["after"]["params"],
+            "bpb_teacher": rep["before"]["val_bits_per_byte"], "bpb_distilled": d_bpb, "bpb_scratch": s_bpb,
+            "kl_distilled": rep["after"]["kl_to_teacher"], "kl_scratch": kl_to_teacher(scratch, teacher, data),
+            "decode_ms_teacher": rep["before"]["decode_ms_per_token"], "decode_ms_student": rep["after"]["decode_ms_per_token"],
+            "seconds_distill": round(t_distill, 1), "seconds_scratch": round(t_scratch, 1),
+            "target": "bpb_distilled < bpb_scratch", "pass": bool(d_bpb < s_bpb)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", help="run dir or checkpoint of the default `text2llm run` model (e.g. runs/demo/train)")
+    ap.add_argument("--data", help="its token shards (e.g. runs/demo/tokens); default: the run's own, or built here")
+    ap.add_argument("--ckpt-10m", help="a trained ~10M-parameter checkpoint (default: train dense-10m here)")
+    ap.add_argument("--models", default="demo,10m", help="comma list of: demo, 10m")
+    ap.add_argument("--cases", default="quantize,prune-ffn,prune-heads,magnitude,distill")
+    ap.add_argument("--work", default="runs/bench-compress", help="scratch dir for data, models and outputs")
+    ap.add_argument("--demo-steps", type=int, default=600, help="steps when training the demo-shaped model here")
+    ap.add_argument("--steps-10m", type=int, default=300, help="steps when training the 10M model here")
+    ap.add_argument("--batch-size", type=int, default=16, help="batch size when training models here (default run: 16)")
+    ap.add_argument("--finetune-steps", type=int, default=100)
+    ap.add_argument("--distill-steps", type=int, default=200)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cases = set(a.cases.split(","))
+    t_all = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        from text2llm.compress.common import run_data_dir
+        from text2llm.train.checkpoint import resolve_checkpoint
+
+        models = {}
+        data = Path(a.data) if a.data else (run_data_dir(resolve_checkpoint(a.ckpt)) if a.ckpt else None)
+        if data is None:
+            data = build_data(work)
+        train_common = [f"train.threads={a.threads}", "train.eval_every=0", "train.device=cpu",
+                        f"train.batch_size={a.batch_size}"]
+        if "demo" in a.models:
+            models["demo"] = resolve_checkpoint(a.ckpt) if a.ckpt else train_model(
+                work, "demo", train_common + [f"train.max_steps={a.demo_steps}", "train.warmup_steps=50"], data)
+        if "10m" in a.models:
+            models["10m"] = resolve_checkpoint(a.ckpt_10m) if a.ckpt_10m else train_model(
+                work, "dense-10m", train_common + ["model.preset=dense-10m", f"train.max_steps={a.steps_10m}",
+                                                   "train.warmup_steps=30", "train.lr=2e-3",
+                                                   "train.min_lr=2e-4"], data)
+    for name, ckpt in models.items():
+        jobs = []
+        if "quantize" in cases:
+            jobs.append(lambda: case_quantize(name, ckpt, data, work))
+        if "prune-ffn" in cases:
+            jobs.append(lambda: case_prune(name, ckpt, data, work, "ffn", 0.3, a.finetune_steps))
+        if "prune-heads" in cases:
+            jobs.append(lambda: case_prune(name, ckpt, data, work, "heads", 0.3, a.finetune_steps))
+        if "magnitude" in cases:
+            jobs.append(lambda: case_prune(name, ckpt, data, work, "magnitude", 0.5, a.finetune_steps))
+        if "distill" in cases:
+            jobs.append(lambda: case_distill(name, ckpt, data, work, a.distill_steps, a.alpha, a.temperature))
+        for job in jobs:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                row = job()
+            row.update(checkpoint=str(ckpt), threads=a.threads, seconds=round(time.perf_counter() - t0, 1))
+            emit(row)
+    log(f"total {time.perf_counter() - t_all:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
