@@ -95,8 +95,6 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
 
 def export_onnx(ckpt, out_dir, int8: bool = False, overwrite: bool = False) -> Path:
     """Export the checkpoint (or a run dir's latest) to ``out_dir``; return ``out_dir``."""
-    import onnx
-
     import text2llm
     from text2llm.train.checkpoint import resolve_checkpoint
 
@@ -110,6 +108,14 @@ def export_onnx(ckpt, out_dir, int8: bool = False, overwrite: bool = False) -> P
     if not isinstance(model, nn.Module) or not hasattr(model, "blocks"):
         raise UserError(f"{ckpt_dir}: only a float text2llm checkpoint can be exported to ONNX "
                         "(export the float model and pass --int8 for an int8 ONNX model)")
+    return export_model(model, out, tokenizer=tok, int8=int8, extra_meta={"checkpoint": str(ckpt_dir)})
+
+
+def export_model(model, out_dir, tokenizer=None, int8: bool = False, extra_meta: dict | None = None) -> Path:
+    """Export an in-memory model (and copy ``tokenizer`` beside it) into ``out_dir``."""
+    import onnx
+
+    out = Path(out_dir)
     model = model.float().eval()
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
@@ -131,14 +137,15 @@ def export_onnx(ckpt, out_dir, int8: bool = False, overwrite: bool = False) -> P
     files = {"fp32": path.name}
     if int8:
         files["int8"] = quantize_int8(path, out / "model.int8.onnx").name
-    tok.save(out / "tokenizer")
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer")
     meta = {
         "format_version": FORMAT_VERSION,
         "model": cfg.model_dump(mode="json"),
         "n_layer": cfg.n_layer, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len, "positions": cfg.positions,
-        "inputs": inputs, "outputs": outputs, "files": files, "tokenizer": "tokenizer",
-        "opset": opset, "checkpoint": str(ckpt_dir),
+        "inputs": inputs, "outputs": outputs, "files": files, "tokenizer": "tokenizer" if tokenizer is not None else None,
+        "opset": opset, **(extra_meta or {}),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return out

@@ -43,7 +43,10 @@ def is_export_dir(path: str | Path) -> bool:
 def load_tokenizer(export_dir: str | Path):
     from text2llm.tokenizer import Tokenizer
 
-    return Tokenizer.load(Path(export_dir) / read_meta(export_dir).get("tokenizer", "tokenizer"))
+    sub = read_meta(export_dir).get("tokenizer")
+    if not sub:
+        raise UserError(f"{export_dir}: this export carries no tokenizer (export it from a checkpoint with tokenizer/)")
+    return Tokenizer.load(Path(export_dir) / sub)
 
 
 def make_session(path: Path, threads: int | None = None):

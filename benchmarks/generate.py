@@ -1,0 +1,222 @@
+"""Generation speed: PyTorch without / with KV cache, ONNX Runtime fp32 / int8, transformers' generate.
+
+    flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/generate.py                 # random default + ~10M models
+    flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/generate.py --ckpt runs/demo/train --models ckpt,10m
+
+Prints one JSON object per line:
+  {"case": "decode", "model", "engine", "batch", "prompt_tokens", "new_tokens", "tok_s", "seconds"}
+      greedy generation of exactly ``new_tokens`` tokens (EOS ignored) after a short prompt;
+      tok_s = batch * new_tokens / wall time (the short prefill included, as in HF's generate)
+  {"case": "prefill", "model", "engine", "tokens": 512, "tok_s"}   one 512-token prompt, batch 1
+  {"case": "summary", "model", ...ratios..., "targets": {...: true/false}}
+Targets (issue 8): KV cache >= 5x no cache at 256 new tokens; our PyTorch path >= 1.5x
+transformers' generate; ORT fp32 >= our PyTorch path.
+
+Models: ``default`` = the ``text2llm run`` model shape (ModelConfig defaults, vocab 4096) with
+random weights; ``10m`` = d_model 384, 5 layers, vocab 4096 (~10.4M parameters), random
+weights; ``ckpt`` = the model of ``--ckpt``. Speed does not depend on the weights' values. A
+rotary model whose ``max_seq_len`` is shorter than prompt + new tokens (or 512 for the prefill case)
+gets longer rotary tables (the weights are unchanged), reported as ``context_extended_from``.
+The HF model comes from ``text2llm.infer.hf.export_hf`` of the same weights; the first 32
+greedy tokens of every engine are checked against our PyTorch path (``same_tokens``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# this dir holds other benchmarks (e.g. tokenize.py) that would shadow standard modules
+sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0]) and not p.endswith("/benchmarks")]
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from text2llm.config import Config
+from text2llm.infer.decoding import SamplingParams, iter_tokens
+from text2llm.infer.generate import TorchEngine
+from text2llm.model.config import ModelConfig
+from text2llm.model.transformer import KVCache, Transformer
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def build_model(name: str, ckpt: str | None, need_len: int):
+    """(model, checkpoint dir for the HF export, context it was extended from or None)."""
+    extended = None
+    if name == "ckpt":
+        from text2llm.train.checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
+
+        src = resolve_checkpoint(ckpt)
+        cfg = read_checkpoint_config(src).model
+        if cfg.max_seq_len < need_len and cfg.positions == "rope":
+            extended, cfg = cfg.max_seq_len, cfg.model_copy(update={"max_seq_len": need_len})
+        model = Transformer(cfg)
+        load_weights(model, src / "model.safetensors")
+        return model.eval(), src, extended
+    if name == "default":
+        cfg = ModelConfig(vocab_size=4096)
+        if cfg.max_seq_len < need_len:
+            extended, cfg = cfg.max_seq_len, cfg.model_copy(update={"max_seq_len": need_len})
+    else:  # 10m
+        cfg = ModelConfig(vocab_size=4096, d_model=384, n_layer=5, n_head=6, max_seq_len=max(1024, need_len))
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    # a checkpoint dir so that export_hf sees exactly what a user would export
+    from text2llm.train.checkpoint import save_checkpoint
+
+    full = Config()
+    full.train.seq_len = min(full.train.seq_len, cfg.max_seq_len)
+    full.model = cfg
+    tmp = Path(tempfile.mkdtemp(prefix="t2l-bench-"))
+    src = save_checkpoint(tmp, 0, model, None, {}, full.to_toml(), None)
+    return model, src, extended
+
+
+class HFEngine:
+    """transformers' generate on the HF export (greedy, exactly n new tokens)."""
+
+    def __init__(self, src: Path, workdir: Path):
+        from transformers import AutoModelForCausalLM
+
+        from text2llm.infer.hf import export_hf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = export_hf(src, workdir / "hf", overwrite=True)
+            self.model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def generate(self, prompts: np.ndarray, n: int) -> np.ndarray:
+        ids = torch.from_numpy(prompts)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[:, ids.shape[1]:].numpy()
+
+    @torch.no_grad()
+    def prefill(self, ids: np.ndarray) -> None:
+        self.model(torch.from_numpy(ids), use_cache=True)
+
+
+def run_ours(engine, prompts: np.ndarray, n: int) -> np.ndarray:
+    p = SamplingParams(max_new_tokens=n, temperature=0)
+    steps = list(iter_tokens(engine, [list(r) for r in prompts], p, eos_id=None, pad_id=0))
+    return np.stack(steps, 1)
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_model(name: str, args) -> None:
+    from text2llm.infer.onnx import export_model
+    from text2llm.infer.ort_runtime import OrtEngine
+
+    need = max(args.prompt_tokens + args.new_tokens, args.prefill_tokens)
+    model, src, extended = build_model(name, args.ckpt, need)
+    cfg = model.cfg
+    info = {"model": name, "params": model.num_params(), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
+            "vocab": cfg.vocab_size, "context_extended_from": extended}
+    emit({"case": "model", **info})
+    work = Path(tempfile.mkdtemp(prefix="t2l-bench-"))
+    t = time.perf_counter()
+    export_model(model, work / "onnx", int8=True)
+    emit({"case": "export", "model": name, "onnx_and_int8_seconds": round(time.perf_counter() - t, 1)})
+    engines = {
+        "torch-nocache": TorchEngine(model, use_cache=False),
+        "torch-cache": TorchEngine(model),
+        "ort-fp32": OrtEngine.load(work / "onnx"),
+        "ort-int8": OrtEngine.load(work / "onnx", int8=True),
+    }
+    hf = None if args.no_hf else HFEngine(src, work)
+    rng = np.random.default_rng(0)
+    tps: dict[tuple[str, int], float] = {}
+    for B in args.batches:
+        prompts = rng.integers(4, cfg.vocab_size, size=(B, args.prompt_tokens))
+        ref = run_ours(engines["torch-cache"], prompts, 32)
+        runs = {k: (lambda e=e: run_ours(e, prompts, args.new_tokens)) for k, e in engines.items()}
+        if hf is not None:
+            runs["hf-generate"] = lambda: hf.generate(prompts, args.new_tokens)
+        for k, fn in runs.items():
+            if k == "torch-nocache" and args.skip_nocache:
+                continue
+            # warm-up + correctness: the first 32 greedy tokens
+            first = (run_ours(engines[k], prompts, 32) if k in engines else hf.generate(prompts, 32))
+            same = float((first == ref).mean())
+            dt = timed(fn)
+            tps[(k, B)] = B * args.new_tokens / dt
+            emit({"case": "decode", "model": name, "engine": k, "batch": B, "prompt_tokens": args.prompt_tokens,
+                  "new_tokens": args.new_tokens, "tok_s": round(tps[(k, B)], 1), "seconds": round(dt, 2),
+                  "same_tokens": same})
+    # prefill: one prompt of --prefill-tokens tokens
+    ids = rng.integers(4, cfg.vocab_size, size=(1, args.prefill_tokens))
+    mask = np.ones_like(ids)
+    pre = {k: (lambda e=e: e.prefill(ids, mask)) for k, e in engines.items() if k != "torch-nocache"}
+    if hf is not None:
+        pre["hf-forward"] = lambda: hf.prefill(ids)
+    for k, fn in pre.items():
+        fn()
+        dt = timed(fn, repeat=3)
+        emit({"case": "prefill", "model": name, "engine": k, "tokens": args.prefill_tokens,
+              "tok_s": round(args.prefill_tokens / dt, 1), "seconds": round(dt, 4)})
+    # ratios and targets
+    summary = {"case": "summary", "model": name, "new_tokens": args.new_tokens}
+    targets = {}
+    for B in args.batches:
+        r = lambda a, b: round(tps[(a, B)] / tps[(b, B)], 2) if (a, B) in tps and (b, B) in tps else None
+        summary[f"b{B}_cache_vs_nocache"] = r("torch-cache", "torch-nocache")
+        summary[f"b{B}_torch_vs_hf"] = r("torch-cache", "hf-generate")
+        summary[f"b{B}_ortfp32_vs_torch"] = r("ort-fp32", "torch-cache")
+        summary[f"b{B}_ortint8_vs_ortfp32"] = r("ort-int8", "ort-fp32")
+        for key, lo in ((f"b{B}_cache_vs_nocache", 5.0), (f"b{B}_torch_vs_hf", 1.5), (f"b{B}_ortfp32_vs_torch", 1.0)):
+            if summary[key] is not None:
+                targets[key + f">={lo}"] = summary[key] >= lo
+    summary["targets"] = targets
+    emit(summary)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", help="a checkpoint or run dir (adds the 'ckpt' model; e.g. runs/demo-*/train)")
+    ap.add_argument("--models", default=None, help="comma list of default,10m,ckpt (default: ckpt,10m with --ckpt, "
+                                                   "else default,10m)")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: all cores)")
+    ap.add_argument("--skip-nocache", action="store_true", help="skip the slow no-cache baseline")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    models = (args.models or ("ckpt,10m" if args.ckpt else "default,10m")).split(",")
+    if "ckpt" in models and not args.ckpt:
+        ap.error("--models ckpt needs --ckpt")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    emit({"case": "env", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+          "loadavg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__})
+    for m in models:
+        bench_model(m, args)
+    emit({"case": "env_end", "loadavg_1m": round(os.getloadavg()[0], 2)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
