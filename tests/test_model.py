@@ -248,3 +248,10 @@ def test_a_few_training_steps_learn_a_repeated_sequence():
         losses.append(loss.item())
     assert losses[0] > math.log(V) - 0.5
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_preset_cannot_be_assigned_after_the_config_is_built():
+    cfg = ModelConfig(preset="test-100k")
+    cfg.vocab_size = 300  # other fields stay assignable (the trainer sets vocab_size)
+    with pytest.raises(ValueError, match="model.preset"):
+        cfg.preset = "gpt2-124m"

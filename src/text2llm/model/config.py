@@ -103,6 +103,12 @@ class ModelConfig(BaseModel):
                                  "or no layer would be MoE")
         return self
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "preset" and value != self.preset:  # a preset fills in fields only when the config is built
+            raise ValueError("model.preset can only be given when the config is built "
+                             "(ModelConfig(preset=...), [model] preset = ... in TOML, or model.preset=... override)")
+        super().__setattr__(name, value)
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
