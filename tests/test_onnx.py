@@ -137,3 +137,16 @@ def test_onnx_cli_runs_without_torch(exported):
     # the guard works: the same runner fails on the PyTorch engine
     r = run_without_torch(f"from text2llm.cli import main\nmain(['generate', {str(out)!r}, '--engine', 'torch'])")
     assert r.returncode != 0 and "blocked for this test" in r.stderr
+
+
+def test_export_cli_refuses_non_empty_dir_and_runtime_names_bad_dirs(exported, tmp_path, capsys):
+    from text2llm.cli import main
+
+    ckpt, out, _, _ = exported
+    assert main(["export", "onnx", str(ckpt), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["generate", str(ckpt), "--engine", "onnx"]) == 2
+    assert "not an ONNX export dir" in capsys.readouterr().err
+    # a torch-engine `generate` handed an export dir runs it with onnxruntime
+    assert main(["generate", str(out), "--prompt", "Tom", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Tom")

@@ -148,7 +148,10 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
 def generate_cli(a) -> int:
     """``text2llm generate CKPT ...`` with the PyTorch engine."""
     import text2llm
+    from text2llm.infer import ort_runtime
     from text2llm.infer.decoding import cli_loop
 
+    if ort_runtime.is_export_dir(a.ckpt):  # an ONNX export dir: run it with onnxruntime
+        return ort_runtime.generate_cli(a)
     model, tok = text2llm.load(a.ckpt)
     return cli_loop(TorchEngine(model), tok, a, learned_positions=model.cfg.positions == "learned")
