@@ -167,8 +167,10 @@ def test_cli_train_writes_samples_tensorboard_and_a_loadable_run(story_tokens, t
     model, tok = text2llm.load(run)
     assert model(torch.tensor([[tok.bos_id] + tok.encode("Once")])).logits.shape[-1] == model.cfg.vocab_size
     # --resume on a finished run with a larger max_steps continues it
+    capsys.readouterr()
     assert main(["train", "--resume", str(run), "-q", "train.max_steps=8"]) == 0
     assert max(losses(run)) == 8
+    assert "train.max_steps: 6 -> 8" in capsys.readouterr().out  # a changed config is pointed out
 
 
 def test_padding_is_ignored_and_document_mask_is_used(tmp_path):

@@ -315,6 +315,10 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
         step, tokens_seen, bad_steps = state["step"], state["tokens_seen"], state.get("bad_steps", 0)
         if env.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", step)
+            changed = _config_changes(start_ckpt, cfg)
+            if changed:
+                print(f"note: resuming {start_ckpt.name} with a changed config ({', '.join(changed[:6])}); "
+                      f"the continued run is not the one the checkpoint started")
 
     log = MetricsWriter(run_dir, enabled=env.is_main, tensorboard=tc.tensorboard)
     peak, peak_src = (None, "")
@@ -502,6 +506,24 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
     if progress and env.is_main:
         _print_summary(result, env, k, peak, peak_src)
     return result
+
+
+def _config_changes(ckpt: Path, cfg) -> list[str]:
+    """``key: old -> new`` for every config value that differs from the checkpoint's."""
+    try:
+        saved = ckpt_mod.read_checkpoint_config(ckpt).to_dict()
+    except UserError:
+        return []
+
+    def flat(d, prefix=""):
+        for key, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", v
+
+    old, new = dict(flat(saved)), dict(flat(cfg.to_dict()))
+    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
 def _print_summary(r: TrainResult, env: D.DistEnv, k: int, peak, peak_src: str) -> None:
