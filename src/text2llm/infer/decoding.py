@@ -107,7 +107,7 @@ def sample_np(logits_BV: np.ndarray, p: SamplingParams, rng: np.random.Generator
     if p.temperature <= 0:
         return logits_BV.argmax(-1)
     probs = _softmax(filter_logits_np(logits_BV / p.temperature, p.top_k, p.top_p).astype(np.float64))
-    u = rng.random(probs.shape[0])[:, None]  # inverse-CDF draw: one uniform number per row
+    u = 1.0 - rng.random(probs.shape[0])[:, None]  # inverse-CDF draw, u in (0, 1]: one per row
     idx = (np.cumsum(probs, -1) < u * probs.sum(-1, keepdims=True)).sum(-1)
     return np.minimum(idx, probs.shape[-1] - 1)
 
