@@ -334,6 +334,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, cfg, overwrite: b
     """Train a tokenizer on ``texts`` (an iterable of documents) into ``out_dir``.
 
     ``cfg`` is a :class:`text2llm.config.TokenizerConfig`. The dir is written whole or not at all.
+    ``vocab_size`` is an upper bound: text too small or too uniform to fill it gives fewer tokens
+    (the tokenizer's ``vocab_size`` says how many).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -396,6 +398,7 @@ def _train_sentencepiece(docs: list[str], out: Path, cfg) -> dict:
             user_defined_symbols=list(cfg.user_defined_symbols),
             max_sentence_length=1 << 16,
             input_sentence_size=0,
+            hard_vocab_limit=False,  # a small corpus gives fewer pieces (as byte-level BPE does), not an error
             num_threads=cfg.threads,
             minloglevel=2,
         )
