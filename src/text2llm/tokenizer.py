@@ -25,7 +25,11 @@ A tokenizer dir holds the backend's own file plus ``text2llm-tokenizer.json`` (b
 vocab size, special ids, user symbols, fingerprint). ``Tokenizer.save_hf(dir)`` writes a Hugging
 Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) that
 ``transformers.AutoTokenizer.from_pretrained(dir)`` loads offline and that encodes like this one
-(adding BOS by default, as Llama tokenizers do).
+(adding BOS by default, as Llama tokenizers do; ``split_special_tokens`` is on, so ``"<s>"`` typed
+in text is text there too). SentencePiece models are rebuilt as ``tokenizers`` BPE / Unigram
+models with byte fallback. One known gap, unigram only: text holding the literal spelling of a
+control or byte piece (``<s>``, ``<0x41>``) whose characters are outside the vocab may be
+spelled differently by the export (the Hugging Face Unigram model cannot exclude those pieces).
 
 This module imports neither torch nor (until needed) the backends, so ONNX/ORT inference can
 use it without torch.
