@@ -78,7 +78,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_uninterrupted(tokens, tmp
     from text2llm.report import read_metrics
     from text2llm.train.trainer import train
 
-    steps = 80
+    steps = 50
     over = _overrides(max_steps=steps, warmup_steps=2)
     run = tmp_path / "run"
     p = _cli(["--data", str(tokens), "--out", str(run), "-q", *over])
@@ -194,6 +194,12 @@ def test_init_from_starts_a_new_run_from_weights(reference, tokens, tmp_path):
     got = losses(tmp_path / "ft")
     assert r.step == 2 and sorted(got) == [1, 2]
     assert got[1] < first - 0.3  # starts where the reference ended, not from a random init
+    # the key form; a run started from init_from resumes from its own checkpoint
+    cfg = tiny_config(max_steps=2, init_from=str(reference))
+    train(cfg, tokens, tmp_path / "ft2", progress=False)
+    assert losses(tmp_path / "ft2")[1] < first - 0.3
+    r = train(tiny_config(max_steps=3, init_from=str(reference)), tokens, tmp_path / "ft2", resume=True, progress=False)
+    assert r.step == 3
     with pytest.raises(UserError, match="do not match"):
         cfg = tiny_config(max_steps=1)
         cfg.model.d_model = 64

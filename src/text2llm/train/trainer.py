@@ -217,9 +217,9 @@ def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, 
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size < meta["vocab_size"]:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {meta['vocab_size']} ({data_dir})")
-    init_from = init_from or tc.init_from or None
     if resume and init_from:
         raise UserError("train: --resume and init_from exclude each other (init_from starts a new run at step 0)")
+    init_from = None if resume else (init_from or tc.init_from or None)  # a resumed run's weights come from its checkpoint
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
