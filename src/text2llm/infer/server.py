@@ -160,7 +160,8 @@ def parse_request(body, backend: Backend, max_tokens_limit: int):
 class Handler(BaseHTTPRequestHandler):
     server: "CompletionServer"
     server_version = "text2llm"
-    timeout = 60  # seconds a client may take to send its request
+    protocol_version = "HTTP/1.1"  # keep-alive, and `Expect: 100-continue` (curl, large bodies) answered at once
+    timeout = 60  # seconds a client may take to send its request (or an idle keep-alive connection lingers)
 
     # -- plumbing
     def log_message(self, fmt, *args):
@@ -174,10 +175,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if status == 503:
             self.send_header("Retry-After", "1")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
     def _error(self, e: ApiError) -> None:
+        self.close_connection = True  # the body may be unread: do not parse it as the next request
         self._json(e.status, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": None}})
 
     def _read_json(self):
