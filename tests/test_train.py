@@ -232,3 +232,18 @@ def test_metrics_helpers(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert plot_curves(tmp_path / "metrics.jsonl", tmp_path / "loss.png").stat().st_size > 1000
     assert plot_curves([], tmp_path / "empty.png") is None
+
+
+def test_evaluate_tokens_skips_padding(tmp_path):
+    from text2llm.evaluate import evaluate_tokens
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+
+    padded = make_tokens(tmp_path / "padded", n_train=2000, n_val=1000, mode="padded", seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, max_seq_len=32)).eval()
+    res = evaluate_tokens(model, padded)
+    import numpy as np
+
+    rows = np.fromfile(padded / "val-00000.bin", dtype=np.uint16).reshape(-1, 33)
+    assert res["tokens"] == int((rows[:, 1:] != 0).sum())  # every non-pad target, and no pad target

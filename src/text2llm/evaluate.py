@@ -101,10 +101,31 @@ def evaluate_tokens(model, tokens_dir: str | Path, split: str = "val", window: i
     info = meta["splits"].get(split)
     if not info or not info["tokens"]:
         raise UserError(f"{tokens_dir}: split '{split}' holds no tokens")
-    arr = np.concatenate([np.fromfile(Path(tokens_dir) / f, dtype=np.dtype(meta["dtype"])) for f in info["shards"]])
+    arr = np.concatenate([np.fromfile(Path(tokens_dir) / f, dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
+                          for f in info["shards"]])
+    if meta.get("mode") == "padded":  # rows of row_len tokens: score each row, padding targets ignored
+        nll, count = score_rows(model, torch.from_numpy(arr.astype(np.int64)), int(meta["row_len"]),
+                                int(meta.get("pad_id", 0)))
+        return _result(nll, count, info["bytes"])
     window = window or model.cfg.max_seq_len
     nll, count = score_stream(model, torch.from_numpy(arr.astype(np.int64)), window)
     return _result(nll, count, info["bytes"])
+
+
+@torch.no_grad()
+def score_rows(model, ids: torch.Tensor, row_len: int, pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """Sum of next-token NLL and count of predicted tokens over padded rows (row_len tokens each)."""
+    rows = ids[: ids.numel() // row_len * row_len].view(-1, row_len)
+    rows = rows[:, : model.cfg.max_seq_len + 1]
+    total, count = 0.0, 0
+    for i in range(0, rows.size(0), batch_size):
+        chunk = rows[i : i + batch_size]
+        x, y = chunk[:, :-1], chunk[:, 1:].masked_fill(chunk[:, 1:] == pad_id, -100)
+        logits = model(x).logits
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                   reduction="sum").item()
+        count += int((y != -100).sum())
+    return total, count
 
 
 def run_eval(ckpt, data: str | None = None, text: str | None = None) -> dict:
