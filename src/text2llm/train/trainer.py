@@ -220,6 +220,7 @@ def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, 
     if resume and init_from:
         raise UserError("train: --resume and init_from exclude each other (init_from starts a new run at step 0)")
     init_from = None if resume else (init_from or tc.init_from or None)  # a resumed run's weights come from its checkpoint
+    threads_before = torch.get_num_threads()
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
@@ -229,6 +230,7 @@ def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, 
         return _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from)
     finally:
         D.shutdown(env)
+        torch.set_num_threads(threads_before)  # a library call leaves the caller's setting as it was
 
 
 def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from) -> TrainResult:
