@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -206,8 +207,16 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
         # of this process, so fork is safe where the platform has it
         ctx = get_context("fork" if sys.platform == "linux" else "spawn")
         with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(str(tok.path), job)) as pool:
-            # imap keeps chunk order, so the output is identical for any worker count
-            yield from pool.imap(_encode_chunk, chunks, chunksize=1)
+            # results are taken in submission order, so the output is identical for any worker
+            # count; at most 2 chunks per worker are in flight, so memory stays bounded
+            # (Pool.imap would read the whole corpus ahead)
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+                if len(pending) >= 2 * cfg.workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
 
     tokens = 0
     try:
