@@ -210,16 +210,16 @@ class Tokenizer:
                      num_threads: int | None = None) -> list[list[int]]:
         """Token ids of each text, encoded in parallel by the backend's own threads.
 
-        ``num_threads`` None uses all cores; 1 encodes in this thread (what pack workers use).
+        ``num_threads``: SentencePiece threads (None = all cores; pack workers use 1). Byte-level
+        BPE runs on the ``tokenizers`` thread pool unless ``TOKENIZERS_PARALLELISM=false`` (as
+        in pack workers); ``encode_batch_fast`` skips the offsets nobody here reads (2x faster).
         """
         texts = list(texts)
         if self._sp is not None:  # SentencePiece adds the ids itself (no list copies)
             return self._sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1), add_bos=add_bos,
                                    add_eos=add_eos)
-        if num_threads == 1:
-            ids = [self._hf.encode(t, add_special_tokens=False).ids for t in texts]
-        else:
-            ids = [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        ids = [e.ids for e in batch(texts, add_special_tokens=False)]
         if add_bos or add_eos:
             head = [self.bos_id] if add_bos else []
             tail = [self.eos_id] if add_eos else []
