@@ -45,11 +45,12 @@ _tok = None  # the tokenizer of this (worker) process
 _job: dict = {}  # what every chunk needs: dtype, split and mode settings
 
 
-def _init_worker(tok_dir: str, job: dict) -> None:
+def _init_worker(tok_dir: str, job: dict, in_pool: bool = True) -> None:
     global _tok, _job
-    for var in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if in_pool:  # one thread per worker process (never changed in the caller's own process)
+        for var in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from text2llm.tokenizer import Tokenizer
 
     _tok, _job = Tokenizer.load(tok_dir), job
@@ -199,7 +200,7 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
 
     def encoded() -> Iterator[dict]:
         if cfg.workers <= 1:
-            _init_worker(str(tok.path), job)
+            _init_worker(str(tok.path), job, in_pool=False)
             yield from map(_encode_chunk, chunks)
             return
         # fork starts a worker in milliseconds (spawn re-imports numpy and the backend, ~0.3 s of
