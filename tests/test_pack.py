@@ -173,3 +173,11 @@ def test_cli_pack(tok_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = read_meta(tmp_path / "tokens")
     assert meta["mode"] == "padded" and meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 200
+
+
+def test_pack_leaves_the_callers_thread_settings_alone(tok_dir, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    pack(_docs(20), tok_dir, tmp_path / "o", PackConfig(val_fraction=0.0), progress=False)
+    assert "OMP_NUM_THREADS" not in os.environ  # torch imported later must still see all cores
