@@ -173,3 +173,12 @@ def test_moe_model_trains_and_logs_expert_load():
         assert out.expert_load.sum(dim=1).tolist() == [4 * 32 * 2] * 2
         assert (out.expert_dropped <= out.expert_load).all()
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_moe_runs_under_bf16_autocast():
+    model = Transformer(moe_cfg())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randint(0, 97, (2, 8)))
+        loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.blocks[0].mlp.router.weight.grad is not None

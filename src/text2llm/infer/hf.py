@@ -33,7 +33,7 @@ the field. Weight names, ours -> Llama/Mixtral (``model.layers.{i}.`` prefix)::
 bf16/fp16 safetensors, sharded or not, or ``pytorch_model.bin`` loaded with ``weights_only=True``)
 and writes a text2llm checkpoint dir (model.safetensors, config.toml, state.json at step 0,
 tokenizer/ when the dir carries a text2llm tokenizer) that ``text2llm.load``, ``text2llm generate``
-and ``text2llm train`` (as a starting point) accept. Weights become fp32.
+and ``text2llm train`` (``train.init_from``, as a starting point) accept. Weights become fp32.
 
 The MoE auxiliary-loss weight is converted too: transformers' Mixtral loss equals top_k times
 ours (ours is 1.0 at perfect balance), so ``router_aux_loss_coef = aux_loss_weight / top_k``.

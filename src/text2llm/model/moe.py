@@ -94,7 +94,7 @@ class MoE(nn.Module):
         # ---- run each expert once on its block of tokens ----
         x_AD = x_ND[token_A]
         outs = [expert(chunk) for expert, chunk in zip(self.experts, x_AD.split(kept_E.tolist()))]
-        y_AD = torch.cat(outs) * weight_A[:, None].to(x_ND.dtype)
+        y_AD = (torch.cat(outs) * weight_A[:, None]).to(x_ND.dtype)  # under autocast experts return bf16
         y_ND = torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
         # ---- auxiliary losses ----
