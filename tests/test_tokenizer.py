@@ -143,7 +143,7 @@ def test_hf_export_encodes_identically(toks, typ, tmp_path):
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 0, 3)
     corpus = _corpus()
-    texts = [s for s in SAMPLES if "<0x41>" not in s or typ != "unigram"] + corpus[:20] + corpus[400:420]
+    texts = SAMPLES + corpus[:20] + corpus[400:420] + ["<0x41><s>", "a<0x41>b"]
     for s in texts:
         ids = tok.encode(s)
         assert hf.encode(s, add_special_tokens=False) == ids, s
@@ -231,3 +231,22 @@ def test_cli_tokenizer_train(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert 300 < Tokenizer.load(tmp_path / "tok").vocab_size <= 400  # fewer when the text runs out of merges
+
+
+@pytest.fixture(scope="module")
+def hf_toks(toks, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    out = {}
+    for typ, tok in toks.items():
+        d = tmp_path_factory.mktemp(f"hf-{typ}")
+        tok.save_hf(d)
+        out[typ] = AutoTokenizer.from_pretrained(d)
+    return out
+
+
+@pytest.mark.parametrize("typ", BACKENDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(_text, _mixed))
+def test_hf_export_property(toks, hf_toks, typ, text):
+    assert hf_toks[typ].encode(text, add_special_tokens=False) == toks[typ].encode(text)

@@ -27,9 +27,7 @@ Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) that
 ``transformers.AutoTokenizer.from_pretrained(dir)`` loads offline and that encodes like this one
 (adding BOS by default, as Llama tokenizers do; ``split_special_tokens`` is on, so ``"<s>"`` typed
 in text is text there too). SentencePiece models are rebuilt as ``tokenizers`` BPE / Unigram
-models with byte fallback. One known gap, unigram only: text holding the literal spelling of a
-control or byte piece (``<s>``, ``<0x41>``) whose characters are outside the vocab may be
-spelled differently by the export (the Hugging Face Unigram model cannot exclude those pieces).
+models with byte fallback.
 
 This module imports neither torch nor (until needed) the backends, so ONNX/ORT inference can
 use it without torch.
@@ -248,7 +246,7 @@ def _sentencepiece_to_hf(tok: Tokenizer):
     pieces with their scores. Both: ``" "`` -> ``▁`` and byte fallback, no pre-splitting;
     control and byte pieces can never be produced from text; user symbols are added tokens.
     """
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     sp = tok._sp
@@ -277,6 +275,13 @@ def _sentencepiece_to_hf(tok: Tokenizer):
                            fuse_unk=True, byte_fallback=True)
     hf = HFTokenizer(model)
     hf.normalizer = normalizers.Replace(Regex(" "), "▁")
+    if tok.meta.get("type") == "unigram":
+        # Hugging Face's Unigram lattice would match the control and byte pieces ("<s>", "<0x41>")
+        # in text, where SentencePiece never does: isolate every character that is not a piece
+        # of its own (no piece contains one), so such a spelling can never be matched whole
+        known = sorted({p for i, p in enumerate(pieces) if ordinary[i] and len(p) == 1})
+        char_class = "".join(re.escape(c) for c in known)
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(f"[^{char_class}]"), behavior="isolated")
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     hf.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in SPECIALS])
     if user:
