@@ -82,7 +82,7 @@ class PackConfig(Section):
     mode: Literal["packed", "padded"] = Field(
         "packed", description="packed: documents back to back (BOS ... EOS); padded: one row of seq_len per document"
     )
-    seq_len: int = Field(256, ge=4, description="row length in padded mode")
+    seq_len: int = Field(256, ge=4, description="padded mode: tokens per training row (rows hold seq_len + 1 so inputs and shifted targets both have seq_len); match train.seq_len")
     split_long: bool = Field(False, description="padded mode: split long documents into several rows instead of truncating")
 
 
