@@ -197,3 +197,40 @@ def test_cli_export_and_import(tmp_path, tok_dir, capsys):
     x = input_ids(model.cfg.vocab_size)
     with torch.no_grad():
         assert torch.equal(model2(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded", "bf16"])
+def test_import_reads_bin_sharded_and_bf16_weights(tmp_path, tok_dir, layout):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run, model = make_checkpoint(tmp_path, tok_dir, LLAMA)
+    out = export_hf(run, tmp_path / "hf")
+    sd = load_file(str(out / "model.safetensors"))
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(out / "config.json", src / "config.json")
+    if layout == "pytorch_model.bin":
+        torch.save(sd, src / "pytorch_model.bin")
+    elif layout == "sharded":
+        names = sorted(sd)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: sd[k] for k in keys}, str(src / shard), metadata={"format": "pt"})
+        index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file({k: v.bfloat16() for k, v in sd.items()}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer in these dirs
+        back = import_hf(src, tmp_path / "back")
+    from text2llm.train.checkpoint import load_weights, read_checkpoint_config
+
+    model2 = Transformer(read_checkpoint_config(back).model)
+    load_weights(model2, back / "model.safetensors")
+    x = input_ids(model.cfg.vocab_size)
+    with torch.no_grad():
+        diff = (model2.eval()(x).logits - model(x).logits).abs().max().item()
+    assert diff <= (TOL if layout != "bf16" else 0.05)
+    assert next(model2.parameters()).dtype == torch.float32
