@@ -99,7 +99,7 @@ def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str
     """``text2llm compress distill``: train the student config on the teacher into run dir ``out`` + report.json."""
     import text2llm
     from text2llm.compress.common import report_data
-    from text2llm.compress.report import compare, measure, write_report
+    from text2llm.compress.report import compare, measure, retime, write_report
     from text2llm.train.checkpoint import read_checkpoint_config, resolve_checkpoint
     from text2llm.train.trainer import train
 
@@ -115,8 +115,9 @@ def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str
     s_model, _ = text2llm.load(res.last_checkpoint)
     rep = {}
     if report:
-        before = measure(t_model, t_ckpt, data, latency_kwargs)
-        after = measure(s_model, res.last_checkpoint, data, latency_kwargs)
+        before = measure(t_model, t_ckpt, data, timing=False)
+        after = measure(s_model, res.last_checkpoint, data, timing=False)
+        retime([before, after], [t_model, s_model], latency_kwargs)
         after["kl_to_teacher"] = kl_to_teacher(s_model, t_model, data)
         rep = compare({"before": before, "after": after})
     rep.update(method="distill", settings={"teacher": str(t_ckpt), "student_checkpoint": str(res.last_checkpoint),

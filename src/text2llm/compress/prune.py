@@ -315,7 +315,7 @@ def prune_checkpoint(ckpt: str | Path, out: str | Path, method: str = "magnitude
                      latency_kwargs: dict | None = None, progress: bool = True) -> dict:
     """``text2llm compress prune``: checkpoint -> pruned plain checkpoint dir (+ fine-tune) + report.json."""
     from text2llm.compress.common import load_fp32, prepare_out, report_data, save_plain_checkpoint
-    from text2llm.compress.report import compare, measure, write_report
+    from text2llm.compress.report import LATENCY_KEYS, compare, measure, retime, write_report
     from text2llm.train.checkpoint import load_weights, save_weights
 
     src = load_fp32(ckpt)
@@ -323,7 +323,7 @@ def prune_checkpoint(ckpt: str | Path, out: str | Path, method: str = "magnitude
     data = report_data(src.ckpt, data)
     if finetune_steps and data is None:
         raise UserError("prune --finetune-steps: needs token shards (--data TOKENS_DIR)")
-    before = measure(src.model, src.ckpt, data, latency_kwargs) if report else {}
+    before = measure(src.model, src.ckpt, data, timing=False) if report else {}
     model, info = prune_model(src.fresh_model(), method, sparsity, scope, data)
     masks = info.pop("masks", None)
     cfg = src.cfg.model_copy(update={"model": model.cfg})
@@ -332,7 +332,7 @@ def prune_checkpoint(ckpt: str | Path, out: str | Path, method: str = "magnitude
     rows = {"before": before}
     if finetune_steps:
         if report:
-            rows["pruned"] = measure(model, out, data, latency_kwargs)
+            rows["pruned"] = measure(model, out, data, timing=False)
         run_dir = out / "finetune"
         res = finetune(cfg, out, data, run_dir, finetune_steps, lr, MaskedLoss(masks) if masks else None, progress)
         load_weights(model, res.last_checkpoint / "model.safetensors")
@@ -348,7 +348,10 @@ def prune_checkpoint(ckpt: str | Path, out: str | Path, method: str = "magnitude
         state["pruning"]["sparsity"] = sparsity_of(model)
     rep = {}
     if report:
-        rows["after"] = measure(model, out, data, latency_kwargs)
+        rows["after"] = measure(model, out, data, timing=False)
+        retime([before, rows["after"]], [src.model, model], latency_kwargs)
+        if "pruned" in rows:  # same shapes as the fine-tuned model: same speed
+            rows["pruned"].update({k: rows["after"][k] for k in LATENCY_KEYS})
         rep = compare(rows)
     rep.update(method=f"prune-{method}", settings={k: v for k, v in state["pruning"].items()
                                                     if k not in ("kept_channels", "kept_heads")} |

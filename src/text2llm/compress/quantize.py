@@ -189,17 +189,20 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, data: str | Path | No
                         report: bool = True, latency_kwargs: dict | None = None) -> dict:
     """``text2llm compress quantize``: fp32 checkpoint -> int8 checkpoint dir + report.json."""
     from text2llm.compress.common import load_fp32, prepare_out, report_data
-    from text2llm.compress.report import compare, measure, write_report
+    from text2llm.compress.report import compare, measure, retime, write_report
 
     src = load_fp32(ckpt)
     out = prepare_out(out, overwrite)
     data = report_data(src.ckpt, data)
-    before = measure(src.model, src.ckpt, data, latency_kwargs) if report else {}
     qmodel = quantize_model(src.fresh_model())
     save_quantized(qmodel, out, src.config_toml, src.tokenizer_dir, source=str(src.ckpt))
     qmodel, _ = load_quantized(out, with_tokenizer=False)  # measure what was saved, not what is in memory
-    after = measure(qmodel, out, data, latency_kwargs) if report else {}
-    rep = compare({"before": before, "after": after}) if report else {}
+    rep = {}
+    if report:
+        before = measure(src.model, src.ckpt, data, timing=False)
+        after = measure(qmodel, out, data, timing=False)
+        retime([before, after], [src.model, qmodel], latency_kwargs)
+        rep = compare({"before": before, "after": after})
     rep.update(method="quantize", settings={"scheme": "dynamic int8, per-channel weights", "source": str(src.ckpt),
                                             "data": str(data) if data else None})
     if report:

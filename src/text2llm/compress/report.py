@@ -32,6 +32,9 @@ METRICS = [  # key, label, format (lower is better for all)
 ]
 
 
+LATENCY_KEYS = ("prefill_ms_per_token", "decode_ms_per_token", "prefill_len", "decode_tokens", "threads")
+
+
 def weights_size(ckpt_dir: str | Path) -> int:
     """Bytes of the tensor files of a checkpoint (safetensors), not counting optimizer state."""
     return sum(p.stat().st_size for p in Path(ckpt_dir).glob("*.safetensors"))
@@ -51,34 +54,26 @@ def count_params(model: torch.nn.Module) -> int:
     return n
 
 
-def _best_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
-
-
 @torch.no_grad()
-def latency(model, prefill_len: int = 128, decode_tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
-    """Best-of-``repeats`` CPU latency per token of a prefill (1 x prefill_len) and of KV-cache decode steps."""
+def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, repeats: int = 5, seed: int = 0) -> list[dict]:
+    """Best-of-``repeats`` CPU latency per token of a prefill (1 x prefill_len) and of KV-cache decode
+    steps, for each model. The models take turns within every repeat, so a change in the machine's
+    load hits all of them alike and the before/after ratio stays fair."""
     from text2llm.model.transformer import KVCache
 
-    cfg = model.cfg
-    prefill_len = max(1, min(prefill_len, cfg.max_seq_len - decode_tokens - 1))
+    cfg = models[0].cfg
+    prefill_len = max(1, min(prefill_len, min(m.cfg.max_seq_len for m in models) - decode_tokens - 1))
     decode_tokens = max(1, min(decode_tokens, cfg.max_seq_len - prefill_len))
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (1, prefill_len), generator=g)
     step_ids = torch.randint(0, cfg.vocab_size, (decode_tokens, 1, 1), generator=g)
-    model(prompt)  # warm-up (allocations, packed-weight caches)
 
-    def prefill():
+    def prefill_ms(model) -> float:
+        t0 = time.perf_counter()
         model(prompt)
+        return (time.perf_counter() - t0) * 1e3
 
-    cache = KVCache(cfg, batch_size=1, max_len=prefill_len + decode_tokens)
-
-    def decode():
+    def decode_ms(model, cache) -> float:
         cache.reset()
         model(prompt, cache=cache)
         t0 = time.perf_counter()
@@ -86,24 +81,44 @@ def latency(model, prefill_len: int = 128, decode_tokens: int = 32, repeats: int
             model(ids, cache=cache)
         return (time.perf_counter() - t0) * 1e3
 
-    decode()  # warm-up
-    decode_ms = min(decode() for _ in range(repeats))
-    return {"prefill_ms_per_token": _best_ms(prefill, repeats) / prefill_len,
-            "decode_ms_per_token": decode_ms / decode_tokens,
-            "prefill_len": prefill_len, "decode_tokens": decode_tokens, "threads": torch.get_num_threads()}
+    caches = [KVCache(m.cfg, batch_size=1, max_len=prefill_len + decode_tokens) for m in models]
+    best = [[float("inf"), float("inf")] for _ in models]
+    for m, c in zip(models, caches):  # warm-up: allocations, packed-weight caches
+        m.eval()
+        prefill_ms(m), decode_ms(m, c)
+    for _ in range(repeats):
+        for i, (m, c) in enumerate(zip(models, caches)):
+            best[i][0] = min(best[i][0], prefill_ms(m))
+            best[i][1] = min(best[i][1], decode_ms(m, c))
+    return [dict(zip(LATENCY_KEYS, (p / prefill_len, d / decode_tokens, prefill_len, decode_tokens,
+                                    torch.get_num_threads()))) for p, d in best]
 
 
-def measure(model, ckpt_dir: str | Path | None, tokens_dir: str | Path | None, latency_kwargs: dict | None = None) -> dict:
-    """All report metrics of one model (val metrics only when ``tokens_dir`` is given)."""
+def latency(model, **kwargs) -> dict:
+    """:func:`latencies` of one model."""
+    return latencies([model], **kwargs)[0]
+
+
+def measure(model, ckpt_dir: str | Path | None, tokens_dir: str | Path | None, latency_kwargs: dict | None = None,
+            timing: bool = True) -> dict:
+    """All report metrics of one model (val metrics only when ``tokens_dir`` is given; latencies
+    unless ``timing=False``, for :func:`retime` to add them side by side with another model)."""
     from text2llm.evaluate import evaluate_tokens
 
     model.eval()
     row = {"size_bytes": weights_size(ckpt_dir) if ckpt_dir else None, "params": count_params(model)}
-    row.update(latency(model, **(latency_kwargs or {})))
+    if timing:
+        row.update(latency(model, **(latency_kwargs or {})))
     if tokens_dir is not None:
         ev = evaluate_tokens(model, tokens_dir, "val")
         row.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"], val_tokens=ev["tokens"])
     return row
+
+
+def retime(rows: list[dict], models: list, latency_kwargs: dict | None = None) -> None:
+    """Add interleaved latencies (:func:`latencies`) of ``models`` to the matching ``rows``."""
+    for row, lat in zip(rows, latencies(models, **(latency_kwargs or {}))):
+        row.update(lat)
 
 
 def compare(rows: dict[str, dict]) -> dict:
