@@ -182,3 +182,34 @@ def test_moe_runs_under_bf16_autocast():
         loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
     loss.backward()
     assert torch.isfinite(loss) and model.blocks[0].mlp.router.weight.grad is not None
+
+
+def test_export_path_runs_every_expert_with_the_same_result(monkeypatch):
+    import text2llm.model.moe as moe_mod
+
+    layer = make_moe(moe_top_k=2).eval()
+    x = torch.randn(2, 6, D)
+    grouped, s1 = layer(x)
+    monkeypatch.setattr(moe_mod, "_exporting", lambda: True)
+    dense, s2 = layer(x)
+    assert (grouped - dense).abs().max() <= 1e-6
+    assert torch.equal(s1.load_E, s2.load_E) and torch.allclose(s1.aux_loss, s2.aux_loss)
+
+
+def test_moe_model_exports_to_onnx_and_matches_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import numpy as np
+
+    from text2llm.infer.onnx import export_model
+    from text2llm.infer.ort_runtime import OrtEngine
+
+    torch.manual_seed(0)
+    model = Transformer(moe_cfg(n_layer=1)).eval()
+    out = export_model(model, tmp_path / "onnx")
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(3))
+    mask = np.ones((2, 10), dtype=np.int64)
+    logits = OrtEngine.load(out).prefill(ids.numpy(), mask)
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1].numpy()
+    assert np.abs(logits - ref).max() <= 1e-4

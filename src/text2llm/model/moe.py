@@ -73,15 +73,18 @@ class MoE(nn.Module):
         probs_NE = logits_NE.softmax(dim=-1)
         w_Nk, e_Nk = probs_NE.topk(k, dim=-1)
         w_Nk = w_Nk / w_Nk.sum(dim=-1, keepdim=True)
+        e_A = e_Nk.t().reshape(-1)  # choice-major: all first choices, then all second choices...
+        load_E = torch.zeros(E, dtype=torch.long, device=x_ND.device).index_add_(0, e_A, torch.ones_like(e_A))
+
+        if _exporting():  # torch.export / ONNX cannot trace data-dependent group sizes
+            y_ND = self._all_experts(x_ND, w_Nk, e_Nk)
+            return y_ND.view(B, T, D), self._stats(logits_NE, probs_NE, load_E, load_E)
 
         # ---- group the A = N*k assignments by expert ----
-        # flatten choice-major (all first choices, then all second choices...) so that a stable
-        # sort puts first choices ahead of second choices inside each expert's block
-        e_A = e_Nk.t().reshape(-1)
+        # being choice-major, a stable sort puts first choices ahead of second choices in each block
         order_A = torch.argsort(e_A, stable=True)
         token_A = order_A % N  # which token each sorted assignment belongs to
         weight_A = w_Nk.t().reshape(-1)[order_A]
-        load_E = torch.bincount(e_A, minlength=E)
         kept_E = load_E
         if self.capacity_factor > 0 and self.training:
             capacity = math.ceil(self.capacity_factor * N * k / E)
@@ -97,10 +100,27 @@ class MoE(nn.Module):
         y_AD = (torch.cat(outs) * weight_A[:, None]).to(x_ND.dtype)  # under autocast experts return bf16
         y_ND = torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
-        # ---- auxiliary losses ----
-        f_E = load_E.to(probs_NE.dtype) / (N * k)  # share of assignments per expert (no gradient)
+        return y_ND.view(B, T, D), self._stats(logits_NE, probs_NE, load_E, kept_E)
+
+    def _all_experts(self, x_ND, w_Nk, e_Nk):
+        """Export path, same math: every expert runs on every token, weighted by a gate that is
+        zero outside each token's top-k (E/k times the FLOPs; static shapes for torch.export/ONNX)."""
+        gate_NE = torch.zeros(x_ND.size(0), self.n_experts, dtype=w_Nk.dtype, device=x_ND.device)
+        gate_NE = gate_NE.scatter(1, e_Nk, w_Nk)
+        y_ND = torch.zeros_like(x_ND)
+        for e, expert in enumerate(self.experts):
+            y_ND = y_ND + (expert(x_ND) * gate_NE[:, e : e + 1]).to(x_ND.dtype)
+        return y_ND
+
+    def _stats(self, logits_NE, probs_NE, load_E, kept_E) -> RouterStats:
+        """Weighted auxiliary losses and load counts (see the module docstring)."""
+        f_E = load_E.to(probs_NE.dtype) / load_E.sum()  # share of assignments per expert (no gradient)
         P_E = probs_NE.mean(dim=0)  # mean router probability (gradient flows here)
-        balance = E * (f_E * P_E).sum()
+        balance = self.n_experts * (f_E * P_E).sum()
         z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
         aux = self.aux_w * balance + self.z_w * z
-        return y_ND.view(B, T, D), RouterStats(aux, load_E.detach(), (load_E - kept_E).detach())
+        return RouterStats(aux, load_E.detach(), (load_E - kept_E).detach())
+
+
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
