@@ -30,6 +30,8 @@ CASES = {
     "mixtral": ({**LLAMA, "n_experts": 4, "moe_top_k": 2, "moe_ffn_hidden": 32}, "MixtralForCausalLM"),
     "gpt2": (dict(d_model=32, n_layer=2, n_head=4, max_seq_len=64, positions="learned", norm="layernorm",
                   activation="gelu", bias=True), "GPT2LMHeadModel"),
+    "gpt2-nobias-untied": (dict(d_model=32, n_layer=2, n_head=4, ffn_hidden=96, max_seq_len=64, positions="learned",
+                                norm="layernorm", activation="gelu", tie_embeddings=False), "GPT2LMHeadModel"),
 }
 
 

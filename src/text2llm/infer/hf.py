@@ -379,6 +379,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) 
         raise UserError(f"{src / 'config.json'}: not valid JSON ({e})") from None
     mcfg = from_hf_config(hf, where=str(src / "config.json"))
     sd = from_hf_state(mcfg, read_hf_weights(src))
+    biases = [k for k in sd if k.endswith(".bias")]
+    if mcfg.positions == "learned" and biases and all(not sd[k].any() for k in biases):
+        # GPT-2 always stores biases; all zero means a bias-free model (as text2llm exports one)
+        mcfg = ModelConfig(**{**mcfg.model_dump(exclude={"preset"}), "bias": False})
+        sd = {k: v for k, v in sd.items() if k not in biases}
     model = Transformer(mcfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = set(missing) - ({"lm_head.weight"} if mcfg.tie_embeddings else set())
