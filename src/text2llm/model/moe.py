@@ -14,7 +14,9 @@ One forward pass::
 Dispatch is batched per expert: the A assignments are sorted by expert, each expert runs once on
 its contiguous block of tokens (a Python loop over the E experts, never over tokens), and the
 results are scattered back with ``index_add_``. This is the same math as transformers'
-MixtralSparseMoeBlock, so an exported model gives the same logits.
+MixtralSparseMoeBlock, so an exported model gives the same logits. Under torch.export / ONNX
+export, whose graphs cannot hold data-dependent group sizes, every expert runs on every token and a
+gate that is zero outside the top-k mixes them (same result, E/k times the expert FLOPs).
 
 Losses (returned already weighted, summed into ``ModelOutput.aux_loss``):
 
@@ -36,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from text2llm.model.config import ModelConfig
 
