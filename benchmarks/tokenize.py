@@ -77,6 +77,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 MB of each corpus, vocab 4096 only, one repeat")
     ap.add_argument("--types", default="bpe,bytelevel,unigram", help="backends, comma-separated")
+    ap.add_argument("--encode-only", action="store_true",
+                    help="only the encode cases (tokenizers trained at vocab 4096 on 2 MB, training not reported)")
     a = ap.parse_args()
 
     from text2llm.config import PackConfig, TokenizerConfig
@@ -94,7 +96,8 @@ def main() -> int:
                     size if a.quick else 50_000_000),
     }
     mb = {k: sum(len(d.text.encode("utf-8")) for d in v) / 1e6 for k, v in corpora.items()}
-    vocabs = [4096] if a.quick else [4096, 32000]
+    vocabs = [4096] if a.quick or a.encode_only else [4096, 32000]
+    train_bytes = 2_000_000 if a.encode_only else 50_000_000
     repeats = 1 if a.quick else 3
     load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="t2l-bench-tok-"))
@@ -108,7 +111,8 @@ def main() -> int:
                 cov = 0.9995
                 try:
                     t0 = time.perf_counter()
-                    train_tokenizer(texts, out, TokenizerConfig(type=typ, vocab_size=vocab, character_coverage=cov),
+                    train_tokenizer(texts, out, TokenizerConfig(type=typ, vocab_size=vocab, character_coverage=cov,
+                                                    max_train_bytes=train_bytes),
                                     overwrite=True)
                 except UserError as e:
                     if "required_chars" not in str(e):
@@ -116,12 +120,15 @@ def main() -> int:
                         continue
                     cov = 0.98
                     t0 = time.perf_counter()
-                    train_tokenizer(texts, out, TokenizerConfig(type=typ, vocab_size=vocab, character_coverage=cov),
+                    train_tokenizer(texts, out, TokenizerConfig(type=typ, vocab_size=vocab, character_coverage=cov,
+                                                    max_train_bytes=train_bytes),
                                     overwrite=True)
                 secs = time.perf_counter() - t0
                 tok = Tokenizer.load(out)
                 tokenizers[(typ, lang, vocab)] = out
                 n_tok = sum(map(len, tok.encode_batch(texts)))
+                if a.encode_only:
+                    continue
                 emit(case="train", type=typ, lang=lang, mb=round(mb[lang], 2), vocab=vocab, vocab_out=tok.vocab_size,
                      character_coverage=cov if typ != "bytelevel" else None, seconds=round(secs, 2),
                      load_avg=round(os.getloadavg()[0], 2))
