@@ -18,8 +18,13 @@ Cases and targets (issue 7):
   magnitude     50% unstructured sparsity + fine-tune (reported, no target)
   distill       student with half the layers: distilled beats the same student from scratch, same steps
 
-Runtime with the defaults (no --ckpt): about 25-35 minutes on the 2-core CPU when it is otherwise idle;
-`--models demo` alone about 10-15 minutes. Latencies use --threads torch threads (default 1).
+Runtime (1 thread, measured step rates on the 2-core CPU with other work running): the demo shape
+trains at ~1 s/step at batch 8 and ~2 s/step at batch 16, dense-10m ~3x slower. With --ckpt of a
+demo run (batch 16) the demo cases take ~20 min (3 fine-tunes of 100 steps, distill + scratch of
+200 steps). Training both models here with the defaults adds ~20 min (demo) + ~30 min (10m).
+Shorter: `--models demo`, `--cases quantize,prune-ffn`, fewer steps, `--batch-size 8`.
+Latencies use --threads torch threads (default 1); before/after models take turns in every repeat
+and the best of 7 counts, so the ratios hold up under load better than the absolute numbers.
 """
 
 from __future__ import annotations
@@ -148,6 +153,7 @@ def case_distill(name, ckpt, data, work, steps, alpha, temperature):
             "bpb_teacher": rep["before"]["val_bits_per_byte"], "bpb_distilled": d_bpb, "bpb_scratch": s_bpb,
             "kl_distilled": rep["after"]["kl_to_teacher"], "kl_scratch": kl_to_teacher(scratch, teacher, data),
             "decode_ms_teacher": rep["before"]["decode_ms_per_token"], "decode_ms_student": rep["after"]["decode_ms_per_token"],
+            "student_init": rep["settings"]["init"], "scratch_init": "random",
             "seconds_distill": round(t_distill, 1), "seconds_scratch": round(t_scratch, 1),
             "target": "bpb_distilled < bpb_scratch", "pass": bool(d_bpb < s_bpb)}
 

@@ -295,3 +295,21 @@ def test_distillation_lowers_kl_to_teacher(tiny, tmp_path):
     assert (out / "report.json").is_file()
     with pytest.raises(UserError, match="vocab_size"):
         distill_checkpoint(tiny["ckpt"], student, tmp_path / "bad", overrides=["model.vocab_size=999"])
+
+
+def test_teacher_layer_init_copies_every_kth_block(tiny):
+    import text2llm
+    from text2llm.compress.distill import teacher_layer_init
+    from text2llm.config import load_config
+    from text2llm.model.transformer import Transformer
+
+    teacher, _ = text2llm.load(tiny["ckpt"])
+    same = load_config(tiny["ckpt"] / "config.toml")
+    full = Transformer(same.model)
+    full.load_state_dict(teacher_layer_init(teacher, same), strict=False)
+    ids = torch.tensor([[1, 7, 9, 4]])
+    assert torch.equal(_logits(full, ids), _logits(teacher, ids))  # all layers kept: the teacher itself
+    half = load_config(tiny["ckpt"] / "config.toml", ["model.n_layer=1"])
+    sd = teacher_layer_init(teacher, half)
+    assert torch.equal(sd["blocks.0.mlp.up_proj.weight"], teacher.blocks[0].mlp.up_proj.weight)
+    assert teacher_layer_init(teacher, load_config(tiny["ckpt"] / "config.toml", ["model.d_model=32", "model.n_head=2"])) is None

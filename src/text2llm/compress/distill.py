@@ -92,11 +92,38 @@ def student_config(path: str | Path | None, overrides: list[str], teacher_cfg):
     return cfg
 
 
+def teacher_layer_init(teacher, student_cfg) -> dict[str, torch.Tensor] | None:
+    """Student weights taken from the teacher (DistilBERT's recipe): embeddings, final norm and every
+    (L_teacher / L_student)-th block. None when the shapes differ (then the student starts random)."""
+    from text2llm.train.checkpoint import model_state
+
+    t, s = teacher.cfg, student_cfg.model
+    same = ("d_model", "n_head", "kv_heads", "head_dim", "ffn_dim", "vocab_size", "positions", "norm", "activation",
+            "bias", "tie_embeddings", "n_experts")
+    if s.n_layer > t.n_layer or any(getattr(t, k, None) != getattr(s, k, None) for k in same):
+        return None
+    picked = [i * t.n_layer // s.n_layer for i in range(s.n_layer)]
+    out = {}
+    for key, v in model_state(teacher).items():
+        if key.startswith("blocks."):
+            i = int(key.split(".")[1])
+            if i in picked:
+                out[f"blocks.{picked.index(i)}." + key.split(".", 2)[2]] = v
+        else:
+            out[key] = v
+    return out
+
+
 def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str | Path, overrides: list[str] | None = None,
                        data: str | Path | None = None, alpha: float = 0.5, temperature: float = 2.0,
                        overwrite: bool = False, report: bool = True, latency_kwargs: dict | None = None,
-                       progress: bool = True) -> dict:
-    """``text2llm compress distill``: train the student config on the teacher into run dir ``out`` + report.json."""
+                       progress: bool = True, init: str = "teacher") -> dict:
+    """``text2llm compress distill``: train the student config on the teacher into run dir ``out`` + report.json.
+
+    ``init="teacher"`` starts the student from the teacher's embeddings and every k-th block when the
+    widths match (:func:`teacher_layer_init`); ``"random"`` (or other widths) from a fresh init."""
+    import tempfile
+
     import text2llm
     from text2llm.compress.common import report_data
     from text2llm.compress.report import compare, measure, retime, write_report
@@ -111,7 +138,20 @@ def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str
     if data is None:
         raise UserError("distill: --data TOKENS_DIR is required (the teacher's training data was not found)")
     loss_fn = DistillLoss(t_model, alpha, temperature)
-    res = train(cfg, data, out, overwrite=overwrite, progress=progress, loss_fn=loss_fn)
+    if init not in ("teacher", "random"):
+        raise UserError(f"--init: {init!r} must be 'teacher' or 'random'")
+    init_sd = teacher_layer_init(t_model, cfg) if init == "teacher" else None
+    if init == "teacher" and init_sd is None:
+        print("note: the student's width differs from the teacher's; it starts from a random init")
+    with tempfile.TemporaryDirectory(prefix="text2llm-student-") as tmp:
+        init_from = None
+        if init_sd is not None:
+            from safetensors.torch import save_file
+
+            save_file(init_sd, str(Path(tmp) / "model.safetensors"))
+            (Path(tmp) / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+            init_from = tmp
+        res = train(cfg, data, out, overwrite=overwrite, progress=progress, loss_fn=loss_fn, init_from=init_from)
     s_model, _ = text2llm.load(res.last_checkpoint)
     rep = {}
     if report:
@@ -122,6 +162,7 @@ def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str
         rep = compare({"before": before, "after": after})
     rep.update(method="distill", settings={"teacher": str(t_ckpt), "student_checkpoint": str(res.last_checkpoint),
                                            "alpha": alpha, "temperature": temperature, "steps": res.step,
+                                           "init": "teacher layers" if init_sd is not None else "random",
                                            "data": str(data)})
     if report:
         write_report(rep, out, f"distillation: {t_ckpt} -> {res.last_checkpoint} (alpha {alpha}, T {temperature})")
