@@ -45,7 +45,7 @@ def cli_entry(args) -> int:
     elif verb == "distill":
         distill_checkpoint(args.teacher, args.student, args.out, overrides=list(args.overrides or []), data=args.data,
                            alpha=args.alpha, temperature=args.temperature, overwrite=args.overwrite,
-                           progress=progress, init=args.init)
+                           progress=progress, init=getattr(args, "init", "teacher"))
     else:
         raise UserError("compress: give a METHOD: quantize, prune or distill")
     return 0
