@@ -20,10 +20,17 @@ compilation excluded).
 
 from __future__ import annotations
 
+import os
+import sys
+
+# benchmarks/ is sys.path[0] when this file runs as a script; a benchmarks/tokenize.py there would
+# shadow the standard library's tokenize module (torch's import then fails), so take it off the path
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
