@@ -187,6 +187,11 @@ def bench_model(name: str, args) -> None:
                 targets[key + f">={lo}"] = summary[key] >= lo
     summary["targets"] = targets
     emit(summary)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    if name != "ckpt":
+        shutil.rmtree(src.parent.parent, ignore_errors=True)  # the temporary checkpoint's run dir
 
 
 def main(argv=None) -> int:
