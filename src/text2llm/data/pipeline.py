@@ -66,7 +66,7 @@ def _init_worker(cfg_json: str, warm: bool = False) -> None:
 
 
 def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
-    """Raw records -> ``(id, text, source, reason | None, exact_key, band keys, signature bytes)``.
+    """Raw records -> ``(reason | None, exact_key, band keys, signature bytes, JSON line, text bytes)``.
 
     Word statistics for the filters and MinHash are computed once for the whole batch
     (:class:`~text2llm.data.textstats.BatchStats`). Returns the results and a dict of repairs.
@@ -120,10 +120,15 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
     k = 0
     for i, doc in enumerate(docs):
         if reasons[i] is None and minhash is not None:
-            out.append((doc.id, doc.text, doc.source, None, exact_key(doc.text), bands[k], sigs[k].tobytes()))
+            key, band, sig = exact_key(doc.text), bands[k], sigs[k].tobytes()
             k += 1
         else:
-            out.append((doc.id, doc.text, doc.source, reasons[i], None, None, None))
+            key = band = sig = None
+        rec = {"id": doc.id, "text": doc.text, "source": doc.source}
+        if reasons[i] is not None:
+            rec["reason"] = reasons[i]
+        line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")  # encoded here, in parallel
+        out.append((reasons[i], key, band, sig, line, len(doc.text.encode("utf-8"))))
     return out, dict(repaired)
 
 
@@ -147,14 +152,15 @@ class ShardWriter:
         self._gz = io.BufferedWriter(gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=1), 1 << 20)
         self.files.append(name)
 
-    def write(self, record: dict, n_bytes: int) -> None:
+    def write(self, line: bytes, n_bytes: int) -> None:
+        """Append one encoded JSON line (``n_bytes`` of text, for the shard size limit)."""
         if self._gz is not None and (self.docs >= self.max_docs or self.bytes >= self.max_bytes):
             self.close()
             self.index += 1
         if self._gz is None:
             self._open()
             self.docs = self.bytes = 0
-        self._gz.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._gz.write(line)
         self.docs += 1
         self.bytes += n_bytes
 
@@ -290,19 +296,22 @@ def run_clean(
             results = _bounded_imap(pool, batches, 2 * workers)
         for batch_out, batch_repaired in results:
             repaired.update(batch_repaired)
-            for rid, text, src, reason, key, bands, sig in batch_out:
+            for reason, key, bands, sig, line, n in batch_out:
                 if reason is None and dedup is not None:
                     reason = dedup.check(key, bands, np.frombuffer(sig, dtype=np.uint32))
+                    if reason is not None:  # rejected here: add the reason to the worker's line
+                        rec = json.loads(line)
+                        rec["reason"] = reason
+                        line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
                 if reason is None:
-                    n = len(text.encode("utf-8"))
-                    clean.write({"id": rid, "text": text, "source": src}, n)
+                    clean.write(line, n)
                     counts["docs_out"] += 1
                     counts["bytes_out"] += n
                 else:
                     removed[reason.split(":", 1)[0]] += 1
                     reasons[reason] += 1
                     if rejected is not None:
-                        rejected.write({"id": rid, "text": text, "source": src, "reason": reason}, len(text))
+                        rejected.write(line, n)
             display.update(counts["docs_in"], counts["bytes_in"])
         if pool is not None:
             pool.close()
