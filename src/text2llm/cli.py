@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--out", required=True, metavar="DIR")
     cd.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on cross-entropy)")
     cd.add_argument("--temperature", type=float, default=2.0, help="softening temperature")
+    cd.add_argument("--init", choices=["teacher", "random"], default="teacher",
+                    help="start the student from the teacher's embeddings and every k-th block (same width), or random")
     cd.add_argument("--overwrite", action="store_true")
 
     s = verb("serve", "OpenAI-compatible HTTP server (/v1/completions, /health)", cmd_serve)
@@ -320,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides given after the flags (argparse stops positionals at the first flag)
+        target = "overrides" if hasattr(args, "overrides") else "inputs" if hasattr(args, "inputs") else None
+        if target is None or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, target, list(getattr(args, target) or []) + extra)
     if getattr(args, "func", None) is None:
         # `text2llm`, `text2llm tokenizer`, ... without a sub-command: show the relevant help
         parser.parse_args((argv or sys.argv[1:]) + ["--help"])
