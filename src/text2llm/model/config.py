@@ -52,7 +52,7 @@ class ModelConfig(BaseModel):
 
     preset: str | None = Field(None, description=f"start from a named shape ({', '.join(PRESETS)}); explicit keys override it")
     vocab_size: int = Field(0, ge=0, description="vocabulary size; 0 = take it from the tokenizer / token shards")
-    d_model: int = Field(256, ge=8, description="width of the residual stream")
+    d_model: int = Field(192, ge=8, description="width of the residual stream")
     n_layer: int = Field(4, ge=1, description="number of Transformer blocks")
     n_head: int = Field(4, ge=1, description="attention (query) heads")
     n_kv_head: int = Field(0, ge=0, description="key/value heads for GQA/MQA; 0 = n_head (plain multi-head)")

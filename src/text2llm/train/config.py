@@ -23,7 +23,7 @@ class TrainConfig(BaseModel):
 
     # ---- what and how long -----------------------------------------------------------------
     seed: int = Field(1337, description="seed for init, data order and dropout")
-    max_steps: int = Field(1800, ge=1, description="optimizer steps to train")
+    max_steps: int = Field(1500, ge=1, description="optimizer steps to train")
     init_from: str = Field("", description="start from this checkpoint's weights (fresh optimizer, step 0); '' = random init")
     # ---- batch geometry ----------------------------------------------------------------------
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch (per process)")
@@ -35,7 +35,7 @@ class TrainConfig(BaseModel):
     # ---- optimizer and schedule ---------------------------------------------------------------
     lr: float = Field(3e-3, gt=0, le=10, description="peak learning rate")
     min_lr: float = Field(3e-4, ge=0, description="learning rate at the end of the cosine / wsd decay")
-    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up steps")
     schedule: Literal["cosine", "constant", "wsd"] = Field("cosine", description="LR schedule after warm-up: "
                                                           "cosine to min_lr, constant, or warmup-stable-decay")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent in the final linear decay")
@@ -46,10 +46,16 @@ class TrainConfig(BaseModel):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="clip the global grad norm to this (0 = off; the norm is logged either way)")
+    time_budget_s: float = Field(
+        330.0, ge=0,
+        description="if > 0: after the first budget_probe_steps steps, measure the step time and lower max_steps so that "
+                    "training (evals included) fits in this many seconds; the chosen max_steps is written to config.toml "
+                    "(then 0 here), so checkpoints and --resume stay exact. 0 = train exactly max_steps")
+    budget_probe_steps: int = Field(20, ge=2, description="steps timed before time_budget_s fixes max_steps")
     max_bad_steps: int = Field(5, ge=1, description="stop after this many steps with a non-finite loss or gradient (each is skipped)")
     # ---- evaluation, logging, samples ---------------------------------------------------------
-    eval_every: int = Field(200, ge=0, description="evaluate on the val shards every N steps (0 = only at the end)")
-    eval_batches: int = Field(20, ge=1, description="batches per evaluation")
+    eval_every: int = Field(100, ge=0, description="evaluate on the val shards every N steps (0 = only at the end)")
+    eval_batches: int = Field(10, ge=1, description="batches per evaluation")
     log_every: int = Field(10, ge=1, description="append to metrics.jsonl (and TensorBoard) every N steps")
     samples: int = Field(1, ge=0, description="generated samples appended to samples.txt at each evaluation (0 = none)")
     sample_tokens: int = Field(64, ge=1, description="new tokens per generated sample")

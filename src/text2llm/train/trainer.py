@@ -197,6 +197,17 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, env: D.DistEn
     return start_ckpt
 
 
+def _steps_within_budget(tc, step: int, elapsed_s: float, sec_per_step: float) -> int:
+    """max_steps such that the remaining steps, evals included, end within ``tc.time_budget_s``.
+
+    An eval batch costs about a third of a training micro-batch (forward only); 5% is kept in reserve.
+    """
+    eval_cost = tc.eval_batches * sec_per_step / (3 * tc.grad_accum) if tc.eval_every else 0.0
+    per_step = sec_per_step + (eval_cost / tc.eval_every if tc.eval_every else 0.0)
+    remaining = 0.95 * tc.time_budget_s - elapsed_s - eval_cost  # the final eval
+    return int(min(tc.max_steps, max(step, step + remaining // per_step)))
+
+
 def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, loss_fn: Callable | None = None,
           init_from: str | Path | None = None) -> TrainResult:
@@ -475,6 +486,16 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
             if stop_any:
                 say(f"step {step}: {stopper.signal or 'a signal on another rank'} received, saving a checkpoint")
                 break
+            if tc.time_budget_s and step == start_step + tc.budget_probe_steps:
+                new_max = D.broadcast_object(_steps_within_budget(tc, step, time.perf_counter() - t_start,
+                                                                  train_seconds / (step - start_step)), env)
+                say(f"step {step}: train.time_budget_s={tc.time_budget_s:g} -> train.max_steps={new_max} "
+                    f"(was {tc.max_steps})")
+                tc.max_steps, tc.time_budget_s = new_max, 0.0  # decided once: the rest of the run is step-based
+                config_toml = cfg.to_toml()
+                if env.is_main:
+                    (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
+                bar.total = tc.max_steps
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                 last_eval = run_eval()
                 if last_eval:
