@@ -26,7 +26,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -86,18 +85,8 @@ def peak_rss(label: str, inputs: list[Path], tmp: Path, workers: int) -> dict:
     return rec
 
 
-def _f1(pred: str, gold: str, zh: bool) -> float:
-    tok = (lambda t: [c for c in t if not c.isspace()]) if zh else (lambda t: re.findall(r"\w+", t.lower()))
-    p, g = Counter(tok(pred)), Counter(tok(gold))
-    overlap = sum((p & g).values())
-    if not overlap:
-        return 0.0
-    prec, rec = overlap / sum(p.values()), overlap / sum(g.values())
-    return 2 * prec * rec / (prec + rec)
-
-
-def extraction_f1() -> None:
-    from text2llm.data.extract import html_to_text
+def extraction_f1_case() -> None:
+    from text2llm.data.extract import extraction_f1, html_to_text
 
     scores: dict[str, list[float]] = {"en": [], "zh": []}
     t0 = time.perf_counter()
@@ -106,7 +95,7 @@ def extraction_f1() -> None:
     for g in gold:
         data = gzip.decompress((DATA / "html" / g["file"]).read_bytes())
         zh = g["lang"].startswith("zh")
-        scores["zh" if zh else "en"].append(_f1(html_to_text(data, None, Counter()), g["text"], zh))
+        scores["zh" if zh else "en"].append(extraction_f1(html_to_text(data, None, Counter()), g["text"], zh))
     for lang, v in scores.items():
         emit(case="extraction_f1", lang=lang, pages=len(v), mean_f1=round(sum(v) / len(v), 4),
              min_f1=round(min(v), 4), metric="word F1" if lang == "en" else "character F1")
@@ -138,7 +127,7 @@ def main() -> None:
                 b = peak_rss("4x", [*sorted((DATA / "zh").glob("novels-*.jsonl.gz")), *ts, *c4], tmp, w)
                 emit(case="rss_growth", workers=w, input_ratio=round(b["mb"] / a["mb"], 2),
                      rss_ratio=round(b["peak_rss_mb"] / a["peak_rss_mb"], 3))
-    extraction_f1()
+    extraction_f1_case()
 
 
 if __name__ == "__main__":

@@ -192,36 +192,26 @@ def test_presets_keep_real_text():
 # HTML and WARC
 
 
-def _f1(pred: str, gold: str, zh: bool) -> float:
-    tok = (lambda t: [c for c in t if not c.isspace()]) if zh else (lambda t: re.findall(r"\w+", t.lower()))
-    p, g = Counter(tok(pred)), Counter(tok(gold))
-    overlap = sum((p & g).values())
-    if not overlap:
-        return 0.0
-    prec, rec = overlap / sum(p.values()), overlap / sum(g.values())
-    return 2 * prec * rec / (prec + rec)
-
-
-def _extraction_f1(html_dir: Path) -> dict[str, list[float]]:
-    from text2llm.data.extract import html_to_text
+def _extraction_f1_scores(html_dir: Path) -> dict[str, list[float]]:
+    from text2llm.data.extract import extraction_f1, html_to_text
 
     scores: dict[str, list[float]] = {"en": [], "zh": []}
     for rec in read_jsonl(html_dir / "ground-truth.jsonl.gz"):
         data = gzip.decompress((html_dir / rec["file"]).read_bytes())
         zh = rec["lang"].startswith("zh")
-        scores["zh" if zh else "en"].append(_f1(html_to_text(data, None, Counter()), rec["text"], zh))
+        scores["zh" if zh else "en"].append(extraction_f1(html_to_text(data, None, Counter()), rec["text"], zh))
     return scores
 
 
 def test_html_extraction_f1_fixtures():
-    scores = _extraction_f1(FIX / "html")
+    scores = _extraction_f1_scores(FIX / "html")
     assert min(scores["en"]) >= 0.85, scores
     assert sum(scores["zh"]) / 3 >= 0.8, scores  # two of the three are GB2312 pages
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
 def test_html_extraction_f1_shared_pages():
-    scores = _extraction_f1(SHARED / "html")  # gold "file" is relative to html/
+    scores = _extraction_f1_scores(SHARED / "html")  # gold "file" is relative to html/
     en, zh = (sum(v) / len(v) for v in (scores["en"], scores["zh"]))
     assert en >= 0.85 and zh >= 0.80, (en, zh)
 

@@ -73,3 +73,14 @@ def _fallback(html: str) -> str:
             node.decompose()
     body = tree.body or tree.root
     return body.text(separator="\n", strip=True) if body is not None else ""
+
+
+def extraction_f1(pred: str, gold: str, zh: bool) -> float:
+    """Bag-of-words F1 of extracted text against gold text: words for English, characters for Chinese."""
+    tok = (lambda t: [c for c in t if not c.isspace()]) if zh else (lambda t: re.findall(r"\w+", t.lower()))
+    p, g = Counter(tok(pred)), Counter(tok(gold))
+    overlap = sum((p & g).values())
+    if not overlap:
+        return 0.0
+    prec, rec = overlap / sum(p.values()), overlap / sum(g.values())
+    return 2 * prec * rec / (prec + rec)

@@ -136,7 +136,7 @@ class Filter:
         reason = self.check(doc, stats_of(doc))
         return f"{self.name}:{reason}" if reason else None
 
-    def check(self, doc: Document, st: TextStats) -> str | None:  # pragma: no cover - abstract
+    def check(self, doc: Document, st) -> str | None:  # pragma: no cover - abstract; st: the doc's word statistics
         raise NotImplementedError
 
 

@@ -70,12 +70,7 @@ class OnnxStep(nn.Module):
         T = input_ids.shape[1]
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         start = past[0][0].shape[2]  # P: tokens already cached
-        x = m.embed(input_ids)  # B T D
-        rope = None
-        if m.cfg.positions == "rope":
-            rope = (m.rope_cos[start : start + T], m.rope_sin[start : start + T])
-        else:
-            x = x + m.pos_embed(torch.arange(start, start + T, device=input_ids.device))
+        x, rope = m.embed_positions(input_ids, start)  # B T D
         # (B, 1, T, P+T): causal, padding hidden, every query sees itself (same rule as the PyTorch engine)
         q_pos = torch.arange(start, start + T, device=input_ids.device)[:, None]
         k_pos = torch.arange(start + T, device=input_ids.device)[None, :]

@@ -269,6 +269,15 @@ class Transformer(nn.Module):
             elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, std)
 
+    def embed_positions(self, input_ids: torch.Tensor, start: int):
+        """Token embeddings of ``input_ids`` (B, T) sitting at positions start..start+T-1, and the
+        RoPE (cos, sin) rows for those positions (None with learned positions, which are added here)."""
+        T = input_ids.shape[1]
+        x = self.embed(input_ids)  # B T D
+        if self.cfg.positions == "rope":
+            return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        return x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device)), None
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> ModelOutput:
         """Logits for every position of ``input_ids`` (B, T).
@@ -283,12 +292,7 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len {self.cfg.max_seq_len}")
-        x = self.embed(input_ids)  # B T D
-        rope = None
-        if self.cfg.positions == "rope":
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
-        else:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device))
+        x, rope = self.embed_positions(input_ids, start)
         x = self.drop(x)
         if cache is not None and start > 0 and T > 1 and attn_mask is None:
             attn_mask = causal_mask(T, start, device=input_ids.device)  # a chunk after a cached prefix
