@@ -82,7 +82,8 @@ def train_model(work: Path, name: str, overrides: list[str], data: Path) -> Path
     if list_checkpoints(run):
         return list_checkpoints(run)[-1]
     t0 = time.perf_counter()
-    res = train(load_config(None, overrides), data, run, overwrite=True, progress=False)
+    # a fixed number of steps (no time budget), so the stand-in models are the same on any machine
+    res = train(load_config(None, ["train.time_budget_s=0", *overrides]), data, run, overwrite=True, progress=False)
     log(f"trained {name}: {res.step} steps in {time.perf_counter() - t0:.0f}s, val bpb {res.val_bits_per_byte}")
     return res.last_checkpoint
 

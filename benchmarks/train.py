@@ -73,7 +73,7 @@ def run_case(name: str, args, peak: float, peak_src: str) -> dict:
              "train.eval_every=0", "train.eval_batches=1", "train.log_every=5", "train.samples=0",
              "train.tensorboard=false", "train.plot=false", f"train.peak_flops={peak}",
              f"train.device={args.device}", f"train.precision={args.precision}",
-             f"train.compile={'true' if args.compile else 'false'}"]
+             f"train.compile={'true' if args.compile else 'false'}", "train.time_budget_s=0"]
     cfg = load_config(None, over)
     with tempfile.TemporaryDirectory() as tmp:
         tokens = make_random_tokens(Path(tmp) / "tokens", vocab, batch * (seq + 1) * 64, (seq + 1) * 4)
