@@ -37,7 +37,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from text2llm.errors import UserError
+from text2llm.errors import UserError, read_json_file
 
 META = "meta.json"
 CHUNK_DOCS, CHUNK_BYTES = 512, 1 << 20  # a work unit: this many documents or bytes, whichever comes first
@@ -270,10 +270,5 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
 
 
 def read_meta(tokens_dir: str | Path) -> dict:
-    path = Path(tokens_dir) / META
-    if not path.is_file():
-        raise UserError(f"{tokens_dir}: not a token dir (no {META}); make one with `text2llm pack`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return read_json_file(Path(tokens_dir) / META,
+                          f"{tokens_dir}: not a token dir (no {META}); make one with `text2llm pack`")

@@ -45,7 +45,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from text2llm.errors import UserError
+from text2llm.errors import UserError, read_json_file
 
 META_FILE = "text2llm-tokenizer.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -84,12 +84,7 @@ class Tokenizer:
     def load(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         meta_path = path / META_FILE
-        if not meta_path.is_file():
-            raise UserError(f"{path}: not a tokenizer dir (no {META_FILE}); train one with `text2llm tokenizer train`")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = read_json_file(meta_path, f"{path}: not a tokenizer dir (no {META_FILE}); train one with `text2llm tokenizer train`")
         if "backend" not in meta:
             raise UserError(f"{meta_path}: missing key 'backend'")
         return cls(meta["backend"], path, meta)

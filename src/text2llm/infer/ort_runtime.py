@@ -14,26 +14,19 @@ runs it with torch made unimportable.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from text2llm.errors import UserError
+from text2llm.errors import UserError, read_json_file
 
 META_FILE = "text2llm-onnx.json"
 
 
 def read_meta(export_dir: str | Path) -> dict:
-    d = Path(export_dir)
-    f = d / META_FILE
-    if not f.is_file():
-        raise UserError(f"{d}: not an ONNX export dir (no {META_FILE}); make one with `text2llm export onnx CKPT --out DIR`")
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{f}: not valid JSON ({e})") from None
+    return read_json_file(Path(export_dir) / META_FILE, f"{export_dir}: not an ONNX export dir (no {META_FILE}); "
+                          "make one with `text2llm export onnx CKPT --out DIR`")
 
 
 def is_export_dir(path: str | Path) -> bool:
