@@ -425,3 +425,68 @@ def test_dolma_dedup_fixture(tmp_path):
     assert s["removed_reasons"] == {"dedup:exact": 9, "dedup:near": 1}
     rejected = {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "o" / "rejected-00000.jsonl.gz")}
     assert rejected["dolma-dedupe-07"] == "dedup:near"
+
+
+def _ref_words(text: str) -> list[str]:
+    """Words by the definition in textstats: alnum runs of the lower-cased text, CJK characters alone."""
+    cjk = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fffd]")
+    words, cur = [], ""
+    for ch in text.lower():
+        if (ch.isalnum() or "\U00020000" <= ch <= "\U0002fffd") and not cjk.match(ch):
+            cur += ch
+            continue
+        if cur:
+            words.append(cur)
+            cur = ""
+        if cjk.match(ch) and (ch.isalnum() or ch >= "\U00020000"):
+            words.append(ch)
+    return words + ([cur] if cur else [])
+
+
+def _ref_hash(word: str) -> int:
+    m, h, k = (1 << 64) - 1, 0, 0x9E3779B97F4A7C15
+    for j, ch in enumerate(word):
+        h = (h + (ord(ch) + 1) * pow(k, min(j, (1 << 16) - 1) + 1, 1 << 64)) & m
+    h = (h + len(word)) & m  # splitmix64 finaliser
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & m
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & m
+    return h ^ (h >> 31)
+
+
+def _ref_dup_frac(words: list[str], n: int) -> float:
+    seen, covered = set(), [False] * len(words)
+    for i in range(len(words) - n + 1):
+        g = tuple(words[i : i + n])
+        if g in seen:
+            covered[i : i + n] = [True] * n
+        seen.add(g)
+    return sum(len(w) for w, c in zip(words, covered) if c) / max(1, sum(map(len, words)))
+
+
+def test_batch_stats_match_per_word_reference():
+    """The vectorised word statistics equal a per-word Python reference (words, hashes, counts, n-grams)."""
+    import random
+
+    import numpy as np
+
+    from text2llm.data.textstats import BatchStats
+
+    rng = random.Random(0)
+    alphabet = "ab cd Éé ß 汉字中文 かな 한글 12 \n\n\t.,!?-… \u3000\u00a0𠀀"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200))) for _ in range(60)]
+    texts += [EN_GOOD, ZH_GOOD, "", "the cat sat on the mat and the cat sat on the mat again " * 3, "y" * 66_000 + " z"]
+    b = BatchStats(texts)
+    for d, text in enumerate(texts):
+        words = _ref_words(text)
+        lo, hi = b.bounds[d], b.bounds[d + 1]
+        assert b.wlen[lo:hi].tolist() == [len(w) for w in words]
+        assert b.whash[lo:hi].tolist() == [_ref_hash(w) for w in words]
+        assert b.n_words[d] == len(words) and b.word_chars[d] == sum(map(len, words))
+        tokens = text.lower().split()
+        assert b.n_tokens[d] == len(tokens)
+        assert b.alpha_tokens[d] == sum(any(c.isalpha() for c in t) for t in tokens)
+        for n in (5, 6, 7):
+            frac = b.cached(("dup", n), b.dup_ngram_frac, n)[d]  # in order: 6 and 7 reuse the 5-gram result
+            assert np.isclose(frac, _ref_dup_frac(words, n)), (d, n)

@@ -38,11 +38,14 @@ _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _CJK_CHAR_RE = re.compile(f"[{_CJK}]")
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "…", "」", "』", "；", ";", ":", "：", ")", "）")
-_SENTENCE_END_RE = re.compile(r"[.!?。！？…]+[\"'”’」』)）]*(?:\s|$)|[。！？]")
+# a sentence end: end punctuation, closing quotes/brackets, then a space or the end; or a full-width
+# stop alone. Written to begin with a character class so that ``re`` scans for it in C; it matches
+# exactly what ``[.!?。！？…]+[\"'”’」』)）]*(?:\s|$)|[。！？]`` matches.
+_SENTENCE_END_RE = re.compile("[.!?。！？…](?:[.!?。！？…]*[\"'”’」』)）]*(?:\\s|$)|(?<=[。！？]))")
 _BULLETS = ("•", "-", "*", "‣", "◦", "⁃", "·", "●", "▪", "►", "–", "—")
 _ELLIPSIS = ("...", "…", ". . .")
-_BULLET_LINE_RE = re.compile("^[" + re.escape("".join(_BULLETS)) + "]", re.M)
-_ELLIPSIS_LINE_RE = re.compile(r"(?:\.\.\.|…|\. \. \.)[ \t]*$", re.M)
+_BULLET_SET = frozenset(_BULLETS)
+_BLANKS_RE = re.compile(r"\n{3,}")
 _EN_STOP = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 # frequent function characters of modern and classical Chinese
 _ZH_STOP = frozenset("的了是在和不有我他这也就人之其而以于与为你她们着个说到")
@@ -56,6 +59,11 @@ class DocStats:
         self.text = text
         self.batch = batch if batch is not None else BatchStats([text])
         self.i = index
+
+    @property
+    def lower(self) -> str:
+        """``text.lower()`` (computed for the whole batch)."""
+        return self.batch.lower[self.i]
 
     @property
     def n_words(self) -> int:
@@ -233,19 +241,25 @@ class GopherQualityFilter(Filter):
                 return "mean_word_len_low"
             if mean > c.max_mean_word_len:
                 return "mean_word_len_high"
-        n_sym = text.count("#") + text.count("...") + text.count("…")
+        n_dots = text.count("...") + text.count("…")
+        n_sym = text.count("#") + n_dots
         if n_sym / n > c.max_symbol_word_ratio:
             return "symbol_word_ratio"
         n_lines = text.count("\n") + 1 - text.count("\n\n")  # normalised text: no other empty lines
-        if len(_BULLET_LINE_RE.findall(text)) / n_lines > c.max_bullet_lines_frac:
+        if sum(ln[0] in _BULLET_SET for ln in st.lines) / n_lines > c.max_bullet_lines_frac:
             return "bullet_lines"
-        if len(_ELLIPSIS_LINE_RE.findall(text)) / n_lines > c.max_ellipsis_lines_frac:
+        if (n_dots or ". . ." in text) and _ellipsis_lines(st.lines) / n_lines > c.max_ellipsis_lines_frac:
             return "ellipsis_lines"
         if st.alpha_token_frac < c.min_alpha_word_frac:
             return "alpha_words_low"
         if c.min_stop_words and st.stop_words() < c.min_stop_words:
             return "too_few_stop_words"
         return None
+
+
+def _ellipsis_lines(lines: list[str]) -> int:
+    """Lines that end in an ellipsis (``...``, ``…`` or ``. . .``, then maybe spaces or tabs)."""
+    return sum(ln.rstrip(" \t").endswith(_ELLIPSIS) for ln in lines)
 
 
 def _dup_frac(items: list[str]) -> tuple[float, float]:
@@ -301,13 +315,16 @@ class C4Filter(Filter):
 
     def check(self, doc, st):
         c = self.cfg
-        low = doc.text.lower()
+        low = st.lower
         if "lorem ipsum" in low:
             return "lorem_ipsum"
         if "{" in doc.text:
             return "curly_bracket"
         kept = []
-        flagged = "javascript" in low or any(p in low for p in _POLICY)  # skip per-line tests when absent
+        # skip the per-line tests when no line can match (every _POLICY phrase holds one of the first four)
+        flagged = ("javascript" in low or "cookie" in low or "privacy policy" in low or "terms of use" in low) and (
+            "javascript" in low or any(p in low for p in _POLICY)
+        )
         cjk = st.batch.cjk_words[st.i] > 0
         for line in doc.text.split("\n"):
             s = line.strip()
@@ -331,7 +348,10 @@ class C4Filter(Filter):
             if words is not None and len(s) > c.c4_max_word_len and max(map(len, words)) > c.c4_max_word_len:
                 return "word_too_long"
             kept.append(s)
-        text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
+        text = "\n".join(kept)
+        if "\n\n\n" in text:
+            text = _BLANKS_RE.sub("\n\n", text)
+        text = text.strip()
         if not text:
             return "no_lines_left"
         if sum(1 for _ in zip(range(c.c4_min_sentences), _SENTENCE_END_RE.finditer(text))) < c.c4_min_sentences:

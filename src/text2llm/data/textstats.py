@@ -22,32 +22,52 @@ import numpy as np
 
 _U = np.uint64
 _P = _U(0x100000001B3)
+_K = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
 _CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0x20000, 0x2FFFD))
 _TABLES: dict[str, np.ndarray] = {}
 _MAXLEN_PPOW = 1 << 16
-
-
+_POW_CACHE_MAX = 1 << 20  # position power tables up to this many characters are kept between batches
 _NCP = 0x30000  # table size: BMP, SMP, and the CJK extension plane; higher code points map to the last entry
+
+# bits of the per-code-point ``flags`` table
+WORD, ALPHA, SPACE, CJK = 1, 2, 4, 8
 
 
 def _tables() -> dict[str, np.ndarray]:
-    """Code point -> bool lookup tables (built once per process, ~0.1 s)."""
+    """Code point -> class lookup tables (built once per process, ~0.1 s).
+
+    ``flags`` (uint8) holds the bits ``WORD`` (``str.isalnum``, and CJK extensions B-F),
+    ``ALPHA``, ``SPACE`` and ``CJK`` (a word character in the Han/kana/hangul ranges).
+    """
     if not _TABLES:
         chars = [chr(i) for i in range(0x20000)]
-        tabs = {}
-        for name, test in (("word", str.isalnum), ("alpha", str.isalpha), ("space", str.isspace)):
-            tab = np.zeros(_NCP, dtype=bool)
-            tab[:0x20000] = np.fromiter(map(test, chars), dtype=bool, count=0x20000)
-            tabs[name] = tab
-        tabs["word"][0x20000:0x2FFFE] = tabs["alpha"][0x20000:0x2FFFE] = True  # CJK extensions B-F
-        cjk = np.zeros(_NCP, dtype=bool)
+        flags = np.zeros(_NCP, dtype=np.uint8)
+        for bit, test in ((WORD, str.isalnum), (ALPHA, str.isalpha), (SPACE, str.isspace)):
+            flags[:0x20000] |= np.fromiter(map(test, chars), dtype=bool, count=0x20000).astype(np.uint8) * np.uint8(bit)
+        flags[0x20000:0x2FFFE] |= WORD | ALPHA  # CJK extensions B-F
         for lo, hi in _CJK_RANGES:
-            cjk[lo : hi + 1] = True
-        tabs["cjk"] = cjk
+            seg = flags[lo : hi + 1]
+            seg |= (seg & WORD) * np.uint8(CJK // WORD)
+        _TABLES["flags"] = flags
         with np.errstate(over="ignore"):
-            tabs["ppow"] = np.cumprod(np.full(_MAXLEN_PPOW, 0x9E3779B97F4A7C15, dtype=np.uint64))
-        _TABLES.update(tabs)
+            _TABLES["ppow"] = np.cumprod(np.full(_MAXLEN_PPOW, _K, dtype=np.uint64))
     return _TABLES
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(K^(i+1), K^-i)`` mod 2^64 for ``i < n`` (cached up to ``_POW_CACHE_MAX``)."""
+    have = _TABLES.get("kpow")
+    if have is not None and len(have) >= n:
+        return have, _TABLES["kinv"]
+    size = max(1 << max(n - 1, 1).bit_length(), 1024)
+    with np.errstate(over="ignore"):
+        kpow = np.cumprod(np.full(size, _K, dtype=np.uint64))
+        kinv = np.empty(size, dtype=np.uint64)
+        kinv[0] = 1
+        kinv[1:] = np.cumprod(np.full(size - 1, pow(_K, -1, 1 << 64), dtype=np.uint64))
+    if size <= _POW_CACHE_MAX:
+        _TABLES["kpow"], _TABLES["kinv"] = kpow, kinv
+    return kpow, kinv
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -62,9 +82,18 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 def _shifted(a: np.ndarray, fill=False) -> np.ndarray:
+    """``a`` moved one place right (``out[i] = a[i-1]``), ``fill`` first."""
     out = np.empty_like(a)
     out[0] = fill
     out[1:] = a[:-1]
+    return out
+
+
+def _next(a: np.ndarray, fill=False) -> np.ndarray:
+    """``a`` moved one place left (``out[i] = a[i+1]``), ``fill`` last."""
+    out = np.empty_like(a)
+    out[-1] = fill
+    out[:-1] = a[1:]
     return out
 
 
@@ -73,58 +102,100 @@ def word_hashes(words: list[str]) -> np.ndarray:
     return np.sort(BatchStats([" ".join(words)]).whash)
 
 
+_SLOTS: dict[bytes, tuple] = {}
+
+
+def _slot_table(table: np.ndarray) -> tuple[np.uint64, np.ndarray, np.ndarray]:
+    """A direct-mapped lookup table for the hash list ``table``: ``(mask, keys, ids)``.
+
+    ``keys[h & mask] == h`` exactly when ``h`` is in ``table``, and then ``ids[h & mask]`` is its
+    index: the mask is the smallest one under which the entries' low bits are all different, and
+    an empty slot ``s`` holds ``s ^ 1``, which no hash with low bits ``s`` can equal.
+    """
+    got = _SLOTS.get(table.tobytes())
+    if got is None:
+        table = np.asarray(table, dtype=np.uint64)
+        for bits in range(max(len(table), 1).bit_length(), 64):
+            mask = np.uint64((1 << bits) - 1)
+            slot = (table & mask).astype(np.intp)
+            if len(np.unique(slot)) == len(table):
+                break
+        keys = np.arange(1 << bits, dtype=np.uint64) ^ np.uint64(1)
+        keys[slot] = table
+        ids = np.zeros(1 << bits, dtype=np.intp)
+        ids[slot] = np.arange(len(table))
+        got = _SLOTS[table.tobytes()] = (mask, keys, ids)
+    return got
+
+
 class BatchStats:
     """Words, word hashes and per-document word ranges for ``texts``.
 
     Arrays over all words of the batch: ``whash`` (uint64), ``wlen`` (int64 characters),
     ``wdoc`` (document index). ``bounds[d]:bounds[d+1]`` is document ``d``'s word range.
-    Per document: ``n_words``, ``word_chars``, ``cjk_words``, ``n_tokens``, ``alpha_tokens``.
+    Per document: ``n_words``, ``word_chars``, ``cjk_words``, ``n_tokens``, ``alpha_tokens``;
+    ``lower[d]`` is the lower-cased text.
+
+    A word's hash is ``mix(sum_j (c_j + 1) * K^(j+1) + len)`` over its code points ``c_j``. It is
+    computed from one prefix sum over the batch: with ``W_i = (c_i + 1) * K^(i+1)`` at batch
+    position ``i``, the word starting at ``s`` has ``K^-s * (W_s + ... + W_e)`` (``K`` is odd,
+    hence invertible mod 2^64).
     """
 
     def __init__(self, texts: list[str]):
         t = _tables()
         self.n_docs = len(texts)
-        lows = [s.lower() for s in texts]
-        lens = np.fromiter((len(s) + 1 for s in lows), dtype=np.int64, count=len(lows))
-        doc_start = np.concatenate([[0], np.cumsum(lens)])  # char offset of each doc (+ "\n" separator)
+        self.lower = lows = [s.lower() for s in texts]
+        lens = np.fromiter(map(len, lows), dtype=np.int64, count=len(lows)) + 1
+        doc_start = np.zeros(self.n_docs + 1, dtype=np.int64)
+        np.cumsum(lens, out=doc_start[1:])  # char offset of each doc (+ "\n" separator)
         cp = np.frombuffer(("\n".join(lows) + "\n").encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         if len(cp) and cp.max() >= _NCP:
             cp = np.minimum(cp, _NCP - 1)
-        self.cp = cp
-        isw = t["word"][cp]
-        cjk = t["cjk"][cp] & isw
-        start = isw & (~_shifted(isw) | cjk | _shifted(cjk))
-        starts = np.flatnonzero(start)
+        flags = t["flags"].take(cp)
+        isw = (flags & WORD).view(bool)
+        cjk = (flags & CJK).astype(bool)
+        brk = ~isw | cjk  # a word cannot continue across this character
+        starts = np.flatnonzero(isw & (_shifted(brk, True) | cjk))
+        ends = np.flatnonzero(isw & (_next(brk, True) | cjk))
         nw = len(starts)
-        word_chars = np.flatnonzero(isw)
-        wid = np.cumsum(start)[word_chars] - 1
-        self.wlen = np.bincount(wid, minlength=nw).astype(np.int64)
-        offs = np.concatenate([[0], np.cumsum(self.wlen)[:-1]]) if nw else np.zeros(0, dtype=np.int64)
-        pos = np.minimum(word_chars - starts[wid], _MAXLEN_PPOW - 1)
+        self.wlen = ends - starts + 1
+        kpow, kinv = _powers(len(cp))
         with np.errstate(over="ignore"):
-            contrib = (cp[word_chars].astype(np.uint64) + _U(1)) * t["ppow"][pos]
-            h = np.add.reduceat(contrib, offs) if nw else np.zeros(0, dtype=np.uint64)
-        self.whash = _mix(h.astype(np.uint64) + self.wlen.astype(np.uint64))
-        self.wdoc = np.searchsorted(doc_start, starts, side="right") - 1
-        self.bounds = np.searchsorted(self.wdoc, np.arange(self.n_docs + 1))
+            w = (cp + np.uint32(1)).astype(np.uint64)
+            w *= kpow[: len(cp)]
+            w *= isw
+            csum = np.cumsum(w)
+            h = csum[ends] - csum[starts] + w[starts]
+            h *= kinv[starts]
+            long = np.flatnonzero(self.wlen > _MAXLEN_PPOW)
+            for k in long:  # positions past 2^16 in a word reuse the last power (rare; kept for stable hashes)
+                pos = np.minimum(np.arange(self.wlen[k]), _MAXLEN_PPOW - 1)
+                h[k] = ((cp[starts[k] : ends[k] + 1].astype(np.uint64) + _U(1)) * t["ppow"][pos]).sum(dtype=np.uint64)
+            self.whash = _mix(h + self.wlen.astype(np.uint64))
+        self.bounds = np.searchsorted(starts, doc_start)
         self.n_words = np.diff(self.bounds)
-        self.word_chars = np.bincount(self.wdoc, weights=self.wlen, minlength=self.n_docs)
-        self.cjk_words = np.bincount(self.wdoc, weights=cjk[starts], minlength=self.n_docs).astype(np.int64)
-        self._cp, self._doc_start = cp, doc_start
+        self.wdoc = np.repeat(np.arange(self.n_docs), self.n_words)
+        self.wlen_cumsum = np.zeros(nw + 1, dtype=np.int64)
+        np.cumsum(self.wlen, out=self.wlen_cumsum[1:])
+        self.word_chars = np.diff(self.wlen_cumsum[self.bounds]).astype(np.float64)
+        cjk_cum = np.concatenate([[0], np.cumsum(cjk[starts])])
+        self.cjk_words = np.diff(cjk_cum[self.bounds])
+        self._flags, self._doc_start = flags, doc_start
         self._cache: dict = {}
 
     def _tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """Per doc: whitespace tokens (Gopher's words) and how many of them hold a letter."""
-        t, cp = _tables(), self._cp
-        nsp = ~t["space"][cp]
-        first = nsp & ~_shifted(nsp)
-        tstart = np.flatnonzero(first)
+        flags = self._flags
+        nsp = (flags & SPACE) == 0
+        tstart = np.flatnonzero(nsp & ~_shifted(nsp, False))
         if not len(tstart):
             return np.zeros(self.n_docs), np.zeros(self.n_docs)
-        tdoc = np.searchsorted(self._doc_start, tstart, side="right") - 1
-        tid = np.cumsum(first)[np.flatnonzero(nsp)] - 1
-        has_alpha = np.bincount(tid, weights=t["alpha"][cp[nsp]], minlength=len(tstart)) > 0
-        return np.bincount(tdoc, minlength=self.n_docs), np.bincount(tdoc, weights=has_alpha, minlength=self.n_docs)
+        # a token's segment runs to the next token's start; the characters in between are spaces
+        has_alpha = np.logical_or.reduceat((flags & ALPHA).view(bool), tstart)
+        tb = np.searchsorted(tstart, self._doc_start)
+        alpha_cum = np.concatenate([[0], np.cumsum(has_alpha)])
+        return np.diff(tb), np.diff(alpha_cum[tb]).astype(np.float64)
 
     @property
     def n_tokens(self) -> np.ndarray:
@@ -136,13 +207,15 @@ class BatchStats:
 
     def _members(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per doc: (words found in the sorted hash ``table``, distinct such words)."""
-        if not len(self.whash):
+        if not len(self.whash) or not len(table):
             return np.zeros(self.n_docs, dtype=np.int64), np.zeros(self.n_docs, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(table, self.whash), len(table) - 1)
-        hit = table[pos] == self.whash
-        count = np.bincount(self.wdoc[hit], minlength=self.n_docs)
-        distinct = np.unique(self.wdoc[hit] * len(table) + pos[hit]) // len(table)
-        return count, np.bincount(distinct, minlength=self.n_docs)
+        mask, keys, ids = _slot_table(table)
+        slot = (self.whash & mask).astype(np.intp)
+        hit = keys.take(slot) == self.whash
+        count = np.diff(np.concatenate([[0], np.cumsum(hit)])[self.bounds])
+        seen = np.zeros((self.n_docs, len(table)), dtype=bool)
+        seen[self.wdoc[hit], ids.take(slot[hit])] = True
+        return count, seen.sum(axis=1)
 
     def members(self, name: str, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cached :meth:`_members` for a named word list (``table`` sorted uint64 hashes)."""
@@ -156,20 +229,31 @@ class BatchStats:
 
     # ---- n-grams ------------------------------------------------------------------------
 
+    def _ngram_starts(self, n: int, docs: np.ndarray | None = None) -> np.ndarray:
+        """First word index of every n-gram inside one document (of the ``docs`` mask, if given)."""
+        nw = len(self.whash)
+        if nw < n:
+            return np.zeros(0, dtype=np.int64)
+        head = self.wdoc[: nw - n + 1]
+        ok = head == self.wdoc[n - 1 :]
+        if docs is not None:
+            ok &= docs[head]
+        return np.flatnonzero(ok)
+
+    def _ngram_hashes(self, idx: np.ndarray, n: int) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            g = self.whash[idx]
+            for k in range(1, n):
+                g *= _P
+                g += self.whash[idx + k]
+        return _mix(g)
+
     def ngrams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(hashes, first_word_index)`` of every n-gram that lies inside one document."""
         key = ("ng", n)
         if key not in self._cache:
-            nw = len(self.whash)
-            if nw < n:
-                self._cache[key] = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64))
-            else:
-                idx = np.flatnonzero(self.wdoc[: nw - n + 1] == self.wdoc[n - 1 :])
-                with np.errstate(over="ignore"):
-                    g = self.whash[idx].copy()
-                    for k in range(1, n):
-                        g = g * _P + self.whash[idx + k]
-                self._cache[key] = (_mix(g), idx)
+            idx = self._ngram_starts(n)
+            self._cache[key] = (self._ngram_hashes(idx, n), idx)
         return self._cache[key]
 
     def top_ngram_frac(self, n: int) -> np.ndarray:
@@ -177,7 +261,7 @@ class BatchStats:
         g, idx = self.ngrams(n)
         top = np.zeros(self.n_docs)
         if len(g):
-            cs = np.concatenate([[0], np.cumsum(self.wlen)])
+            cs = self.wlen_cumsum
             glen = np.minimum(cs[idx + n] - cs[idx], 255).astype(np.uint64)
             doc = self.wdoc[idx].astype(np.uint64)
             key = np.sort((doc << _U(44)) | ((g >> _U(28)) << _U(8)) | glen)
@@ -190,18 +274,37 @@ class BatchStats:
         return top / np.maximum(self.word_chars, 1)
 
     def dup_ngram_frac(self, n: int) -> np.ndarray:
-        """Per doc: characters of words inside an n-gram seen earlier in the doc / word characters."""
-        g, idx = self.ngrams(n)
+        """Per doc: characters of words inside an n-gram seen earlier in the doc / word characters.
+
+        Coverage only shrinks as ``n`` grows (a repeated (n+1)-gram starts with a repeated
+        n-gram, and the n-gram after it repeats too), so once ``dup_ngram_frac(n - 1)`` is known,
+        only the documents where it is > 0 are looked at.
+        """
         nw = len(self.whash)
+        prev = self._cache.get(("dup", n - 1))
+        if prev is None:
+            g, idx = self.ngrams(n)
+        else:
+            idx = self._ngram_starts(n, prev > 0)
+            g = self._ngram_hashes(idx, n)
         if not len(g):
             return np.zeros(self.n_docs)
-        key = (self.wdoc[idx].astype(np.uint64) << _U(44)) | (g >> _U(20))
-        order = np.argsort(key, kind="stable")
+        doc = self.wdoc[idx]
+        key = (doc.astype(np.uint64) << _U(44)) | (g >> _U(20))
+        order = np.argsort(key)
         ks = key[order]
-        starts = idx[order[1:][ks[1:] == ks[:-1]]]
+        same = ks[1:] == ks[:-1]
+        # n-grams seen earlier: every member of a group of equal keys but the first by position
+        rep = np.zeros(len(ks), dtype=bool)
+        rep[1:] = same
+        rep[:-1] |= same
+        sub_k, sub_o = ks[rep], order[rep]
+        o2 = np.lexsort((sub_o, sub_k))
+        sub_k, sub_o = sub_k[o2], sub_o[o2]
+        starts = idx[sub_o[1:][sub_k[1:] == sub_k[:-1]]]
         diff = np.bincount(starts, minlength=nw + n + 1) - np.bincount(starts + n, minlength=nw + n + 1)
         covered = np.cumsum(diff)[:nw] > 0
-        dup = np.bincount(self.wdoc, weights=self.wlen * covered, minlength=self.n_docs)
+        dup = np.diff(np.concatenate([[0], np.cumsum(self.wlen * covered)])[self.bounds])
         return dup / np.maximum(self.word_chars, 1)
 
     def shingles(self, d: int, n: int) -> np.ndarray:
