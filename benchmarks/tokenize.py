@@ -10,11 +10,16 @@ Cases:
 * ``bytes_per_token``: UTF-8 bytes per token of each trained tokenizer on its own corpus.
 * ``encode``: MB/s of the raw backend's own batch encode on one thread (and, for SentencePiece,
   on 2 threads), and of ``pack`` with 1 and 2 workers on the same documents (an in-memory list,
-  so file reading is not counted). ``mb_per_cpu_s`` divides by the CPU seconds of this process
-  and its workers, which is robust to other load on a shared machine.
+  so file reading is not counted). ``threads`` is the backend threads per process: the raw
+  one-thread call (SentencePiece ``num_threads=1``; ``tokenizers`` with
+  ``TOKENIZERS_PARALLELISM=false``, set below for the whole run) and every pack worker use one.
+  The cases run interleaved (raw, pack 1, pack 2, raw, ...) and each reports its best of the
+  repeats, so a change in the machine's load hits all of them alike. ``mb_per_cpu_s`` divides by
+  the CPU seconds of this process and its workers (best of the repeats), which is robust to other
+  load on a shared machine.
   Targets: ``pack`` per worker >= 0.8x the raw one-thread encode; 2 workers >= 1.7x one.
   ``encode_scaling`` sums these up; ``pack_per_worker_vs_raw_cpu`` compares MB per CPU-second
-  (the wall-clock ratios need an otherwise idle 2-core machine to mean anything).
+  (the wall-clock ratios need an otherwise idle 2-core machine to mean anything: ``load_avg``).
 """
 
 from __future__ import annotations
@@ -57,15 +62,17 @@ def _cpu() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def _timed(fn, repeats: int):
-    """Best wall time (and the CPU seconds of that run) over ``repeats`` runs."""
-    best = None
+def _timed(fns: dict, repeats: int) -> dict:
+    """Per name, the best wall time and the least CPU seconds over ``repeats`` rounds; each round
+    runs every function once, in order (interleaved, so load that comes and goes is shared)."""
+    best: dict = {}
     for _ in range(repeats):
-        c0, t0 = _cpu(), time.perf_counter()
-        result = fn()
-        wall, cpu = time.perf_counter() - t0, _cpu() - c0
-        if best is None or wall < best[0]:
-            best = (wall, cpu, result)
+        for name, fn in fns.items():
+            c0, t0 = _cpu(), time.perf_counter()
+            fn()
+            wall, cpu = time.perf_counter() - t0, _cpu() - c0
+            w, c = best.get(name, (wall, cpu))
+            best[name] = (min(w, wall), min(c, cpu))
     return best
 
 
@@ -79,6 +86,7 @@ def main() -> int:
     ap.add_argument("--types", default="bpe,bytelevel,unigram", help="backends, comma-separated")
     ap.add_argument("--encode-only", action="store_true",
                     help="only the encode cases (tokenizers trained at vocab 4096 on 2 MB, training not reported)")
+    ap.add_argument("--repeats", type=int, help="rounds per encode case, best taken (default 3; --quick: 1)")
     a = ap.parse_args()
 
     from text2llm.config import PackConfig, TokenizerConfig
@@ -98,8 +106,7 @@ def main() -> int:
     mb = {k: sum(len(d.text.encode("utf-8")) for d in v) / 1e6 for k, v in corpora.items()}
     vocabs = [4096] if a.quick or a.encode_only else [4096, 32000]
     train_bytes = 2_000_000 if a.encode_only else 50_000_000
-    repeats = 1 if a.quick else 3
-    load = os.getloadavg()[0]
+    repeats = a.repeats or (1 if a.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="t2l-bench-tok-"))
     tokenizers: dict[tuple, Path] = {}
 
@@ -141,33 +148,35 @@ def main() -> int:
         tok = Tokenizer.load(path)
         docs = corpora[lang]
         texts = [d.text for d in docs]
-        raw = {}
+        fns = {}
         for threads in ([1, 2] if tok.backend == "sentencepiece" else [1]):
             if tok.backend == "sentencepiece":
-                fn = lambda: tok._sp.encode(texts, num_threads=threads)  # noqa: E731
+                fns[f"raw_{threads}thread"] = lambda n=threads: tok._sp.encode(texts, num_threads=n)
             else:
-                # the fastest batch call the backend has, ids extracted (what any user of it needs)
-                fn = lambda: [e.ids for e in tok._hf.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
-            wall, cpu, _ = _timed(fn, repeats)
-            raw[threads] = mb[lang] / wall
-            raw[f"cpu{threads}"] = mb[lang] / cpu
-            emit(case="encode", what=f"raw_{threads}thread", type=typ, lang=lang, vocab=vocab, mb=round(mb[lang], 2),
-                 mb_per_s=round(mb[lang] / wall, 3), mb_per_cpu_s=round(mb[lang] / cpu, 3))
-        packed = {}
+                # the fastest batch call the backend has, ids extracted (what any user of it needs);
+                # one thread: TOKENIZERS_PARALLELISM=false
+                fns["raw_1thread"] = lambda: [e.ids for e in tok._hf.encode_batch_fast(texts, add_special_tokens=False)]
         for workers in (1, 2):
             cfg = PackConfig(workers=workers, val_fraction=0.01)
-            wall, cpu, _ = _timed(lambda: pack(docs, path, tmp / "tokens", cfg, overwrite=True, progress=False), repeats)
-            packed[workers] = mb[lang] / wall
-            packed[f"cpu{workers}"] = mb[lang] / cpu
-            emit(case="encode", what=f"pack_{workers}worker", type=typ, lang=lang, vocab=vocab, mb=round(mb[lang], 2),
-                 mb_per_s=round(mb[lang] / wall, 3), mb_per_cpu_s=round(mb[lang] / cpu, 3),
-                 per_worker_vs_raw=round(packed[workers] / workers / raw[1], 3),
-                 load_avg=round(os.getloadavg()[0], 2))
-        emit(case="encode_scaling", type=typ, lang=lang, pack_2_vs_1=round(packed[2] / packed[1], 3),
-             pack_1_vs_raw=round(packed[1] / raw[1], 3),
-             pack_per_worker_vs_raw_cpu=round(min(packed["cpu1"], packed["cpu2"]) / raw["cpu1"], 3),
-             target_pack_vs_raw=0.8, target_2_vs_1=1.7,
-             cpus=os.cpu_count(), load_avg_start=round(load, 2))
+            fns[f"pack_{workers}worker"] = lambda c=cfg: pack(docs, path, tmp / "tokens", c, overwrite=True, progress=False)
+        load0 = os.getloadavg()[0]
+        best = _timed(fns, repeats)
+        rate = {k: mb[lang] / w for k, (w, _) in best.items()}
+        cpu_rate = {k: mb[lang] / c for k, (_, c) in best.items()}
+        for what, (wall, cpu) in best.items():
+            rec = dict(case="encode", what=what, type=typ, lang=lang, vocab=vocab, mb=round(mb[lang], 2),
+                       threads=int(what.split("_")[1][0]) if what.startswith("raw") else 1,
+                       mb_per_s=round(rate[what], 3), mb_per_cpu_s=round(cpu_rate[what], 3))
+            if what.startswith("pack"):
+                workers = int(what.split("_")[1][0])
+                rec.update(workers=workers, per_worker_vs_raw=round(rate[what] / workers / rate["raw_1thread"], 3))
+            emit(**rec)
+        p1, p2 = rate["pack_1worker"] / rate["raw_1thread"], rate["pack_2worker"] / rate["pack_1worker"]
+        per_worker_cpu = min(cpu_rate["pack_1worker"], cpu_rate["pack_2worker"]) / cpu_rate["raw_1thread"]
+        emit(case="encode_scaling", type=typ, lang=lang, pack_2_vs_1=round(p2, 3), pack_1_vs_raw=round(p1, 3),
+             pack_per_worker_vs_raw_cpu=round(per_worker_cpu, 3), target_pack_vs_raw=0.8, target_2_vs_1=1.7,
+             met_pack_vs_raw=p1 >= 0.8, met_2_vs_1=p2 >= 1.7, threads_per_process=1, repeats=repeats,
+             cpus=os.cpu_count(), load_avg_start=round(load0, 2), load_avg_end=round(os.getloadavg()[0], 2))
     return 0
 
 

@@ -90,6 +90,29 @@ def test_workers_give_identical_output(tok_dir, tmp_path):
             assert (tmp_path / "w1" / f).read_bytes() == (tmp_path / "w2" / f).read_bytes()
 
 
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_small_units_empty_documents_and_any_input_give_identical_output(tok_dir, tmp_path, monkeypatch, mode):
+    import text2llm.pack as pack_mod
+
+    monkeypatch.setattr(pack_mod, "CHUNK_BYTES", 700)  # many work units, cut inside runs of empty documents
+    docs = _docs(400)
+    for i in range(0, 400, 7):
+        docs[i] = Document(docs[i].id, "", "test")
+    cfg = dict(mode=mode, seq_len=16, val_fraction=0.2, shard_tokens=3000)
+    runs = {"list-1": (docs, 1), "list-2": (docs, 2), "generator-2": ((d for d in docs), 2),
+            "tuple-3": (tuple(docs), 3)}
+    metas = {k: pack(d, tok_dir, tmp_path / k, PackConfig(workers=w, **cfg), progress=False)
+             for k, (d, w) in runs.items()}
+    for k in runs:
+        assert metas[k]["splits"] == metas["list-1"]["splits"]
+        assert metas[k]["skipped_empty"] == 58
+        for split in ("train", "val"):
+            for f in metas[k]["splits"][split]["shards"]:
+                assert (tmp_path / k / f).read_bytes() == (tmp_path / "list-1" / f).read_bytes()
+    assert len(metas["list-1"]["splits"]["train"]["shards"]) > 1
+    assert pack_mod._tok is None and pack_mod._docs is None  # nothing kept alive after pack
+
+
 def test_padded_mode_masks_exactly_the_padding(tok_dir, tmp_path):
     docs = _docs()
     T = 24

@@ -31,29 +31,44 @@ import shutil
 import sys
 import time
 from collections import deque
+from itertools import chain, compress, repeat
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from text2llm.errors import UserError, read_json_file
 
 META = "meta.json"
-CHUNK_DOCS, CHUNK_BYTES = 512, 1 << 20  # a work unit: this many documents or bytes, whichever comes first
+# a work unit: this many documents or UTF-8 bytes of text, whichever comes first. Small enough that
+# the last units keep every worker busy (a unit takes ~15 ms of SentencePiece on Chinese, ~70 ms on
+# English), large enough that the per-unit cost (pickling, one batch call) stays under 1%
+CHUNK_DOCS, CHUNK_BYTES = 512, 1 << 18
 _tok = None  # the tokenizer of this (worker) process
 _job: dict = {}  # what every chunk needs: dtype, split and mode settings
+_docs: Sequence | None = None  # the caller's list of documents, which forked workers read by index
 
 
-def _init_worker(tok_dir: str, job: dict, in_pool: bool = True) -> None:
+def _init_worker(tok_dir: str, job: dict) -> None:
+    """Pool initializer: one thread per worker process (never changed in the caller's own
+    process), and the tokenizer (a forked worker has the caller's already)."""
     global _tok, _job
-    if in_pool:  # one thread per worker process (never changed in the caller's own process)
-        for var in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):
-            os.environ.setdefault(var, "1")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from text2llm.tokenizer import Tokenizer
+    for var in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if _tok is None or str(_tok.path) != tok_dir:
+        from text2llm.tokenizer import Tokenizer
 
-    _tok, _job = Tokenizer.load(tok_dir), job
+        _tok = Tokenizer.load(tok_dir)
+    _job = job
+
+
+def _set_state(tok=None, job: dict | None = None, docs: Sequence | None = None) -> None:
+    """What :func:`_encode_chunk` uses in this process (and forked workers inherit); no
+    arguments: forget it all, so a finished ``pack`` keeps nothing of the caller's alive."""
+    global _tok, _job, _docs
+    _tok, _job, _docs = tok, job or {}, docs
 
 
 def is_val(doc_id: str, seed: int, val_fraction: float) -> bool:
@@ -77,33 +92,66 @@ def _rows(ids: list[int], row_len: int, split_long: bool, pad_id: int) -> tuple[
     return rows, len(ids)
 
 
-def _encode_chunk(chunk: list[tuple[str, str]]) -> dict:
-    """Tokenise one chunk of (id, text); return per split the token array and counts."""
-    j = _job
-    encoded = _tok.encode_batch([t for _, t in chunk], add_bos=True, add_eos=True, num_threads=1)
-    out = {s: {"ids": [], "lens": [], "tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
-    for (doc_id, text), ids in zip(chunk, encoded):
-        acc = out["val" if is_val(doc_id, j["seed"], j["val_fraction"]) else "train"]
-        if j["mode"] == "padded":
-            rows, kept = _rows(ids, j["row_len"], j["split_long"], _tok.pad_id)
-            for r in rows:
-                acc["ids"].extend(r)
-            acc["lens"].append(len(rows) * len(rows[0]))
-            acc["tokens"] += kept
-            if kept < len(ids):  # truncated: count the bytes of the text that was kept
-                acc["bytes"] += len(_tok.decode(ids[:kept]).encode("utf-8"))
-            else:
-                acc["bytes"] += len(text.encode("utf-8"))
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii() is O(1) in CPython
+
+
+def _flat(encoded: Iterable[list[int]], n: int, dtype, bos: int, eos: int) -> np.ndarray:
+    """``BOS ids EOS`` of each document back to back as one array of ``n`` tokens (the flattening
+    runs in C: no per-token or per-document Python code)."""
+    return np.fromiter(chain.from_iterable(chain.from_iterable(zip(repeat((bos,)), encoded, repeat((eos,))))),
+                       dtype=dtype, count=n)
+
+
+def _encode_chunk(chunk: list[tuple[str, str]] | tuple[int, int]) -> dict:
+    """Tokenise one chunk of (id, text), or the documents ``_docs[start:stop]``; return per split
+    the token array and counts."""
+    j, tok = _job, _tok
+    if isinstance(chunk, tuple):
+        start, stop = chunk
+        chunk = [p for p in map(_pair, range(start, stop), _docs[start:stop]) if p[1]]
+    all_texts = [t for _, t in chunk]
+    encoded = tok.encode_batch(all_texts, num_threads=1)  # BOS/EOS are added below
+    seed, frac = j["seed"], j["val_fraction"]
+    val = [is_val(doc_id, seed, frac) for doc_id, _ in chunk] if frac > 0 else [False] * len(chunk)
+    out = {}
+    for split, want in (("train", False), ("val", True)):
+        keep = [v == want for v in val]
+        n_docs = sum(keep)
+        if n_docs == len(chunk):
+            docs, texts = encoded, all_texts
+        elif n_docs:
+            docs, texts = list(compress(encoded, keep)), list(compress(all_texts, keep))
         else:
-            acc["ids"].extend(ids)
-            acc["lens"].append(len(ids))
-            acc["tokens"] += len(ids)
-            acc["bytes"] += len(text.encode("utf-8"))
-        acc["documents"] += 1
-    for acc in out.values():
-        acc["ids"] = np.asarray(acc["ids"], dtype=j["dtype"])
-        acc["lens"] = np.asarray(acc["lens"], dtype=np.int64)
+            docs, texts = [], []
+        if j["mode"] == "padded":
+            out[split] = _padded(docs, texts, j)
+            continue
+        lens = np.fromiter(map(len, docs), dtype=np.int64, count=n_docs) + 2
+        n = int(lens.sum())
+        out[split] = {"ids": _flat(docs, n, j["dtype"], tok.bos_id, tok.eos_id), "lens": lens, "tokens": n,
+                      "documents": n_docs, "bytes": sum(map(_utf8_len, texts))}
     return out
+
+
+def _padded(docs: list[list[int]], texts: list[str], j: dict) -> dict:
+    """Padded mode: the rows of each document (see :func:`_rows`) and their counts."""
+    tok = _tok
+    acc = {"ids": [], "lens": [], "tokens": 0, "documents": len(docs), "bytes": 0}
+    for body, text in zip(docs, texts):
+        ids = [tok.bos_id, *body, tok.eos_id]
+        rows, kept = _rows(ids, j["row_len"], j["split_long"], tok.pad_id)
+        for r in rows:
+            acc["ids"].extend(r)
+        acc["lens"].append(len(rows) * len(rows[0]))
+        acc["tokens"] += kept
+        if kept < len(ids):  # truncated: count the bytes of the text that was kept
+            acc["bytes"] += len(tok.decode(ids[:kept]).encode("utf-8"))
+        else:
+            acc["bytes"] += _utf8_len(text)
+    acc["ids"] = np.asarray(acc["ids"], dtype=j["dtype"])
+    acc["lens"] = np.asarray(acc["lens"], dtype=np.int64)
+    return acc
 
 
 class ShardWriter:
@@ -151,21 +199,28 @@ class ShardWriter:
         return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.files}
 
 
-def _chunks(docs: Iterable, skipped: list[int]) -> Iterator[list[tuple[str, str]]]:
-    """(id, text) pairs in work units; empty documents are skipped and counted."""
-    chunk, size = [], 0
+def _pair(n: int, d) -> tuple[str, str]:
+    """(id, text) of the ``n``-th document (a plain string's id is its position)."""
+    return (str(n), d) if isinstance(d, str) else (str(d.id), d.text)
+
+
+def _chunks(docs: Iterable, skipped: list[int], by_index: bool = False) -> Iterator:
+    """(id, text) pairs in work units; empty documents are skipped and counted. ``by_index``
+    (``docs`` is a list): a unit is ``(start, stop)``, positions in ``docs``."""
+    chunk: list = []
+    size = start = 0
     for n, d in enumerate(docs):
-        doc_id, text = (str(n), d) if isinstance(d, str) else (str(d.id), d.text)
+        doc_id, text = _pair(n, d)
         if not text:
             skipped[0] += 1
             continue
         chunk.append((doc_id, text))
-        size += len(text)
+        size += _utf8_len(text)
         if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
+            yield (start, n + 1) if by_index else chunk
+            chunk, size, start = [], 0, n + 1
     if chunk:
-        yield chunk
+        yield (start, len(docs)) if by_index else chunk
 
 
 def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, overwrite: bool = False,
@@ -191,7 +246,6 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
            "mode": cfg.mode, "row_len": row_len, "split_long": cfg.split_long}
     writers = {s: ShardWriter(tmp, s, cfg.shard_tokens) for s in ("train", "val")}
     skipped = [0]
-    chunks = _chunks(docs, skipped)
 
     from tqdm import tqdm
 
@@ -199,20 +253,29 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
     t0 = time.perf_counter()
 
     def encoded() -> Iterator[dict]:
+        _set_state(tok, job)
         if cfg.workers <= 1:
-            _init_worker(str(tok.path), job, in_pool=False)
-            yield from map(_encode_chunk, chunks)
+            yield from map(_encode_chunk, _chunks(docs, skipped))
             return
         # fork starts a worker in milliseconds (spawn re-imports numpy and the backend, ~0.3 s of
         # CPU each, a third of the work on a 5 MB corpus); workers touch neither torch nor threads
-        # of this process, so fork is safe where the platform has it
-        ctx = get_context("fork" if sys.platform == "linux" else "spawn")
+        # of this process, so fork is safe where the platform has it. A forked worker has the
+        # tokenizer already, and reads a list of documents by index (no text is pickled)
+        fork = sys.platform == "linux"
+        if fork and isinstance(docs, (list, tuple)):
+            # the units are cut before the fork: this process then touches no document the
+            # workers share with it (which would copy their memory pages)
+            units: Iterable = list(_chunks(docs, skipped, by_index=True))
+            _set_state(tok, job, docs)
+        else:
+            units = _chunks(docs, skipped)
+        ctx = get_context("fork" if fork else "spawn")
         with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(str(tok.path), job)) as pool:
             # results are taken in submission order, so the output is identical for any worker
             # count; at most 2 chunks per worker are in flight, so memory stays bounded
             # (Pool.imap would read the whole corpus ahead)
             pending: deque = deque()
-            for chunk in chunks:
+            for chunk in units:
                 pending.append(pool.apply_async(_encode_chunk, (chunk,)))
                 if len(pending) >= 2 * cfg.workers:
                     yield pending.popleft().get()
@@ -228,6 +291,7 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
             bar.update(res["train"]["documents"] + res["val"]["documents"])
             bar.set_postfix_str(f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f} tok/s", refresh=False)
     finally:
+        _set_state()
         bar.close()
         splits = {s: w.close() for s, w in writers.items()}
     if cfg.mode == "padded":
