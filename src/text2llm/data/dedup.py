@@ -21,6 +21,7 @@ MinHash, vectorised with numpy:
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -28,9 +29,25 @@ from text2llm.data.config import DataConfig
 from text2llm.data.textstats import BatchStats
 
 
+_ASCII_OTHER_SPACE_RE = re.compile("[\t\x0b\x0c\r\x1c-\x1f]")
+
+
 def exact_key(text: str) -> int:
-    """64-bit key of the text, insensitive to case and whitespace differences."""
-    norm = " ".join(text.lower().split())
+    """64-bit key of the text, insensitive to case and whitespace differences.
+
+    The key is the hash of ``" ".join(text.lower().split())``. Normalised text (ASCII, single
+    spaces, single or double newlines, stripped) needs no split: replacing its newlines gives
+    the same string.
+    """
+    low = text.lower()
+    if (
+        low.isascii()
+        and "  " not in low and " \n" not in low and "\n " not in low and "\n\n\n" not in low
+        and low[:1] not in " \n" and low[-1:] not in " \n" and not _ASCII_OTHER_SPACE_RE.search(low)
+    ):
+        norm = low.replace("\n\n", " ").replace("\n", " ")
+    else:
+        norm = " ".join(low.split())
     return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -56,9 +73,7 @@ class MinHasher:
     def batch_signatures(self, batch: BatchStats, docs: list[int]) -> np.ndarray:
         """uint32 signatures ``(len(docs), P)`` of documents ``docs`` of ``batch``."""
         p = self.p
-        parts = [batch.shingles(d, self.n) for d in docs]
-        sizes = np.fromiter((len(x) for x in parts), dtype=np.int64, count=len(parts))
-        sh = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        sh, sizes = batch.shingle_rows(docs, self.n)
         h = _mix64(sh ^ self.salt)
         row = np.repeat(np.arange(len(docs)), sizes)
         bins = ((h >> np.uint64(32)) * np.uint64(p)) >> np.uint64(32)

@@ -124,16 +124,23 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
             k += 1
         else:
             key = band = sig = None
-        rec = {"id": doc.id, "text": doc.text, "source": doc.source}
-        if reasons[i] is not None:
-            rec["reason"] = reasons[i]
-        line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")  # encoded here, in parallel
+        line = json_line(doc, reasons[i])  # encoded here, in parallel
         out.append((reasons[i], key, band, sig, line, len(doc.text.encode("utf-8"))))
     return out, dict(repaired)
 
 
 # ---------------------------------------------------------------------------------------
 # output
+
+_quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept (the C function)
+
+
+def json_line(doc: Document, reason: str | None = None) -> bytes:
+    """``json.dumps({"id", "text", "source"[, "reason"]}, ensure_ascii=False) + "\\n"`` as UTF-8, built directly."""
+    line = f'{{"id": {_quote(doc.id)}, "text": {_quote(doc.text)}, "source": {_quote(doc.source)}'
+    if reason is not None:
+        line += f', "reason": {_quote(reason)}'
+    return (line + "}\n").encode("utf-8")
 
 
 class ShardWriter:
@@ -300,9 +307,7 @@ def run_clean(
                 if reason is None and dedup is not None:
                     reason = dedup.check(key, bands, np.frombuffer(sig, dtype=np.uint32))
                     if reason is not None:  # rejected here: add the reason to the worker's line
-                        rec = json.loads(line)
-                        rec["reason"] = reason
-                        line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+                        line = line[: -len(b"}\n")] + f', "reason": {_quote(reason)}}}\n'.encode("utf-8")
                 if reason is None:
                     clean.write(line, n)
                     counts["docs_out"] += 1

@@ -307,6 +307,20 @@ class BatchStats:
         dup = np.diff(np.concatenate([[0], np.cumsum(self.wlen * covered)])[self.bounds])
         return dup / np.maximum(self.word_chars, 1)
 
+    def shingle_rows(self, docs: list[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The :meth:`shingles` of ``docs``, concatenated, and how many each has."""
+        docs = np.asarray(docs, dtype=np.int64)
+        g, idx = self.ngrams(n)
+        seg = self.cached(("seg", n), np.searchsorted, idx, self.bounds)  # each doc's first n-gram
+        long = self.n_words[docs] >= n
+        sizes = np.where(long, seg[docs + 1] - seg[docs], 1)
+        first = np.cumsum(sizes) - sizes  # each doc's offset in the output
+        pos = np.arange(int(sizes.sum())) + np.repeat(np.where(long, seg[docs], 0) - first, sizes)
+        out = g[np.minimum(pos, max(len(g) - 1, 0))] if len(g) else np.zeros(len(pos), dtype=np.uint64)
+        for k in np.flatnonzero(~long):  # fewer than n words: one shingle of all of them
+            out[first[k]] = self.shingles(int(docs[k]), n)[0]
+        return out, sizes
+
     def shingles(self, d: int, n: int) -> np.ndarray:
         """Document ``d``'s word n-gram hashes (all its words as one shingle when it has fewer)."""
         g, idx = self.ngrams(n)
