@@ -146,6 +146,45 @@ def test_kv_cache_incremental_decoding_equals_full_forward(kw):
     assert cache.pos == 0
 
 
+@pytest.mark.parametrize("kw", [
+    dict(), dict(n_kv_head=2), dict(positions="learned", norm="layernorm", activation="gelu", bias=True),
+    dict(n_experts=4, moe_top_k=2),
+])
+def test_fast_inference_packed_linears_give_the_same_logits(kw):
+    cfg = tiny(**kw)
+    model = build(cfg)
+    x = ids(T=20)
+    with torch.no_grad():
+        ref = model(x).logits
+        model.fast_inference()
+        cache = KVCache(cfg, batch_size=2)
+        fast = torch.cat([model(x[:, :12], cache=cache).logits]
+                         + [model(x[:, t : t + 1], cache=cache).logits for t in range(12, 20)], dim=1)
+        last = model(x, last_only=True).logits
+    assert (fast - ref).abs().max() <= 1e-5
+    assert last.shape == (2, 1, V) and (last[:, 0] - ref[:, -1]).abs().max() <= 1e-5
+    assert set(model.state_dict()) == set(build(cfg).state_dict())  # the packed copies are not state
+
+
+def test_fast_inference_follows_weight_updates_and_leaves_training_alone():
+    cfg = tiny()
+    model = build(cfg).fast_inference()
+    x = ids(T=10)
+    with torch.no_grad():
+        before = model(x).logits
+        model.blocks[0].attn.k_proj.weight.mul_(2.0)  # in place, as an optimizer step would
+        model.blocks[1].mlp.up_proj.weight.add_(0.5)
+        after = model(x).logits
+        model.fast_inference(False)
+        plain = model(x).logits
+    assert (after - before).abs().max() > 1e-3
+    assert (after - plain).abs().max() <= 1e-5
+    model.fast_inference().train()
+    loss = model(x).logits.square().mean()  # grad enabled: the plain Linears, so gradients reach them
+    loss.backward()
+    assert model.blocks[0].attn.q_proj.weight.grad is not None and model.lm_head.weight.grad is not None
+
+
 def test_kv_cache_overflow_is_an_error():
     cfg = tiny()
     model = build(cfg)

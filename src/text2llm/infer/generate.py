@@ -72,6 +72,8 @@ class TorchEngine:
 
     def __init__(self, model, use_cache: bool = True, max_len: int | None = None):
         self.model, self.use_cache = model, use_cache
+        if hasattr(model, "fast_inference"):
+            model.fast_inference()
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.float32
@@ -99,7 +101,7 @@ class TorchEngine:
 
     def _forward(self, start: int, T: int) -> np.ndarray:
         mask = _attn_mask(self.valid, start, T).to(self.device) if self.padded else None
-        out = self.model(self.ids[:, start : start + T], cache=self.cache, attn_mask=mask)
+        out = self.model(self.ids[:, start : start + T], cache=self.cache, attn_mask=mask, last_only=True)
         return out.logits[:, -1].float().cpu().numpy()
 
 

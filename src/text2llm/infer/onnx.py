@@ -122,11 +122,16 @@ def export_model(model, out_dir, tokenizer=None, int8: bool = False, extra_meta:
     auto = torch.export.Dim.AUTO  # torch.export works out the relations (mask length = P + T)
     shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in ex_past))
     path = out / "model.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(OnnxStep(model), (ex_ids, ex_mask, *ex_past), input_names=inputs,
-                                 output_names=outputs, dynamic_shapes=shapes, dynamo=True, verbose=False)
-        prog.save(str(path), external_data=False)
+    was_fast = bool(getattr(model, "fast", False))
+    model.fast_inference()  # q/k/v and gate/up as one MatMul each in the graph too (fewer, larger kernels)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(OnnxStep(model), (ex_ids, ex_mask, *ex_past), input_names=inputs,
+                                     output_names=outputs, dynamic_shapes=shapes, dynamo=True, verbose=False)
+            prog.save(str(path), external_data=False)
+    finally:
+        model.fast_inference(was_fast)
     onnx.checker.check_model(str(path), full_check=True)
     opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
     files = {"fp32": path.name}
