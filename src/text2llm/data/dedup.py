@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import deque
+from itertools import repeat
 
 import numpy as np
 
@@ -135,15 +137,15 @@ class Deduplicator:
         self.seen.add(key)
         if sig is None:
             return None
-        need = self.threshold * len(sig)
-        for idx, bk in zip(self.index, bands):
-            j = idx.get(bk)
-            if j is not None and np.count_nonzero(self.sigs[j] == sig) >= need:
-                return "dedup:near"
+        if any(map(dict.__contains__, self.index, bands)):  # (a loop in C: most documents share no band)
+            need = self.threshold * len(sig)
+            for idx, bk in zip(self.index, bands):
+                j = idx.get(bk)
+                if j is not None and np.count_nonzero(self.sigs[j] == sig) >= need:
+                    return "dedup:near"
         if self.n == len(self.sigs):
             self.sigs = np.concatenate([self.sigs, np.zeros_like(self.sigs)])
         self.sigs[self.n] = sig
-        for idx, bk in zip(self.index, bands):
-            idx.setdefault(bk, self.n)
+        deque(map(dict.setdefault, self.index, bands, repeat(self.n, len(bands))), maxlen=0)
         self.n += 1
         return None

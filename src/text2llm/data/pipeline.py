@@ -73,7 +73,7 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
     """
     from text2llm.data.dedup import exact_key
     from text2llm.data.extract import html_to_text
-    from text2llm.data.filters import DocStats, stats_of
+    from text2llm.data.filters import DocStats
     from text2llm.data.normalize import normalize
     from text2llm.data.textstats import BatchStats
 
@@ -86,34 +86,40 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
         text = html_to_text(payload, charset, repaired) if kind == "html" else payload
         docs.append(Document(rid, normalize(text, cfg, repaired), src))
     stats = BatchStats([d.text for d in docs]) if (filters or minhash) else None
-    reasons: list[str | None] = []
-    for i, doc in enumerate(docs):
-        reason = None if doc.text else "empty:after_normalisation"
-        if filters and reason is None:
-            doc.__dict__["_stats"] = DocStats(doc.text, stats, i)
-            for f in filters:
-                reason = f(doc)
-                if reason:
-                    break
-        reasons.append(reason)
+    views = [DocStats(d.text, stats, i) for i, d in enumerate(docs)] if stats is not None else []
+    reasons: list[str | None] = [None if d.text else "empty:after_normalisation" for d in docs]
     keep = [i for i, r in enumerate(reasons) if r is None]
+    if filters:
+        for i in keep:
+            docs[i].__dict__["_stats"] = views[i]
+        # filter by filter over the batch: each document still meets the filters in order and
+        # stops at its first drop, and texts a filter edits (C4 line rules) get new statistics in
+        # one batch instead of one by one
+        for f in filters:
+            passed = []
+            for i in keep:
+                reason = f(docs[i])
+                if reason:
+                    reasons[i] = reason
+                else:
+                    passed.append(i)
+            keep = passed
+            edited = [i for i in keep if views[i].text is not docs[i].text]
+            if edited:
+                fresh = BatchStats([docs[i].text for i in edited])
+                for k, i in enumerate(edited):
+                    docs[i].__dict__["_stats"] = views[i] = DocStats(docs[i].text, fresh, k)
     sigs = bands = None
     if minhash is not None and keep:
-        # a filter may have edited a text (C4 line rules): recompute the stats of those
-        edited = [i for i in keep if "_stats" in docs[i].__dict__ and stats_of(docs[i]).batch is not stats]
-        if edited:
-            fresh = BatchStats([docs[i].text for i in edited])
-            stats_for = {i: (fresh, k) for k, i in enumerate(edited)}
-        else:
-            stats_for = {}
-        plain = [i for i in keep if i not in stats_for]
+        groups: dict[int, tuple[BatchStats, list[int], list[int]]] = {}  # per BatchStats: (it, docs, its rows)
+        for i in keep:
+            v = views[i]
+            group = groups.setdefault(id(v.batch), (v.batch, [], []))
+            group[1].append(i)
+            group[2].append(v.i)
         sig_rows = {}
-        if plain:
-            for i, row in zip(plain, minhash.batch_signatures(stats, plain)):
-                sig_rows[i] = row
-        if stats_for:
-            for i, row in zip(edited, minhash.batch_signatures(fresh, list(range(len(edited))))):
-                sig_rows[i] = row
+        for batch_stats, idx, rows in groups.values():
+            sig_rows.update(zip(idx, minhash.batch_signatures(batch_stats, rows)))
         sigs = np.stack([sig_rows[i] for i in keep])
         bands = minhash.band_keys(sigs, cfg.minhash_bands).tolist()
     out = []
