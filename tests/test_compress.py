@@ -87,6 +87,27 @@ def test_quantize_close_to_fp32_and_small(tiny):
     assert len(list(generate_ids(q, [1, 5, 6], 5, temperature=0))) <= 5
 
 
+@pytest.mark.parametrize("min_weights", [0, 1 << 30])  # every stack int8 / every stack dequantized to fp32
+def test_int8_packed_linears_match_the_int8_modules(min_weights, monkeypatch):
+    from text2llm.compress import quantize as Q
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+
+    monkeypatch.setattr(Q, "INT8_MIN_WEIGHTS", min_weights)
+    torch.manual_seed(0)
+    fp = Transformer(ModelConfig(vocab_size=300, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64)).eval()
+    q = Q.quantize_model(fp)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    plain = _logits(q, ids)
+    q.fast_inference()
+    assert all(b.attn.fast and b.mlp.fast for b in q.blocks) and q.fast
+    fast = _logits(q, ids)
+    assert "_packed" in q.blocks[0].attn.__dict__
+    # same int8 weights; the dynamic activation scales differ (one per stacked call vs one per Linear)
+    assert ((fast - plain).norm() / plain.norm()) < 0.02
+    assert (fast.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
+
+
 def test_quantize_cli_eval_generate(tiny, capsys):
     from text2llm.cli import main
 

@@ -57,6 +57,48 @@ def _engine() -> str:
     raise UserError("int8 quantization: this torch build has no quantized CPU engine (x86 / fbgemm / qnnpack)")
 
 
+# Below this many weights, a Linear's int8 GEMM is slower than the fp32 matmul of its dequantized
+# weights on this kind of CPU: each int8 call pays ~20 us to quantize the activations and set up
+# fbgemm, while an fp32 matrix under ~1 MB sits in the core's L2 cache and multiplies in a few us.
+# (2-core Xeon, 1 thread, 1-8 rows: 192x576 fp32 6 us vs int8 24 us; 384x2048 fp32 123 us vs
+# int8 30 us; measured with benchmarks/compress.py's microbenchmark.)
+INT8_MIN_WEIGHTS = 1 << 18
+
+
+class Int8Packer:
+    """:func:`text2llm.model.transformer.packed_linear` for dynamic-int8 Linears: the int8 weights
+    and per-channel scales of q/k/v (or gate/up) are concatenated into one fbgemm matrix and called
+    through the quantized op directly (no module overhead). A stack smaller than
+    :data:`INT8_MIN_WEIGHTS` is dequantized once and multiplied in fp32 instead: the same int8
+    weights, just not the int8 kernel."""
+
+    @staticmethod
+    def key(linears) -> tuple:
+        return tuple(id(m._packed_params._packed_params) for m in linears)  # replaced by set_weight_bias
+
+    @staticmethod
+    def build(linears, tracing: bool = False):
+        from text2llm.model.transformer import FloatPacker
+
+        ws = [m.weight() for m in linears]
+        q = torch.cat([w.int_repr() for w in ws])
+        scale = torch.cat([w.q_per_channel_scales() for w in ws]).double()
+        zp = torch.cat([w.q_per_channel_zero_points() for w in ws]).long()
+        biases = [m.bias() for m in linears]
+        bias = torch.cat(biases).float() if biases[0] is not None else None
+        if q.numel() < INT8_MIN_WEIGHTS:
+            w_IO = ((q.float() - zp[:, None].float()) * scale[:, None].float()).t().contiguous()
+            return (lambda x: torch.addmm(bias, x, w_IO)) if bias is not None else (lambda x: torch.mm(x, w_IO))
+        packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(q, scale, zp, 0), bias)
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)  # as DynLinear.forward calls it
+
+
+def register_packer() -> None:
+    from text2llm.model.transformer import LINEAR_PACKERS
+
+    LINEAR_PACKERS[_ao()[2]] = Int8Packer
+
+
 def quantize_model(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) with a dynamic-int8 Linear; return it.
 
@@ -64,6 +106,7 @@ def quantize_model(model: nn.Module) -> nn.Module:
     """
     quantize_dynamic, qconfig, _ = _ao()
     torch.backends.quantized.engine = _engine()
+    register_packer()
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -74,34 +74,54 @@ class KVCache:
         self.pos = 0
 
 
+class FloatPacker:
+    """How :func:`packed_linear` stacks float ``nn.Linear`` layers: one (in, sum of outs) matrix,
+    transposed and contiguous (on the CPU a matmul with it ran 1.3-2.3x faster for 1-8 rows than
+    ``F.linear``'s (out, in) layout), and the biases concatenated."""
+
+    @staticmethod
+    def key(linears) -> tuple:
+        # a changed source tensor invalidates the stack: moved (data_ptr) or updated in place (_version)
+        return tuple((t.data_ptr(), t._version) for m in linears for t in (m.weight, m.bias) if t is not None)
+
+    @staticmethod
+    def build(linears, tracing: bool = False):
+        w_IO = torch.cat([m.weight if tracing else m.weight.detach() for m in linears]).t()
+        w_IO = w_IO if tracing else w_IO.contiguous()
+        b = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+        if b is not None and not tracing:
+            b = b.detach()
+        return (lambda x_NI: torch.addmm(b, x_NI, w_IO)) if b is not None else (lambda x_NI: torch.mm(x_NI, w_IO))
+
+
+# Linear class -> packer (``key(linears)``, ``build(linears, tracing)`` -> matmul of (N, in) rows).
+# text2llm.compress.quantize registers its int8 Linear here.
+LINEAR_PACKERS: dict[type, type] = {nn.Linear: FloatPacker}
+
+
 def packed_linear(x: torch.Tensor, owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
     """``torch.cat([owner.<name>(x) for name in names], -1)`` in one matmul (inference only).
 
     Decoding one token at a time is dominated by the cost of each call, not by arithmetic, so
     the engines stack the q/k/v weights into one matrix and the SwiGLU gate/up weights into
-    another, and keep each stack transposed, (in, out) and contiguous: on the CPU a matmul with
-    such a matrix ran 1.3-2.3x faster than ``F.linear``'s (out, in) layout for 1-8 rows
-    (benchmarks/generate.py). The stack is cached on ``owner`` (not a parameter or buffer, so
-    ``state_dict`` and checkpoints keep the separate names) and rebuilt whenever a source tensor
-    changes: moved (new ``data_ptr``) or updated in place (``_version``, e.g. an optimizer step).
-    The price is a second copy of those weights while the cache lives.
+    another (:data:`LINEAR_PACKERS` says how, per Linear class). The stack is cached on ``owner``
+    (not a parameter or buffer, so ``state_dict`` and checkpoints keep the separate names) and
+    rebuilt when its packer's ``key`` changes, e.g. after an optimizer step. The price is a second
+    copy of those weights while the cache lives.
     """
     linears = [getattr(owner, n) for n in names]
+    packer = LINEAR_PACKERS[type(linears[0])]
     if torch.compiler.is_compiling():  # torch.export / torch.compile: trace the stacking, cache nothing
-        w_IO = torch.cat([m.weight for m in linears]).t()
-        b = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+        matmul = packer.build(linears, tracing=True)
     else:
-        key = tuple((t.data_ptr(), t._version) for m in linears for t in (m.weight, m.bias) if t is not None)
+        key = packer.key(linears)
         cache = owner.__dict__.setdefault("_packed", {})
         hit = cache.get(names)
         if hit is None or hit[0] != key:
-            w = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
-            bias = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
-            hit = cache[names] = (key, w, bias)
-        w_IO, b = hit[1], hit[2]
-    x_ND = x.reshape(-1, x.size(-1))
-    y_NO = torch.addmm(b, x_ND, w_IO) if b is not None else torch.mm(x_ND, w_IO)
-    return y_NO.view(*x.shape[:-1], w_IO.size(1))
+            hit = cache[names] = (key, packer.build(linears))
+        matmul = hit[1]
+    y_NO = matmul(x.reshape(-1, x.size(-1)))
+    return y_NO.view(*x.shape[:-1], y_NO.size(-1))
 
 
 # ---- building blocks ------------------------------------------------------------------------
@@ -330,13 +350,14 @@ class Transformer(nn.Module):
         """Faster generation: under ``torch.no_grad`` every Linear runs through :func:`packed_linear`
         (q/k/v in one matmul, gate/up in another, weights cached transposed). Training, and any
         call with grad enabled, uses the plain Linears. Costs a second copy of the Linear weights.
-        The generation engines turn it on; an int8 model's quantized Linears are left alone."""
+        The generation engines turn it on. Linear classes without a packer (:data:`LINEAR_PACKERS`)
+        keep their own forward."""
         for m in self.modules():
             if isinstance(m, (Attention, MLP)):
                 names = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
                          if hasattr(m, n)]
-                m.fast = on and all(type(getattr(m, n)) is nn.Linear for n in names)
-        self.fast = on and type(self.lm_head) is nn.Linear
+                m.fast = on and all(type(getattr(m, n)) in LINEAR_PACKERS for n in names)
+        self.fast = on and type(self.lm_head) in LINEAR_PACKERS
         return self
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
