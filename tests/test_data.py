@@ -490,3 +490,44 @@ def test_batch_stats_match_per_word_reference():
         for n in (5, 6, 7):
             frac = b.cached(("dup", n), b.dup_ngram_frac, n)[d]  # in order: 6 and 7 reuse the 5-gram result
             assert np.isclose(frac, _ref_dup_frac(words, n)), (d, n)
+
+
+def test_filter_batch_fast_paths_are_sound():
+    """``Filter.passes`` may only settle documents that the per-document check keeps unchanged;
+    random texts full of the characters the line rules look at (spaces, blank lines, bullets,
+    ellipses, punctuation, 'İ' that lower-cases to two characters, CJK), many of them repeated."""
+    import random
+
+    import numpy as np
+
+    from text2llm.data.filters import DocStats
+    from text2llm.data.textstats import BatchStats
+
+    rng = random.Random(7)
+    words = ["the", "of", "and", "to", "with", "cat", "Sat", "İstanbul", "中文", "be", "that", "have", "word"]
+    seps = [" ", " ", " ", "  ", "\t", "\n", "\n\n", "\n\n\n", " \n", "\u3000"]
+    ends = ["", ".", "!", "...", "\u2026", ". . .", "#", "?", '"', "{", ":"]
+    heads = ["", "", "- ", "\u2022", "* ", " ", "javascript ", "Lorem ipsum "]
+    lines = []
+    for _ in range(60):
+        lines.append(rng.choice(heads) + " ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) + rng.choice(ends))
+    texts = []
+    for _ in range(400):
+        parts = [rng.choice(lines) for _ in range(rng.randint(1, 12))]
+        text = "".join(p + rng.choice(seps) for p in parts)
+        texts.append(text.strip() if rng.random() < 0.7 else text)
+    for preset in ("web-en", "zh", "stories"):
+        cfg = DataConfig(preset=preset, filters=list(FILTERS), min_words=5, c4_drop_lines=preset == "stories")
+        b = BatchStats(texts)
+        settled = 0
+        for f in build_filters(cfg):
+            mask = f.passes(b, np.arange(len(texts)))
+            if mask is None:  # no fast path (language ID without "en" allowed)
+                assert f.name == "language" and preset == "zh"
+                continue
+            for r in np.flatnonzero(mask):
+                doc = Document("x", texts[r], "s")
+                doc.__dict__["_stats"] = DocStats(texts[r], b, int(r))
+                assert f(doc) is None and doc.text == texts[r], (f.name, texts[r])
+            settled += int(mask.sum())
+        assert settled > 200  # the fast paths do settle documents

@@ -45,6 +45,8 @@ _SENTENCE_END_RE = re.compile("[.!?。！？…](?:[.!?。！？…]*[\"'”’�
 _BULLETS = ("•", "-", "*", "‣", "◦", "⁃", "·", "●", "▪", "►", "–", "—")
 _ELLIPSIS = ("...", "…", ". . .")
 _BULLET_SET = frozenset(_BULLETS)
+_BULLET_CPS = np.array([ord(ch) for ch in _BULLETS])
+_TERMINAL_CPS = np.array([ord(ch) for ch in _TERMINAL])
 _BLANKS_RE = re.compile(r"\n{3,}")
 _EN_STOP = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 # frequent function characters of modern and classical Chinese
@@ -147,6 +149,12 @@ class Filter:
     def check(self, doc: Document, st) -> str | None:  # pragma: no cover - abstract; st: the doc's word statistics
         raise NotImplementedError
 
+    def passes(self, b: BatchStats, rows: np.ndarray) -> np.ndarray | None:
+        """Batch fast path: a bool mask over ``rows`` (documents of ``b``), True only where
+        :meth:`check` certainly returns None *and leaves the text unchanged*; False means "not
+        settled" (the pipeline then calls the filter on that document). None: no fast path."""
+        return None
+
 
 class LengthFilter(Filter):
     name = "length"
@@ -161,6 +169,11 @@ class LengthFilter(Filter):
         if n > c.max_words:
             return "too_long"
         return None
+
+    def passes(self, b, rows):
+        c, ls, n = self.cfg, b.lines, b.n_words[rows]
+        chars = (ls.n_chars - ls.n_space_chars)[rows]
+        return (chars >= c.min_chars) & (n >= c.min_words) & (n <= c.max_words)
 
 
 _ZH_FAMILY = {"zh", "wuu", "yue", "lzh", "gan", "hak", "cdo", "nan", "hsn", "cjy"}
@@ -216,6 +229,15 @@ class LanguageFilter(Filter):
                 return "en"
         return None
 
+    def passes(self, b, rows):
+        if "en" not in self.allowed:
+            return None
+        n = b.n_words[rows]
+        cjk = b.cjk_words[rows] >= 0.3 * np.maximum(1, n)
+        ascii_head = np.fromiter((b.texts[r][:2000].isascii() for r in rows), dtype=bool, count=len(rows))
+        common = b.members("en_common", _EN_COMMON_H)[0][rows]
+        return ~cjk & (n >= 10) & ascii_head & (common >= 0.25 * n)
+
     def check(self, doc, st):
         fast = self.fast_path(doc, st)
         if fast is not None:
@@ -255,6 +277,40 @@ class GopherQualityFilter(Filter):
         if c.min_stop_words and st.stop_words() < c.min_stop_words:
             return "too_few_stop_words"
         return None
+
+    def passes(self, b, rows):
+        c, ls = self.cfg, b.lines
+        n = np.maximum(1, b.n_words[rows])
+        cjk = b.cjk_words[rows] >= 0.3 * n
+        mean = b.word_chars[rows] / n
+        ok = cjk | ((mean >= c.min_mean_word_len) & (mean <= c.max_mean_word_len))
+        # documents with an ellipsis go the slow way (ellipsis lines); the rest have n_dots == 0
+        if "..." in ls.joined or "\u2026" in ls.joined or ". . ." in ls.joined:
+            ok &= np.fromiter((_no_dots(b.texts[r]) for r in rows), dtype=bool, count=len(rows))
+        ok &= ~(ls.count("#")[rows] / n > c.max_symbol_word_ratio)
+        # n_lines = count("\n") + 1 - count("\n\n") is the number of non-empty lines when the text
+        # has no "\n\n\n" and does not start or end with a newline (others: the slow way)
+        if "\n\n\n" in ls.joined:
+            ok &= np.fromiter(("\n\n\n" not in b.texts[r] for r in rows), dtype=bool, count=len(rows))
+        empty = ls.length == 0
+        lb = ls.lb
+        ok &= ~empty[lb[rows]] & ~empty[lb[rows + 1] - 1]
+        n_lines = np.maximum(ls.n_lines - ls.per_doc(empty), 1)[rows]
+        bullets = ls.per_doc(ls.nonblank & np.isin(ls.first_cp, _BULLET_CPS))[rows]
+        ok &= ~(bullets / n_lines > c.max_bullet_lines_frac)
+        tokens = b.n_tokens[rows]
+        alpha = np.where(cjk, 1.0, b.alpha_tokens[rows] / np.maximum(1, tokens))
+        ok &= ~(alpha < c.min_alpha_word_frac)
+        if c.min_stop_words:
+            stop = b.members("en_stop", _EN_STOP_H)[1][rows]
+            if cjk.any():
+                stop = np.where(cjk, b.members("zh_stop", _ZH_STOP_H)[1][rows], stop)
+            ok &= ~(stop < c.min_stop_words)
+        return ok
+
+
+def _no_dots(text: str) -> bool:
+    return "..." not in text and "\u2026" not in text and ". . ." not in text
 
 
 def _ellipsis_lines(lines: list[str]) -> int:
@@ -306,6 +362,32 @@ class GopherRepetitionFilter(Filter):
             if frac <= min(c.dup_ngram_char_frac):
                 break
         return None
+
+    def passes(self, b, rows):
+        c = self.cfg
+        # no two equal non-blank lines: no duplicate lines, and so no duplicate paragraphs either
+        # (a repeated paragraph repeats its non-blank lines); thresholds are >= 0
+        ok = ~b.lines.dup_lines[rows]
+        nonempty = b.n_words[rows] > 0
+        open_ = ok & nonempty  # still to be judged by the n-gram rules
+        for n, limit in zip((2, 3, 4), c.top_ngram_char_frac):
+            if not open_.any():
+                return ok
+            bad = open_ & (b.cached(("top", n), b.top_ngram_frac, n)[rows] > limit)
+            ok &= ~bad
+            open_ &= ~bad
+        lowest = min(c.dup_ngram_char_frac)
+        for n, limit in zip(range(5, 11), c.dup_ngram_char_frac):
+            if not open_.any():
+                break
+            if n == 5:  # (shared with the per-document checks)
+                frac = b.cached(("dup", n), b.dup_ngram_frac, n)[rows]
+            else:  # few documents are left: only theirs
+                frac = b.dup_ngram_frac(n, rows[open_])[rows]
+            bad = open_ & (frac > limit)
+            ok &= ~bad
+            open_ &= ~bad & ~(frac <= lowest)
+        return ok
 
 
 class C4Filter(Filter):
@@ -362,6 +444,30 @@ class C4Filter(Filter):
             doc.text = text
         return None
 
+    def passes(self, b, rows):
+        c, ls = self.cfg, b.lines
+        low = b.joined_lower
+        ok = (ls.count("{")[rows] == 0) & (b.cjk_words[rows] == 0)
+        for phrase in ("lorem ipsum", "javascript", "cookie", "privacy policy", "terms of use"):
+            if phrase in low:
+                ok &= np.fromiter((phrase not in b.lower[r] for r in rows), dtype=bool, count=len(rows))
+        # unchanged and kept: every line is empty, or stripped with >= c4_min_words_per_line
+        # words by the space count, no longer than c4_max_word_len (and ends in punctuation when
+        # lines without it are dropped); the text neither starts nor ends with a blank line
+        good = (ls.length == 0) | (
+            ls.lead_ok & ls.trail_ok & (ls.n_spaces + 1 >= c.c4_min_words_per_line) & (ls.length <= c.c4_max_word_len)
+        )
+        if c.c4_drop_lines:
+            good &= (ls.length == 0) | np.isin(ls.last_ns, _TERMINAL_CPS)
+        ok &= ls.per_doc(~good)[rows] == 0
+        lb = ls.lb
+        ok &= ls.nonblank[lb[rows]] & ls.nonblank[lb[rows + 1] - 1]
+        if "\n\n\n" in ls.joined:
+            ok &= np.fromiter(("\n\n\n" not in b.texts[r] for r in rows), dtype=bool, count=len(rows))
+        k = c.c4_min_sentences
+        ok &= np.fromiter((b.texts[r].count(". ") >= k for r in rows), dtype=bool, count=len(rows))
+        return ok
+
 
 class FineWebFilter(Filter):
     name = "fineweb"
@@ -380,6 +486,18 @@ class FineWebFilter(Filter):
         if doc.text.count("\n") / max(1, st.n_words) > c.fineweb_max_newline_ratio:
             return "newline_ratio"
         return None
+
+    def passes(self, b, rows):
+        c, ls = self.cfg, b.lines
+        n_lines = ls.per_doc(ls.nonblank)[rows]
+        ok = (n_lines > 0) & ~ls.dup_lines[rows]
+        n = np.maximum(n_lines, 1)
+        punct = ls.per_doc(np.isin(ls.last_ns, _TERMINAL_CPS))[rows]
+        ok &= ~(punct / n < c.fineweb_min_line_punct_frac)
+        short = ls.per_doc(ls.nonblank & (ls.strip_len <= 30))[rows]
+        ok &= ~(short / n > c.fineweb_max_short_line_frac)
+        ok &= ~((ls.n_lines[rows] - 1) / np.maximum(1, b.n_words[rows]) > c.fineweb_max_newline_ratio)
+        return ok
 
 
 FILTERS: dict[str, type[Filter]] = {

@@ -97,7 +97,11 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
         # one batch instead of one by one
         for f in filters:
             passed = []
+            settled = _batch_passes(f, keep, views)
             for i in keep:
+                if i in settled:
+                    passed.append(i)
+                    continue
                 reason = f(docs[i])
                 if reason:
                     reasons[i] = reason
@@ -133,6 +137,27 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
         line = json_line(doc, reasons[i])  # encoded here, in parallel
         out.append((reasons[i], key, band, sig, line, len(doc.text.encode("utf-8"))))
     return out, dict(repaired)
+
+
+def _batch_passes(f, keep: list[int], views: list) -> set[int]:
+    """The documents of ``keep`` that ``f`` certainly passes unchanged, by its batch fast path
+    (:meth:`~text2llm.data.filters.Filter.passes`, per :class:`BatchStats` the views point into)."""
+    import numpy as np
+
+    groups: dict[int, tuple] = {}
+    for i in keep:
+        v = views[i]
+        g = groups.get(id(v.batch))
+        if g is None:
+            g = groups[id(v.batch)] = (v.batch, [], [])
+        g[1].append(i)
+        g[2].append(v.i)
+    settled: set[int] = set()
+    for batch_stats, idx, rows in groups.values():
+        mask = f.passes(batch_stats, np.array(rows, dtype=np.int64))
+        if mask is not None:
+            settled.update(np.array(idx)[mask].tolist())
+    return settled
 
 
 # ---------------------------------------------------------------------------------------

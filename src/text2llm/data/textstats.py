@@ -145,11 +145,13 @@ class BatchStats:
     def __init__(self, texts: list[str]):
         t = _tables()
         self.n_docs = len(texts)
+        self.texts = texts
         self.lower = lows = [s.lower() for s in texts]
         lens = np.fromiter(map(len, lows), dtype=np.int64, count=len(lows)) + 1
         doc_start = np.zeros(self.n_docs + 1, dtype=np.int64)
         np.cumsum(lens, out=doc_start[1:])  # char offset of each doc (+ "\n" separator)
-        cp = np.frombuffer(("\n".join(lows) + "\n").encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        self.joined_lower = "\n".join(lows) + "\n"
+        cp = np.frombuffer(self.joined_lower.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         if len(cp) and cp.max() >= _NCP:
             cp = np.minimum(cp, _NCP - 1)
         flags = t["flags"].take(cp)
@@ -181,7 +183,7 @@ class BatchStats:
         self.word_chars = np.diff(self.wlen_cumsum[self.bounds]).astype(np.float64)
         cjk_cum = np.concatenate([[0], np.cumsum(cjk[starts])])
         self.cjk_words = np.diff(cjk_cum[self.bounds])
-        self._flags, self._doc_start = flags, doc_start
+        self._flags, self._doc_start, self._cp = flags, doc_start, cp
         self._cache: dict = {}
 
     def _tokens(self) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +218,11 @@ class BatchStats:
         seen = np.zeros((self.n_docs, len(table)), dtype=bool)
         seen[self.wdoc[hit], ids.take(slot[hit])] = True
         return count, seen.sum(axis=1)
+
+    @property
+    def lines(self) -> "LineStats":
+        """Line statistics of the (original, not lower-cased) texts, computed once per batch."""
+        return self.cached("lines", LineStats, self)
 
     def members(self, name: str, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cached :meth:`_members` for a named word list (``table`` sorted uint64 hashes)."""
@@ -269,20 +276,31 @@ class BatchStats:
             run_start = np.concatenate([[0], edge])
             counts = np.diff(np.concatenate([run_start, [len(key)]]))
             rep = counts > 1
-            rk = key[run_start[rep]]
-            np.maximum.at(top, (rk >> _U(44)).astype(np.int64), counts[rep] * (rk & _U(255)).astype(np.int64))
+            if rep.any():
+                rk = key[run_start[rep]]
+                val = counts[rep] * (rk & _U(255)).astype(np.int64)
+                rdoc = (rk >> _U(44)).astype(np.int64)  # ascending: keys are sorted by document first
+                first = np.flatnonzero(np.concatenate([[True], rdoc[1:] != rdoc[:-1]]))
+                top[rdoc[first]] = np.maximum.reduceat(val, first)
         return top / np.maximum(self.word_chars, 1)
 
-    def dup_ngram_frac(self, n: int) -> np.ndarray:
+    def dup_ngram_frac(self, n: int, docs: np.ndarray | None = None) -> np.ndarray:
         """Per doc: characters of words inside an n-gram seen earlier in the doc / word characters.
 
         Coverage only shrinks as ``n`` grows (a repeated (n+1)-gram starts with a repeated
         n-gram, and the n-gram after it repeats too), so once ``dup_ngram_frac(n - 1)`` is known,
-        only the documents where it is > 0 are looked at.
+        only the documents where it is > 0 are looked at. Given ``docs`` (document indices), only
+        those are computed (the others get 0); a document's value depends on its words alone.
         """
         nw = len(self.whash)
         prev = self._cache.get(("dup", n - 1))
-        if prev is None:
+        if docs is not None:
+            lo = self.bounds[docs]
+            cnt = np.maximum(self.bounds[docs + 1] - lo - (n - 1), 0)
+            total = int(cnt.sum())
+            idx = np.arange(total) + np.repeat(lo - (np.cumsum(cnt) - cnt), cnt)
+            g = self._ngram_hashes(idx, n)
+        elif prev is None:
             g, idx = self.ngrams(n)
         else:
             idx = self._ngram_starts(n, prev > 0)
@@ -299,9 +317,12 @@ class BatchStats:
         rep[1:] = same
         rep[:-1] |= same
         sub_k, sub_o = ks[rep], order[rep]
-        o2 = np.lexsort((sub_o, sub_k))
-        sub_k, sub_o = sub_k[o2], sub_o[o2]
-        starts = idx[sub_o[1:][sub_k[1:] == sub_k[:-1]]]
+        if not len(sub_k):
+            return np.zeros(self.n_docs)
+        # all but the first by position: compare with the group's smallest index
+        gstart = np.flatnonzero(np.concatenate([[True], sub_k[1:] != sub_k[:-1]]))
+        first = np.minimum.reduceat(sub_o, gstart)
+        starts = idx[sub_o[sub_o != np.repeat(first, np.diff(np.append(gstart, len(sub_o))))]]
         diff = np.bincount(starts, minlength=nw + n + 1) - np.bincount(starts + n, minlength=nw + n + 1)
         covered = np.cumsum(diff)[:nw] > 0
         dup = np.diff(np.concatenate([[0], np.cumsum(self.wlen * covered)])[self.bounds])
@@ -333,3 +354,83 @@ class BatchStats:
             for x in self.whash[lo:hi]:
                 h = h * _P + x
         return _mix(np.array([h], dtype=np.uint64))
+
+
+class LineStats:
+    """Per-line statistics of a batch of texts (lines as in ``text.split("\\n")``), vectorised.
+
+    Used by the filters to settle, for a whole batch at once, the documents that certainly pass
+    a line rule; a document they cannot settle goes through the filter's per-document check.
+
+    Arrays over all lines of the batch: ``start``/``end`` (character positions), ``length``,
+    ``nonblank`` (``line.strip()`` is not empty), ``first_cp`` (first character, -1 for an
+    empty line), ``lead_ok``/``trail_ok`` (the first/last character is not whitespace),
+    ``last_ns`` (last non-whitespace character, -1 for a blank line), ``strip_len``,
+    ``n_spaces`` (``line.count(" ")``). ``lb[d]:lb[d+1]`` is document ``d``'s line range.
+    Per document: ``n_lines``, ``n_chars`` (``len(text)``), ``n_space_chars``, ``dup_lines``
+    (False only if no two non-blank lines are equal; True means "maybe"), and ``count(ch)``.
+
+    The code points are those of the lower-cased batch when lower-casing kept every length
+    (the usual case): lower-casing maps only cased letters, to letters, so whitespace, newlines
+    and the punctuation looked at here are where they were.
+    """
+
+    def __init__(self, b: "BatchStats"):
+        texts = b.texts
+        n_docs = len(texts)
+        self.joined = joined = "\n".join(texts) + "\n"
+        lens = np.fromiter(map(len, texts), dtype=np.int64, count=n_docs) + 1
+        if len(joined) == len(b.joined_lower):
+            cp, flags, ds = b._cp, b._flags, b._doc_start
+        else:
+            cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            flags = _tables()["flags"].take(np.minimum(cp, _NCP - 1))
+            ds = np.zeros(n_docs + 1, dtype=np.int64)
+            np.cumsum(lens, out=ds[1:])
+        self.cp, self.doc_start = cp, ds
+        self.n_chars = lens - 1
+        end = np.flatnonzero(cp == 10)
+        start = np.empty(len(end), dtype=np.int64)
+        start[0] = 0
+        start[1:] = end[:-1] + 1
+        self.start, self.end = start, end
+        self.lb = np.searchsorted(start, ds)
+        self.n_lines = np.diff(self.lb)
+        self.ldoc = np.repeat(np.arange(n_docs), self.n_lines)
+        self.length = end - start
+        ns = np.flatnonzero((flags & SPACE) == 0)
+        i0 = np.searchsorted(ns, start)
+        i1 = np.searchsorted(ns, end)
+        self.nonblank = i1 > i0
+        if len(ns):
+            fpos = ns[np.minimum(i0, len(ns) - 1)]
+            lpos = ns[np.maximum(i1 - 1, 0)]
+        else:
+            fpos = lpos = np.zeros(len(start), dtype=np.int64)
+        self.first_cp = np.where(self.length > 0, cp[np.minimum(start, len(cp) - 1)].astype(np.int64), -1)
+        self.last_ns = np.where(self.nonblank, cp[lpos].astype(np.int64), -1)
+        self.lead_ok = self.nonblank & (fpos == start)
+        self.trail_ok = self.nonblank & (lpos == end - 1)
+        self.strip_len = np.where(self.nonblank, lpos - fpos + 1, 0)
+        sp = np.flatnonzero(cp == 32)
+        self.n_spaces = np.searchsorted(sp, end) - np.searchsorted(sp, start)
+        self.n_space_chars = np.diff(np.searchsorted(sp, ds))
+        self.dup_lines = np.fromiter(map(_maybe_dup_lines, texts), dtype=bool, count=n_docs)
+
+    def per_doc(self, line_values: np.ndarray) -> np.ndarray:
+        """Sum of a per-line array over each document's lines (int64)."""
+        return np.bincount(self.ldoc, weights=line_values, minlength=len(self.n_lines)).astype(np.int64)
+
+    def count(self, ch: str) -> np.ndarray:
+        """Per document: occurrences of the character ``ch``."""
+        pos = np.flatnonzero(self.cp == ord(ch))
+        return np.bincount(np.searchsorted(self.doc_start, pos, side="right") - 1, minlength=len(self.n_lines))
+
+
+def _maybe_dup_lines(text: str) -> bool:
+    """False when no two non-empty lines of ``text`` are equal (True: maybe; blank repeats count)."""
+    lines = text.split("\n")
+    seen = set(lines)
+    if "" in seen:
+        return len(seen) - 1 != len(lines) - lines.count("")
+    return len(seen) != len(lines)
