@@ -189,6 +189,27 @@ def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
     return (same_BTT & causal_mask(T, device=doc_ids_BT.device))[:, None]
 
 
+def attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) + mask) v. Without a mask: causal when T > 1 (a whole sequence),
+    none when T == 1 (one new token sees every cached key).
+
+    PyTorch runs its fused kernel (``F.scaled_dot_product_attention``). An ONNX export gets the
+    formula written out instead: the exporter's own decomposition of the fused op reshapes and
+    transposes the whole key cache at every decode step (a copy as large as the cache), while
+    ``q @ k.transpose(-2, -1)`` becomes onnxruntime's FusedMatMul(transB=1), which reads the keys
+    where they are."""
+    T = q_BHTD.size(2)
+    if not torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=attn_mask,
+                                              is_causal=attn_mask is None and T > 1, dropout_p=dropout_p)
+    scores = torch.matmul(q_BHTD, k_BHSD.transpose(-2, -1)) * (1.0 / math.sqrt(q_BHTD.size(-1)))
+    if attn_mask is None and T > 1:
+        attn_mask = causal_mask(T, k_BHSD.size(2) - T, device=q_BHTD.device)
+    if attn_mask is not None:  # bool, True = may attend (every row keeps at least its own key)
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.matmul(scores.softmax(-1), v_BHSD)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and an optional KV cache."""
 
@@ -222,12 +243,7 @@ class Attention(nn.Module):
         if K != H:  # GQA: each K/V head serves n_head/n_kv query heads
             k = k.repeat_interleave(H // K, dim=1)  # B H S Dh
             v = v.repeat_interleave(H // K, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # B H T Dh
+        y = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # B H T Dh
         y_BTD = y.transpose(1, 2).reshape(B, T, H * Dh)
         return packed_linear(y_BTD, self, ("o_proj",)) if fast else self.o_proj(y_BTD)
 
