@@ -63,9 +63,10 @@ class KVCache:
         T = k_BKTD.size(2)
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
-        self.k[layer][:, :, self.pos : self.pos + T] = k_BKTD
-        self.v[layer][:, :, self.pos : self.pos + T] = v_BKTD
-        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+        k, v = self.k[layer], self.v[layer]
+        k.narrow(2, self.pos, T).copy_(k_BKTD)  # (narrow: one op, cheaper than k[:, :, a:b] = ...)
+        v.narrow(2, self.pos, T).copy_(v_BKTD)
+        return k.narrow(2, 0, self.pos + T), v.narrow(2, 0, self.pos + T)
 
     def advance(self, n: int) -> None:
         self.pos += n
@@ -158,9 +159,11 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of each head dim by their position's angles:
     (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written as x * cos + rotate_half(x) * sin."""
-    half = x_BHTD.size(-1) // 2
-    rotated = torch.cat([-x_BHTD[..., half:], x_BHTD[..., :half]], dim=-1)  # (-x2, x1)
-    return x_BHTD * cos_TD.to(x_BHTD.dtype) + rotated * sin_TD.to(x_BHTD.dtype)
+    x1, x2 = x_BHTD.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    if cos_TD.dtype != x_BHTD.dtype:
+        cos_TD, sin_TD = cos_TD.to(x_BHTD.dtype), sin_TD.to(x_BHTD.dtype)
+    return x_BHTD * cos_TD + rotated * sin_TD
 
 
 def causal_mask(T: int, start: int = 0, key_padding_BS: torch.Tensor | None = None,
@@ -230,8 +233,10 @@ class Attention(nn.Module):
         fast = self.fast and not torch.is_grad_enabled()
         if fast:  # inference: one matmul for q, k and v
             qkv = packed_linear(x_BTD, self, ("q_proj", "k_proj", "v_proj")).view(B, T, H + 2 * K, Dh).transpose(1, 2)
-            qk = apply_rope(qkv[:, : H + K], *rope) if rope is not None else qkv[:, : H + K]
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + K :]
+            qk, v = qkv.split([H + K, K], dim=1)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)  # q and k rotated together
+            q, k = qk.split([H, K], dim=1)
         else:
             q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)  # B H T Dh
             k = self.k_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
@@ -292,11 +297,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, rope, cache, attn_mask):
-        x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), rope, cache, attn_mask))
+        drop = self.drop if self.training else (lambda y: y)  # (skip the no-op call when decoding)
+        x_BTD = x_BTD + drop(self.attn(self.attn_norm(x_BTD), rope, cache, attn_mask))
         if not self.is_moe:
-            return x_BTD + self.drop(self.mlp(self.mlp_norm(x_BTD))), None
+            return x_BTD + drop(self.mlp(self.mlp_norm(x_BTD))), None
         y_BTD, stats = self.mlp(self.mlp_norm(x_BTD))
-        return x_BTD + self.drop(y_BTD), stats
+        return x_BTD + drop(y_BTD), stats
 
 
 # ---- the model --------------------------------------------------------------------------------
