@@ -177,6 +177,7 @@ def test_fast_inference_follows_weight_updates_and_leaves_training_alone():
         after = model(x).logits
         model.fast_inference(False)
         plain = model(x).logits
+    assert not any("_packed" in m.__dict__ for m in model.modules())  # the stacked copies are freed
     assert (after - before).abs().max() > 1e-3
     assert (after - plain).abs().max() <= 1e-5
     model.fast_inference().train()

@@ -72,7 +72,9 @@ class TorchEngine:
 
     def __init__(self, model, use_cache: bool = True, max_len: int | None = None):
         self.model, self.use_cache = model, use_cache
-        if hasattr(model, "fast_inference"):
+        # packed Linears (see Transformer.fast_inference); not for FSDP-sharded parameters, which
+        # exist whole only inside each block's forward
+        if hasattr(model, "fast_inference") and not any(type(p).__name__ == "DTensor" for p in model.parameters()):
             model.fast_inference()
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         p = next(model.parameters())

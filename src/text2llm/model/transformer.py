@@ -371,10 +371,13 @@ class Transformer(nn.Module):
     def fast_inference(self, on: bool = True) -> "Transformer":
         """Faster generation: under ``torch.no_grad`` every Linear runs through :func:`packed_linear`
         (q/k/v in one matmul, gate/up in another, weights cached transposed). Training, and any
-        call with grad enabled, uses the plain Linears. Costs a second copy of the Linear weights.
+        call with grad enabled, uses the plain Linears. Costs a second copy of the Linear weights,
+        freed by ``fast_inference(False)``.
         The generation engines turn it on. Linear classes without a packer (:data:`LINEAR_PACKERS`)
         keep their own forward."""
         for m in self.modules():
+            if not on:
+                m.__dict__.pop("_packed", None)  # free the stacked copies
             if isinstance(m, (Attention, MLP)):
                 names = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
                          if hasattr(m, n)]
