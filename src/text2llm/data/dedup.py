@@ -34,14 +34,15 @@ from text2llm.data.textstats import BatchStats
 _ASCII_OTHER_SPACE_RE = re.compile("[\t\x0b\x0c\r\x1c-\x1f]")
 
 
-def exact_key(text: str) -> int:
+def exact_key(text: str, low: str | None = None) -> int:
     """64-bit key of the text, insensitive to case and whitespace differences.
 
     The key is the hash of ``" ".join(text.lower().split())``. Normalised text (ASCII, single
     spaces, single or double newlines, stripped) needs no split: replacing its newlines gives
     the same string.
     """
-    low = text.lower()
+    if low is None:  # (callers that have ``text.lower()`` at hand pass it)
+        low = text.lower()
     if (
         low.isascii()
         and "  " not in low and " \n" not in low and "\n " not in low and "\n\n\n" not in low

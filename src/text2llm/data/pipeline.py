@@ -21,6 +21,7 @@ renames at the end, so an interrupted run leaves the old output untouched (never
 
 from __future__ import annotations
 
+import gc
 import gzip
 import io
 import json
@@ -65,24 +66,35 @@ def _init_worker(cfg_json: str, warm: bool = False) -> None:
             LanguageFilter.identifier()
 
 
-def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
+def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
     """Raw records -> ``(reason | None, exact_key, band keys, signature bytes, JSON line, text bytes)``.
 
     Word statistics for the filters and MinHash are computed once for the whole batch
-    (:class:`~text2llm.data.textstats.BatchStats`). Returns the results and a dict of repairs.
+    (:class:`~text2llm.data.textstats.BatchStats`). Returns the results (one per input document),
+    a dict of repairs, a dict of skipped records (unparsable JSON lines and the like) and the
+    input bytes of the documents (text as UTF-8, HTML as read).
     """
     from text2llm.data.dedup import exact_key
     from text2llm.data.extract import html_to_text
     from text2llm.data.filters import DocStats
     from text2llm.data.normalize import normalize
+    from text2llm.data.readers import parse_jsonl_line
     from text2llm.data.textstats import BatchStats
 
     import numpy as np
 
     cfg, filters, minhash = _STATE["cfg"], _STATE["filters"], _STATE["minhash"]
     repaired: Counter = Counter()
+    skipped: Counter = Counter()
     docs = []
-    for rid, src, kind, payload, charset in batch:
+    bytes_in = 0
+    for rec in batch:
+        if rec[2] == "jsonl":
+            rec = parse_jsonl_line(rec[0], rec[1], rec[3], cfg, skipped, repaired)
+            if rec is None:
+                continue
+        rid, src, kind, payload, charset = rec
+        bytes_in += _payload_bytes(payload)
         text = html_to_text(payload, charset, repaired) if kind == "html" else payload
         docs.append(Document(rid, normalize(text, cfg, repaired), src))
     stats = BatchStats([d.text for d in docs]) if (filters or minhash) else None
@@ -130,13 +142,16 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict]:
     k = 0
     for i, doc in enumerate(docs):
         if reasons[i] is None and minhash is not None:
-            key, band, sig = exact_key(doc.text), bands[k], sigs[k].tobytes()
+            v = views[i]
+            key = exact_key(doc.text, v.lower if v.text is doc.text else None)
+            band, sig = bands[k], sigs[k].tobytes()
             k += 1
         else:
             key = band = sig = None
         line = json_line(doc, reasons[i])  # encoded here, in parallel
-        out.append((reasons[i], key, band, sig, line, len(doc.text.encode("utf-8"))))
-    return out, dict(repaired)
+        t = doc.text
+        out.append((reasons[i], key, band, sig, line, len(t) if t.isascii() else len(t.encode("utf-8"))))
+    return out, dict(repaired), dict(skipped), bytes_in
 
 
 def _batch_passes(f, keep: list[int], views: list) -> set[int]:
@@ -241,6 +256,15 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 # the run
 
 
+def _size(rec: tuple) -> int:
+    """A record's size for the batch cut: characters of text; bytes of HTML; for an unparsed JSON
+    line its bytes, a third of them when not ASCII (~ characters of CJK text)."""
+    payload = rec[3]
+    if rec[2] == "jsonl" and not payload.isascii():
+        return len(payload) // 3
+    return len(payload)
+
+
 def _batches(it: Iterator[tuple], max_docs: int, max_chars: int) -> Iterator[list[tuple]]:
     """Cut the record stream into batches of at most ``max_docs`` records / ~``max_chars`` characters.
 
@@ -249,7 +273,7 @@ def _batches(it: Iterator[tuple], max_docs: int, max_chars: int) -> Iterator[lis
     batch, size = [], 0
     for rec in it:
         batch.append(rec)
-        size += len(rec[3])
+        size += _size(rec)
         if len(batch) >= max_docs or size >= max_chars:
             yield batch
             batch, size = [], 0
@@ -308,13 +332,8 @@ def run_clean(
     rejected = ShardWriter(staging, "rejected", cfg.shard_docs, cfg.shard_bytes) if cfg.write_rejected else None
     input_bytes = sum(f.stat().st_size for f, _ in files)
 
-    def counted(it):
-        for raw in it:
-            counts["docs_in"] += 1
-            counts["bytes_in"] += _payload_bytes(raw[3])
-            yield raw
-
-    raw_iter = counted(iter_raw(files, cfg, skipped, repaired))
+    # JSON lines are parsed in the workers; they count documents, input bytes and skipped lines
+    raw_iter = iter_raw(files, cfg, skipped, repaired, defer_json=True)
     batches = _batches(raw_iter, cfg.batch_docs, cfg.batch_chars)
     cfg_json = cfg.model_dump_json()
     display = _Progress(input_bytes, enabled=progress)
@@ -328,12 +347,21 @@ def run_clean(
             # fork after warming up (imports, lookup tables, langid model) so each worker starts
             # ready; elsewhere spawn and let the initializer build the state
             method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform == "linux" else "spawn"
-            pool = mp.get_context(method).Pool(
-                workers, initializer=None if method == "fork" else _init_worker, initargs=(cfg_json,)
-            )
+            if method == "fork":
+                gc.freeze()  # the inherited objects are never collected in the workers: fewer copied pages
+            try:
+                pool = mp.get_context(method).Pool(
+                    workers, initializer=None if method == "fork" else _init_worker, initargs=(cfg_json,)
+                )
+            finally:
+                if method == "fork":
+                    gc.unfreeze()
             results = _bounded_imap(pool, batches, 2 * workers)
-        for batch_out, batch_repaired in results:
+        for batch_out, batch_repaired, batch_skipped, batch_bytes in results:
             repaired.update(batch_repaired)
+            skipped.update(batch_skipped)
+            counts["docs_in"] += len(batch_out)
+            counts["bytes_in"] += batch_bytes
             for reason, key, bands, sig, line, n in batch_out:
                 if reason is None and dedup is not None:
                     reason = dedup.check(key, bands, np.frombuffer(sig, dtype=np.uint32))

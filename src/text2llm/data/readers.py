@@ -29,7 +29,9 @@ from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
 from text2llm.errors import UserError
 
-Raw = tuple  # (id: str, source: str, kind: "text" | "html", payload: str | bytes, charset: str | None)
+Raw = tuple  # (id: str, source: str, kind: "text" | "html" | "jsonl", payload: str | bytes, charset: str | None)
+# kind "jsonl" (only with ``iter_raw(..., defer_json=True)``): payload is the line's bytes, id the
+# default id ``file:line`` and source the path; :func:`parse_jsonl_line` makes it a "text" record
 
 _CHUNK = 1 << 20
 _GZ_ERRORS = (EOFError, OSError, zlib.error)  # truncated / corrupt gzip streams (BadGzipFile is an OSError)
@@ -185,12 +187,21 @@ def decode_bytes(data: bytes, declared: str | None, repaired: Counter) -> str:
 # readers
 
 
-def iter_raw(files: list[tuple[Path, str]], cfg: DataConfig, skipped: Counter, repaired: Counter) -> Iterator[Raw]:
-    """Raw records from every file in order; problems are counted, never raised."""
+def iter_raw(
+    files: list[tuple[Path, str]], cfg: DataConfig, skipped: Counter, repaired: Counter, defer_json: bool = False
+) -> Iterator[Raw]:
+    """Raw records from every file in order; problems are counted, never raised.
+
+    ``defer_json``: JSON lines come as unparsed ``"jsonl"`` records (parsed later, in the workers,
+    by :func:`parse_jsonl_line`, which counts their problems there).
+    """
     for path, kind in files:
         reader = {"jsonl": read_jsonl, "txt": read_txt, "html": read_html, "warc": read_warc}[kind]
         try:
-            yield from reader(path, cfg, skipped, repaired)
+            if kind == "jsonl":
+                yield from read_jsonl(path, cfg, skipped, repaired, defer_json)
+            else:
+                yield from reader(path, cfg, skipped, repaired)
         except (EOFError, zlib.error, gzip.BadGzipFile):
             skipped["truncated_or_corrupt_gzip"] += 1  # records before the damage were kept
         except OSError as e:
@@ -213,43 +224,70 @@ def _lines(f: IO[bytes], limit: int, skipped: Counter) -> Iterator[tuple[int, by
         yield n, line
 
 
-def read_jsonl(path: Path, cfg: DataConfig, skipped: Counter, repaired: Counter) -> Iterator[Raw]:
-    """One record per line; text from ``cfg.text_field``, id from ``cfg.id_field`` (else ``path:line``)."""
+def _loads(s: str):
+    """``json.loads(s, strict=False)`` without building a decoder per call."""
+    if s.startswith("\ufeff"):
+        raise ValueError("Unexpected UTF-8 BOM")
+    return _DECODER.decode(s)
+
+
+_DECODER = json.JSONDecoder(strict=False)
+
+
+def read_jsonl(path: Path, cfg: DataConfig, skipped: Counter, repaired: Counter, defer: bool = False) -> Iterator[Raw]:
+    """One record per line; text from ``cfg.text_field``, id from ``cfg.id_field`` (else ``path:line``).
+
+    ``defer``: yield each non-blank line unparsed, as a ``"jsonl"`` record (see :func:`parse_jsonl_line`).
+    """
     with _open(path) as f:
         any_line = False
+        name, src = path.name, str(path)
         for n, line in _lines(f, cfg.max_doc_bytes * 2, skipped):
             if not line.strip():
                 continue
             any_line = True
-            try:
-                s = line.decode("utf-8")
-            except UnicodeDecodeError:
-                s = line.decode("utf-8", errors="replace")
-                repaired["invalid_utf8_replaced"] += 1
-            try:
-                rec = json.loads(s, strict=False)  # strict=False: raw control chars in strings are cleaned later
-            except ValueError:
-                skipped["malformed_json"] += 1
+            if defer:
+                yield (f"{name}:{n}", src, "jsonl", line, None)
                 continue
-            if not isinstance(rec, dict):
-                skipped["malformed_json"] += 1
-                continue
-            text = rec.get(cfg.text_field)
-            if not isinstance(text, str):
-                skipped["missing_text_field"] += 1
-                continue
-            if not text.strip():
-                skipped["empty_text"] += 1
-                continue
-            if len(text) > cfg.max_doc_bytes:
-                skipped["too_large"] += 1
-                continue
-            rid = rec.get(cfg.id_field)
-            rid = str(rid) if isinstance(rid, (str, int)) and str(rid) else f"{path.name}:{n}"
-            src = rec.get("url") if isinstance(rec.get("url"), str) else str(path)
-            yield (rid, src, "text", text, None)
+            rec = parse_jsonl_line(f"{name}:{n}", src, line, cfg, skipped, repaired)
+            if rec is not None:
+                yield rec
         if not any_line:
             skipped["empty_file"] += 1
+
+
+def parse_jsonl_line(rid: str, src: str, line: bytes, cfg: DataConfig, skipped: Counter, repaired: Counter) -> Raw | None:
+    """A JSON line -> ``(id, source, "text", text, None)``, or None (counted in ``skipped``).
+
+    ``rid`` and ``src`` are the defaults (``file:line`` and the path) for records without an id or url.
+    """
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError:
+        s = line.decode("utf-8", errors="replace")
+        repaired["invalid_utf8_replaced"] += 1
+    try:
+        rec = _loads(s)  # strict=False: raw control chars in strings are cleaned later
+    except ValueError:
+        skipped["malformed_json"] += 1
+        return None
+    if not isinstance(rec, dict):
+        skipped["malformed_json"] += 1
+        return None
+    text = rec.get(cfg.text_field)
+    if not isinstance(text, str):
+        skipped["missing_text_field"] += 1
+        return None
+    if not text.strip():
+        skipped["empty_text"] += 1
+        return None
+    if len(text) > cfg.max_doc_bytes:
+        skipped["too_large"] += 1
+        return None
+    rid2 = rec.get(cfg.id_field)
+    rid = str(rid2) if isinstance(rid2, (str, int)) and str(rid2) else rid
+    url = rec.get("url")
+    return (rid, url if isinstance(url, str) else src, "text", text, None)
 
 
 _SEPARATORS = {"file": None, "blank-line": re.compile(r"\n[ \t\r\f\v]*\n"), "line": re.compile(r"\n")}

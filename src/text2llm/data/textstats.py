@@ -166,9 +166,9 @@ class BatchStats:
         with np.errstate(over="ignore"):
             w = (cp + np.uint32(1)).astype(np.uint64)
             w *= kpow[: len(cp)]
-            w *= isw
-            csum = np.cumsum(w)
-            h = csum[ends] - csum[starts] + w[starts]
+            csum = np.zeros(len(cp) + 1, dtype=np.uint64)
+            np.cumsum(w, out=csum[1:])  # a word is a run of word characters: no need to mask the rest
+            h = csum[ends + 1] - csum[starts]
             h *= kinv[starts]
             long = np.flatnonzero(self.wlen > _MAXLEN_PPOW)
             for k in long:  # positions past 2^16 in a word reuse the last power (rare; kept for stable hashes)
@@ -255,12 +255,35 @@ class BatchStats:
                 g += self.whash[idx + k]
         return _mix(g)
 
+    def _raw_ngrams(self, n: int) -> np.ndarray:
+        """Unmixed n-gram hashes (as in :meth:`_ngram_hashes`) at every word position ``< nw - n + 1``,
+        across document ends too; each n from the (n-1)-grams with one multiply-add."""
+        if n == 1:
+            return self.whash
+        key = ("raw", n)
+        if key not in self._cache:
+            prev = self._raw_ngrams(n - 1)
+            with np.errstate(over="ignore"):
+                r = prev[: len(prev) - 1] * _P
+                r += self.whash[n - 1 :]
+            self._cache[key] = r
+        return self._cache[key]
+
+    def _ngram_mask(self, n: int) -> np.ndarray:
+        """Over word positions ``< nw - n + 1``: the n-gram starting there lies inside one document."""
+        nw = len(self.whash)
+        return self.wdoc[: nw - n + 1] == self.wdoc[n - 1 :]
+
     def ngrams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(hashes, first_word_index)`` of every n-gram that lies inside one document."""
         key = ("ng", n)
         if key not in self._cache:
-            idx = self._ngram_starts(n)
-            self._cache[key] = (self._ngram_hashes(idx, n), idx)
+            if len(self.whash) < n:
+                self._cache[key] = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64))
+            else:
+                ok = self._ngram_mask(n)
+                self._cache[("ngmask", n)] = ok
+                self._cache[key] = (_mix(self._raw_ngrams(n)[ok]), np.flatnonzero(ok))
         return self._cache[key]
 
     def top_ngram_frac(self, n: int) -> np.ndarray:
@@ -268,9 +291,9 @@ class BatchStats:
         g, idx = self.ngrams(n)
         top = np.zeros(self.n_docs)
         if len(g):
-            cs = self.wlen_cumsum
-            glen = np.minimum(cs[idx + n] - cs[idx], 255).astype(np.uint64)
-            doc = self.wdoc[idx].astype(np.uint64)
+            cs, ok = self.wlen_cumsum, self._cache[("ngmask", n)]
+            glen = np.minimum((cs[n:] - cs[:-n])[ok], 255).astype(np.uint64)
+            doc = self.wdoc[: len(ok)][ok].astype(np.uint64)
             key = np.sort((doc << _U(44)) | ((g >> _U(28)) << _U(8)) | glen)
             edge = np.flatnonzero(np.diff(key)) + 1
             run_start = np.concatenate([[0], edge])
@@ -323,6 +346,19 @@ class BatchStats:
         gstart = np.flatnonzero(np.concatenate([[True], sub_k[1:] != sub_k[:-1]]))
         first = np.minimum.reduceat(sub_o, gstart)
         starts = idx[sub_o[sub_o != np.repeat(first, np.diff(np.append(gstart, len(sub_o))))]]
+        if docs is not None:  # over the words of ``docs`` only (n-grams never cross a document end)
+            sz = self.bounds[docs + 1] - lo
+            off = np.cumsum(sz) - sz
+            k = np.searchsorted(lo, starts, side="right") - 1
+            local = starts - lo[k] + off[k]
+            m = int(sz.sum())
+            diff = np.bincount(local, minlength=m + n + 1) - np.bincount(local + n, minlength=m + n + 1)
+            covered = np.cumsum(diff)[:m] > 0
+            wl = self.wlen[np.arange(m) + np.repeat(lo - off, sz)]
+            out = np.zeros(self.n_docs)
+            has = sz > 0
+            out[docs[has]] = np.add.reduceat(wl * covered, off[has]) / np.maximum(self.word_chars[docs[has]], 1)
+            return out
         diff = np.bincount(starts, minlength=nw + n + 1) - np.bincount(starts + n, minlength=nw + n + 1)
         covered = np.cumsum(diff)[:nw] > 0
         dup = np.diff(np.concatenate([[0], np.cumsum(self.wlen * covered)])[self.bounds])
