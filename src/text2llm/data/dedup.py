@@ -34,16 +34,16 @@ from text2llm.data.textstats import BatchStats
 _ASCII_OTHER_SPACE_RE = re.compile("[\t\x0b\x0c\r\x1c-\x1f]")
 
 
-def exact_key(text: str, low: str | None = None) -> int:
+def exact_key(text: str, low: str | None = None, plain: bool = False) -> int:
     """64-bit key of the text, insensitive to case and whitespace differences.
 
     The key is the hash of ``" ".join(text.lower().split())``. Normalised text (ASCII, single
     spaces, single or double newlines, stripped) needs no split: replacing its newlines gives
     the same string.
     """
-    if low is None:  # (callers that have ``text.lower()`` at hand pass it)
+    if low is None:  # (callers that have ``text.lower()`` at hand pass it, and maybe ``plain``: the tests below hold)
         low = text.lower()
-    if (
+    if plain or (
         low.isascii()
         and "  " not in low and " \n" not in low and "\n " not in low and "\n\n\n" not in low
         and low[:1] not in " \n" and low[-1:] not in " \n" and not _ASCII_OTHER_SPACE_RE.search(low)

@@ -77,7 +77,7 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
     from text2llm.data.dedup import exact_key
     from text2llm.data.extract import html_to_text
     from text2llm.data.filters import DocStats
-    from text2llm.data.normalize import normalize
+    from text2llm.data.normalize import normalize_batch
     from text2llm.data.readers import parse_jsonl_line
     from text2llm.data.textstats import BatchStats
 
@@ -96,7 +96,9 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
         rid, src, kind, payload, charset = rec
         bytes_in += _payload_bytes(payload)
         text = html_to_text(payload, charset, repaired) if kind == "html" else payload
-        docs.append(Document(rid, normalize(text, cfg, repaired), src))
+        docs.append(Document(rid, text, src))
+    for d, text in zip(docs, normalize_batch([d.text for d in docs], cfg, repaired)):
+        d.text = text
     stats = BatchStats([d.text for d in docs]) if (filters or minhash) else None
     views = [DocStats(d.text, stats, i) for i, d in enumerate(docs)] if stats is not None else []
     reasons: list[str | None] = [None if d.text else "empty:after_normalisation" for d in docs]
@@ -107,24 +109,27 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
         # filter by filter over the batch: each document still meets the filters in order and
         # stops at its first drop, and texts a filter edits (C4 line rules) get new statistics in
         # one batch instead of one by one
+        alive = np.zeros(len(docs), dtype=bool)
+        alive[keep] = True
+        in_main = np.ones(len(docs), dtype=bool)  # the doc's view is row i of ``stats`` (not re-computed)
         for f in filters:
-            passed = []
-            settled = _batch_passes(f, keep, views)
-            for i in keep:
-                if i in settled:
-                    passed.append(i)
-                    continue
+            idx = np.flatnonzero(alive)
+            if not len(idx):
+                break
+            # the batch fast path settles most documents; the others are checked one by one
+            rest = idx[~_batch_passes(f, idx, views, stats, in_main)].tolist()
+            for i in rest:
                 reason = f(docs[i])
                 if reason:
                     reasons[i] = reason
-                else:
-                    passed.append(i)
-            keep = passed
-            edited = [i for i in keep if views[i].text is not docs[i].text]
+                    alive[i] = False
+            edited = [i for i in rest if alive[i] and views[i].text is not docs[i].text]
             if edited:
                 fresh = BatchStats([docs[i].text for i in edited])
                 for k, i in enumerate(edited):
                     docs[i].__dict__["_stats"] = views[i] = DocStats(docs[i].text, fresh, k)
+                in_main[edited] = False
+        keep = np.flatnonzero(alive).tolist()
     sigs = bands = None
     if minhash is not None and keep:
         groups: dict[int, tuple[BatchStats, list[int], list[int]]] = {}  # per BatchStats: (it, docs, its rows)
@@ -143,7 +148,10 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
     for i, doc in enumerate(docs):
         if reasons[i] is None and minhash is not None:
             v = views[i]
-            key = exact_key(doc.text, v.lower if v.text is doc.text else None)
+            if v.text is doc.text:
+                key = exact_key(doc.text, v.lower, bool(v.batch.plain[v.i]))
+            else:
+                key = exact_key(doc.text)
             band, sig = bands[k], sigs[k].tobytes()
             k += 1
         else:
@@ -154,24 +162,29 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
     return out, dict(repaired), dict(skipped), bytes_in
 
 
-def _batch_passes(f, keep: list[int], views: list) -> set[int]:
-    """The documents of ``keep`` that ``f`` certainly passes unchanged, by its batch fast path
-    (:meth:`~text2llm.data.filters.Filter.passes`, per :class:`BatchStats` the views point into)."""
+def _batch_passes(f, idx, views: list, stats, in_main):
+    """Bool mask over the documents ``idx``: those that ``f`` certainly passes unchanged, by its
+    batch fast path (:meth:`~text2llm.data.filters.Filter.passes`, per :class:`BatchStats` the
+    views point into: ``stats``, row = document index, where ``in_main``; else a re-computed one)."""
     import numpy as np
 
-    groups: dict[int, tuple] = {}
-    for i in keep:
-        v = views[i]
-        g = groups.get(id(v.batch))
-        if g is None:
-            g = groups[id(v.batch)] = (v.batch, [], [])
-        g[1].append(i)
-        g[2].append(v.i)
-    settled: set[int] = set()
-    for batch_stats, idx, rows in groups.values():
-        mask = f.passes(batch_stats, np.array(rows, dtype=np.int64))
+    settled = np.zeros(len(idx), dtype=bool)
+    main = in_main[idx]
+    if main.any():
+        mask = f.passes(stats, idx[main])
         if mask is not None:
-            settled.update(np.array(idx)[mask].tolist())
+            settled[np.flatnonzero(main)[mask]] = True
+    if not main.all():
+        groups: dict[int, tuple] = {}
+        for k in np.flatnonzero(~main).tolist():
+            v = views[idx[k]]
+            g = groups.setdefault(id(v.batch), (v.batch, [], []))
+            g[1].append(k)
+            g[2].append(v.i)
+        for batch_stats, ks, rows in groups.values():
+            mask = f.passes(batch_stats, np.array(rows, dtype=np.int64))
+            if mask is not None:
+                settled[np.array(ks)[mask]] = True
     return settled
 
 

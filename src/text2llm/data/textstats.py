@@ -219,6 +219,28 @@ class BatchStats:
         seen[self.wdoc[hit], ids.take(slot[hit])] = True
         return count, seen.sum(axis=1)
 
+    def _plain(self) -> np.ndarray:
+        """Per doc: the lower-cased text is ASCII, stripped, has no whitespace but single spaces and
+        newlines and no run of 3+ newlines (what :func:`~text2llm.data.dedup.exact_key` tests).
+        False may also be a document that is plain after all (then the slow way gives the same)."""
+        cp, ds = self._cp, self._doc_start
+        nxt = _next(cp, 0)
+        sp, nl = cp == 32, cp == 10
+        bad = (sp & ((nxt == 32) | (nxt == 10))) | (nl & (nxt == 32)) | (cp >= 128)
+        bad |= nl & (nxt == 10) & (_next(nxt, 0) == 10)
+        bad |= (self._flags & SPACE).view(bool) & ~sp & ~nl
+        lens = np.diff(ds) - 1
+        ok = ~np.logical_or.reduceat(bad, ds[:-1]) if len(cp) else np.zeros(0, dtype=bool)
+        ok &= lens > 0
+        first = cp[np.minimum(ds[:-1], len(cp) - 1)]
+        last = cp[np.maximum(ds[1:] - 2, 0)]
+        ok &= (first != 32) & (first != 10) & (last != 32) & (last != 10)
+        return ok
+
+    @property
+    def plain(self) -> np.ndarray:
+        return self.cached("plain", self._plain)
+
     @property
     def lines(self) -> "LineStats":
         """Line statistics of the (original, not lower-cased) texts, computed once per batch."""
