@@ -110,6 +110,9 @@ def test_small_units_empty_documents_and_any_input_give_identical_output(tok_dir
             for f in metas[k]["splits"][split]["shards"]:
                 assert (tmp_path / k / f).read_bytes() == (tmp_path / "list-1" / f).read_bytes()
     assert len(metas["list-1"]["splits"]["train"]["shards"]) > 1
+    for k in runs:  # the workers' token files are gone: only the shards and meta.json
+        shards = [f for s in ("train", "val") for f in metas[k]["splits"][s]["shards"]]
+        assert sorted(p.name for p in (tmp_path / k).iterdir()) == sorted(shards + ["meta.json"])
     assert pack_mod._tok is None and pack_mod._docs is None  # nothing kept alive after pack
 
 

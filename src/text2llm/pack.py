@@ -41,13 +41,15 @@ import numpy as np
 from text2llm.errors import UserError, read_json_file
 
 META = "meta.json"
-# a work unit: this many documents or UTF-8 bytes of text, whichever comes first. Small enough that
-# the last units keep every worker busy (a unit takes ~15 ms of SentencePiece on Chinese, ~70 ms on
-# English), large enough that the per-unit cost (pickling, one batch call) stays under 1%
+# a work unit: this many documents or bytes of UTF-8 text (estimated, see _size), whichever comes
+# first. Small enough that the last units keep every worker busy and large documents spread over
+# them (a unit takes ~15 ms of SentencePiece on Chinese, ~70 ms on English), large enough that the
+# per-unit cost (one batch call, one result sent back) stays near 1%
 CHUNK_DOCS, CHUNK_BYTES = 512, 1 << 18
 _tok = None  # the tokenizer of this (worker) process
 _job: dict = {}  # what every chunk needs: dtype, split and mode settings
 _docs: Sequence | None = None  # the caller's list of documents, which forked workers read by index
+_spilled = 0  # units this worker process has written to spill files
 
 
 def _init_worker(tok_dir: str, job: dict) -> None:
@@ -96,6 +98,12 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii() is O(1) in CPython
 
 
+def _size(text: str) -> int:
+    """UTF-8 bytes of ``text``, estimated in O(1) (exact for ASCII and for CJK), to cut work units
+    without encoding every document in the process that hands them out."""
+    return len(text) if text.isascii() else 3 * len(text)
+
+
 def _flat(encoded: Iterable[list[int]], n: int, dtype, bos: int, eos: int) -> np.ndarray:
     """``BOS ids EOS`` of each document back to back as one array of ``n`` tokens (the flattening
     runs in C: no per-token or per-document Python code)."""
@@ -131,7 +139,25 @@ def _encode_chunk(chunk: list[tuple[str, str]] | tuple[int, int]) -> dict:
         n = int(lens.sum())
         out[split] = {"ids": _flat(docs, n, j["dtype"], tok.bos_id, tok.eos_id), "lens": lens, "tokens": n,
                       "documents": n_docs, "bytes": sum(map(_utf8_len, texts))}
+    if j.get("spill"):
+        _spill(out, j["spill"])
     return out
+
+
+def _spill(out: dict, folder: str) -> None:
+    """Worker processes: write the unit's token ids to a file of this worker's own and send back
+    only where they are. The result then crosses the pipe in a few KB, so a worker never waits for
+    the parent to read it, and the parent copies the tokens into the shards in the kernel."""
+    global _spilled
+    path = os.path.join(folder, f".unit-{os.getpid()}-{_spilled}.bin")
+    _spilled += 1
+    offset = 0
+    with open(path, "wb") as f:
+        for part in out.values():
+            ids = part.pop("ids")
+            f.write(ids.astype(ids.dtype.newbyteorder("<"), copy=False).data)
+            part["spill"] = (path, offset, ids.itemsize, len(ids))
+            offset += ids.nbytes
 
 
 def _padded(docs: list[list[int]], texts: list[str], j: dict) -> dict:
@@ -166,21 +192,35 @@ class ShardWriter:
         self._in_shard = 0
 
     def write(self, part: dict) -> None:
-        ids = part["ids"].astype(part["ids"].dtype.newbyteorder("<"), copy=False)
+        """Append a unit's tokens: ``part["ids"]`` (an array), or ``part["spill"]`` (where a
+        worker wrote them: path, byte offset, bytes per token, tokens)."""
+        if "ids" in part:
+            ids = part["ids"].astype(part["ids"].dtype.newbyteorder("<"), copy=False)
+            n, src = len(ids), None
+        else:
+            path, offset, itemsize, n = part["spill"]
+            src = open(path, "rb", buffering=0) if n else None
         ends = np.cumsum(part["lens"])
         start = 0
-        while start < len(ids):
-            if self._fh is None or self._in_shard >= self.shard_tokens:
-                self._open()
-            # write the documents that fit before this shard is full (at least one)
-            room = self.shard_tokens - self._in_shard
-            first = int(np.searchsorted(ends, start, side="right"))  # the next document
-            last = max(first, int(np.searchsorted(ends, start + room, side="right")) - 1)
-            stop = int(ends[last])
-            self._fh.write(ids[start:stop].tobytes())
-            self._in_shard += stop - start
-            start = stop
-        self.stored += len(ids)
+        try:
+            while start < n:
+                if self._fh is None or self._in_shard >= self.shard_tokens:
+                    self._open()
+                # write the documents that fit before this shard is full (at least one)
+                room = self.shard_tokens - self._in_shard
+                first = int(np.searchsorted(ends, start, side="right"))  # the next document
+                last = max(first, int(np.searchsorted(ends, start + room, side="right")) - 1)
+                stop = int(ends[last])
+                if src is None:
+                    _write_all(self._fh.fileno(), ids[start:stop].data)
+                else:
+                    _copy_range(src.fileno(), offset + start * itemsize, (stop - start) * itemsize, self._fh.fileno())
+                self._in_shard += stop - start
+                start = stop
+        finally:
+            if src is not None:
+                src.close()
+        self.stored += n
         self.tokens += part["tokens"]
         self.documents += part["documents"]
         self.bytes += part["bytes"]
@@ -190,13 +230,38 @@ class ShardWriter:
             self._fh.close()
         name = f"{self.split}-{len(self.files):05d}.bin"
         self.files.append(name)
-        self._fh = open(self.out / name, "wb")
+        self._fh = open(self.out / name, "wb", buffering=0)  # whole units at a time: no buffer
         self._in_shard = 0
 
     def close(self) -> dict:
         if self._fh:
             self._fh.close()
         return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.files}
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[os.write(fd, view):]
+
+
+def _copy_range(src: int, offset: int, n: int, dst: int) -> None:
+    """Append ``n`` bytes of file ``src`` from ``offset`` to ``dst`` (in the kernel where it can)."""
+    while n > 0:
+        k = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                k = os.copy_file_range(src, dst, n, offset)
+            except OSError:  # a file system or kernel without it: copy through memory
+                k = 0
+        if k <= 0:
+            data = os.pread(src, min(n, 1 << 24), offset)
+            if not data:
+                raise RuntimeError("pack: a worker's token file is shorter than it said")
+            _write_all(dst, data)
+            k = len(data)
+        offset += k
+        n -= k
 
 
 def _pair(n: int, d) -> tuple[str, str]:
@@ -215,7 +280,7 @@ def _chunks(docs: Iterable, skipped: list[int], by_index: bool = False) -> Itera
             skipped[0] += 1
             continue
         chunk.append((doc_id, text))
-        size += _utf8_len(text)
+        size += _size(text)
         if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
             yield (start, n + 1) if by_index else chunk
             chunk, size, start = [], 0, n + 1
@@ -270,7 +335,8 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
         else:
             units = _chunks(docs, skipped)
         ctx = get_context("fork" if fork else "spawn")
-        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(str(tok.path), job)) as pool:
+        pool_job = {**job, "spill": str(tmp)}
+        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(str(tok.path), pool_job)) as pool:
             # results are taken in submission order, so the output is identical for any worker
             # count; at most 2 chunks per worker are in flight, so memory stays bounded
             # (Pool.imap would read the whole corpus ahead)
@@ -288,6 +354,9 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
             for split, part in res.items():
                 writers[split].write(part)
                 tokens += part["tokens"]
+            spill = res["train"].get("spill")
+            if spill:
+                os.unlink(spill[0])
             bar.update(res["train"]["documents"] + res["val"]["documents"])
             bar.set_postfix_str(f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f} tok/s", refresh=False)
     finally:
