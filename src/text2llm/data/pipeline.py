@@ -100,18 +100,18 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
     for d, text in zip(docs, normalize_batch([d.text for d in docs], cfg, repaired)):
         d.text = text
     stats = BatchStats([d.text for d in docs]) if (filters or minhash) else None
-    views = [DocStats(d.text, stats, i) for i, d in enumerate(docs)] if stats is not None else []
+    # a document's statistics are row i of ``stats`` while ``in_main[i]``; texts a filter edits
+    # (C4 line rules) get a re-computed BatchStats, and their DocStats in ``views``
+    in_main = np.ones(len(docs), dtype=bool)
+    views: dict[int, DocStats] = {}
     reasons: list[str | None] = [None if d.text else "empty:after_normalisation" for d in docs]
     keep = [i for i, r in enumerate(reasons) if r is None]
     if filters:
-        for i in keep:
-            docs[i].__dict__["_stats"] = views[i]
         # filter by filter over the batch: each document still meets the filters in order and
-        # stops at its first drop, and texts a filter edits (C4 line rules) get new statistics in
-        # one batch instead of one by one
+        # stops at its first drop, and texts a filter edits get new statistics in one batch
+        # instead of one by one
         alive = np.zeros(len(docs), dtype=bool)
         alive[keep] = True
-        in_main = np.ones(len(docs), dtype=bool)  # the doc's view is row i of ``stats`` (not re-computed)
         for f in filters:
             idx = np.flatnonzero(alive)
             if not len(idx):
@@ -119,11 +119,14 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
             # the batch fast path settles most documents; the others are checked one by one
             rest = idx[~_batch_passes(f, idx, views, stats, in_main)].tolist()
             for i in rest:
-                reason = f(docs[i])
+                d = docs[i]
+                if "_stats" not in d.__dict__:  # (the filter's stats_of finds them there)
+                    d.__dict__["_stats"] = DocStats(d.text, stats, i)
+                reason = f(d)
                 if reason:
                     reasons[i] = reason
                     alive[i] = False
-            edited = [i for i in rest if alive[i] and views[i].text is not docs[i].text]
+            edited = [i for i in rest if alive[i] and docs[i].__dict__["_stats"].text is not docs[i].text]
             if edited:
                 fresh = BatchStats([docs[i].text for i in edited])
                 for k, i in enumerate(edited):
@@ -132,24 +135,27 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
         keep = np.flatnonzero(alive).tolist()
     sigs = bands = None
     if minhash is not None and keep:
-        groups: dict[int, tuple[BatchStats, list[int], list[int]]] = {}  # per BatchStats: (it, docs, its rows)
-        for i in keep:
-            v = views[i]
+        keep_arr = np.array(keep, dtype=np.int64)
+        main = in_main[keep_arr]
+        sigs = np.empty((len(keep), minhash.p), dtype=np.uint32)
+        if main.any():
+            sigs[main] = minhash.batch_signatures(stats, keep_arr[main])
+        groups: dict[int, tuple[BatchStats, list[int], list[int]]] = {}  # re-computed: (it, positions, its rows)
+        for k in np.flatnonzero(~main).tolist():
+            v = views[keep[k]]
             group = groups.setdefault(id(v.batch), (v.batch, [], []))
-            group[1].append(i)
+            group[1].append(k)
             group[2].append(v.i)
-        sig_rows = {}
-        for batch_stats, idx, rows in groups.values():
-            sig_rows.update(zip(idx, minhash.batch_signatures(batch_stats, rows)))
-        sigs = np.stack([sig_rows[i] for i in keep])
+        for batch_stats, ks, rows in groups.values():
+            sigs[ks] = minhash.batch_signatures(batch_stats, rows)
         bands = minhash.band_keys(sigs, cfg.minhash_bands).tolist()
     out = []
     k = 0
     for i, doc in enumerate(docs):
         if reasons[i] is None and minhash is not None:
-            v = views[i]
-            if v.text is doc.text:
-                key = exact_key(doc.text, v.lower, bool(v.batch.plain[v.i]))
+            b, row = (stats, i) if in_main[i] else (views[i].batch, views[i].i)
+            if b.texts[row] is doc.text:
+                key = exact_key(doc.text, b.lower[row], bool(b.plain[row]))
             else:
                 key = exact_key(doc.text)
             band, sig = bands[k], sigs[k].tobytes()
