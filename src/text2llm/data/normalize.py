@@ -25,7 +25,11 @@ from text2llm.data.config import DataConfig
 _FTFY = ftfy.TextFixerConfig(uncurl_quotes=False, fix_character_width=False, normalization=None, explain=False)
 
 # C0 (but \t \n), DEL, C1, zero-width and bidi marks, BOM, soft hyphen, object replacement
-_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffc]")
+_CONTROL_RANGES = (
+    (0x00, 0x08), (0x0B, 0x0C), (0x0E, 0x1F), (0x7F, 0x9F), (0xAD, 0xAD), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x2064), (0xFEFF, 0xFEFF), (0xFFFC, 0xFFFC),
+)
+_CONTROL_RE = re.compile("[" + "".join(f"\\u{lo:04x}-\\u{hi:04x}" for lo, hi in _CONTROL_RANGES) + "]")
 # non-newline spaces: tab, NBSP, en/em/thin spaces, ideographic space, ...
 _SPACE_RE = re.compile("[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]{2,}|[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _LINE_END_RE = re.compile("\r\n?|[\u2028\u2029\x85]")
@@ -84,13 +88,13 @@ _CONTROL_TABLE: list = []
 
 
 def _control_table():
-    """Code point (< 0x10000) -> matches ``_CONTROL_RE`` (every character it matches is in the BMP)."""
+    """Code point (< 0x10000) -> matches ``_CONTROL_RE`` (both made from ``_CONTROL_RANGES``, all in the BMP)."""
     if not _CONTROL_TABLE:
         import numpy as np
 
         table = np.zeros(0x10000, dtype=bool)
-        for ch in _CONTROL_RE.findall("".join(map(chr, range(0x10000)))):
-            table[ord(ch)] = True
+        for lo, hi in _CONTROL_RANGES:
+            table[lo : hi + 1] = True
         _CONTROL_TABLE.append(table)
     return _CONTROL_TABLE[0]
 
