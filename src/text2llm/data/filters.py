@@ -1,7 +1,10 @@
 """Quality filters: small named units, ``filter(doc) -> None`` (keep) or ``"name:reason"`` (drop).
 
 Each filter is a class with a ``name`` and thresholds taken from :class:`DataConfig`; the
-pipeline runs them in order, stops at the first drop and counts drops per filter name.
+pipeline runs them in order, stops at the first drop and counts drops per filter name. For speed,
+each filter also has a batch fast path, ``passes(batch_stats, rows)``: numpy over the word and line
+statistics of a whole batch settles the documents that certainly pass (unchanged); only the rest
+go through the per-document check, which alone decides the drop reasons.
 
 =====================  ========================================================================
 ``length``             word count (CJK: each Han/kana/hangul character is a word) and characters

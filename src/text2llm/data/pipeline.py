@@ -4,13 +4,13 @@
 
     main process                          worker processes (--workers N)
     ------------                          ------------------------------
-    readers.iter_raw  -- batches -->      process_batch: HTML extraction, normalisation,
-                                          quality filters, exact key, MinHash signature
+    readers.iter_raw  -- batches -->      process_batch: JSON parsing, HTML extraction,
+    (JSON lines unparsed)                 normalisation, quality filters, exact key, MinHash
     Deduplicator (input order)  <-- results, in order (imap)
     ShardWriter: clean-*.jsonl.gz, rejected-*.jsonl.gz, stats.json
 
-Determinism: batches are cut by document count (not by worker), every unit is a pure function of
-the document, results come back in input order and dedup runs in one place, so the output is
+Determinism: batches are cut by the input alone (record count and size, never by worker), every
+unit is a pure function of the document (batch statistics are per document too), results come back in input order and dedup runs in one place, so the output is
 byte-identical for any ``workers``. Memory: at most ``2 * workers`` batches are in flight, and
 documents are streamed to gzip shards; what grows with the corpus is only the dedup index (one
 hash per kept document, ``bands`` dict entries and a ``bands x rows`` uint32 signature).
