@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Iterator
 
@@ -302,6 +303,15 @@ def _batches(it: Iterator[tuple], max_docs: int, max_chars: int) -> Iterator[lis
         yield batch
 
 
+class _Pool(Pool):
+    """``multiprocessing.Pool`` whose worker-maintenance thread wakes only when a worker exits or
+    the pool changes state; CPython's also wakes it whenever a result waits in the pipe, and it then
+    spins until the result thread has read it (CPU taken from the workers on a small machine)."""
+
+    def _get_sentinels(self):
+        return [self._change_notifier._reader]
+
+
 def _bounded_imap(pool, batches: Iterator[list[tuple]], max_in_flight: int) -> Iterator:
     """Like ``pool.imap(process_batch, batches)`` in order, but reads ahead at most
     ``max_in_flight`` batches (``Pool.imap`` would queue the whole input in memory)."""
@@ -371,8 +381,8 @@ def run_clean(
             if method == "fork":
                 gc.freeze()  # the inherited objects are never collected in the workers: fewer copied pages
             try:
-                pool = mp.get_context(method).Pool(
-                    workers, initializer=None if method == "fork" else _init_worker, initargs=(cfg_json,)
+                pool = _Pool(
+                    workers, None if method == "fork" else _init_worker, (cfg_json,), context=mp.get_context(method)
                 )
             finally:
                 if method == "fork":
