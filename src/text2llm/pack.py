@@ -280,11 +280,10 @@ def _pair(n: int, d) -> tuple[str, str]:
     return (str(n), d) if isinstance(d, str) else (str(d.id), d.text)
 
 
-def _chunks(docs: Iterable, skipped: list[int], by_index: bool = False) -> Iterator:
-    """(id, text) pairs in work units; empty documents are skipped and counted. ``by_index``
-    (``docs`` is a list): a unit is ``(start, stop)``, positions in ``docs``."""
+def _chunks(docs: Iterable, skipped: list[int]) -> Iterator[list[tuple[str, str]]]:
+    """(id, text) pairs in work units; empty documents are skipped and counted."""
     chunk: list = []
-    size = start = 0
+    size = 0
     for n, d in enumerate(docs):
         doc_id, text = _pair(n, d)
         if not text:
@@ -293,10 +292,39 @@ def _chunks(docs: Iterable, skipped: list[int], by_index: bool = False) -> Itera
         chunk.append((doc_id, text))
         size += _size(text)
         if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
-            yield (start, n + 1) if by_index else chunk
-            chunk, size, start = [], 0, n + 1
+            yield chunk
+            chunk, size = [], 0
     if chunk:
-        yield (start, len(docs)) if by_index else chunk
+        yield chunk
+
+
+def _ranges(docs: Sequence, skipped: list[int], workers: int) -> list[tuple[int, int]]:
+    """Work units of a list of documents as ``(start, stop)`` positions (empty documents inside are
+    skipped by the worker, counted here). The whole size is known, so units shrink towards the end
+    (to a quarter of the work left per worker, at least CHUNK_BYTES / 8): the workers then finish
+    within a small unit of each other instead of one large one."""
+    sizes = [0] * len(docs)
+    for n, d in enumerate(docs):
+        text = _pair(n, d)[1]
+        if text:
+            sizes[n] = _size(text)
+        else:
+            skipped[0] += 1
+    left = sum(sizes)
+    units, start, count, size = [], 0, 0, 0
+    target = CHUNK_BYTES
+    for n, b in enumerate(sizes):
+        if not b:
+            continue
+        count, size = count + 1, size + b
+        if count >= CHUNK_DOCS or size >= target:
+            units.append((start, n + 1))
+            left -= size
+            start, count, size = n + 1, 0, 0
+            target = max(CHUNK_BYTES // 8, min(CHUNK_BYTES, left // (4 * workers)))
+    if count:
+        units.append((start, len(docs)))
+    return units
 
 
 def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, overwrite: bool = False,
@@ -341,7 +369,7 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
         if fork and isinstance(docs, (list, tuple)):
             # the units are cut before the fork: this process then touches no document the
             # workers share with it (which would copy their memory pages)
-            units: Iterable = list(_chunks(docs, skipped, by_index=True))
+            units: Iterable = _ranges(docs, skipped, cfg.workers)
             _set_state(tok, job, docs)
         else:
             units = _chunks(docs, skipped)
