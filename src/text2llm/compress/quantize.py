@@ -73,10 +73,6 @@ class Int8Packer:
     weights, just not the int8 kernel."""
 
     @staticmethod
-    def key(linears) -> tuple:
-        return tuple(id(m._packed_params._packed_params) for m in linears)  # replaced by set_weight_bias
-
-    @staticmethod
     def build(linears, tracing: bool = False):
         from text2llm.model.transformer import FloatPacker
 

@@ -81,11 +81,6 @@ class FloatPacker:
     ``F.linear``'s (out, in) layout), and the biases concatenated."""
 
     @staticmethod
-    def key(linears) -> tuple:
-        # a changed source tensor invalidates the stack: moved (data_ptr) or updated in place (_version)
-        return tuple((t.data_ptr(), t._version) for m in linears for t in (m.weight, m.bias) if t is not None)
-
-    @staticmethod
     def build(linears, tracing: bool = False):
         w_IO = torch.cat([m.weight if tracing else m.weight.detach() for m in linears]).t()
         w_IO = w_IO if tracing else w_IO.contiguous()
@@ -95,7 +90,7 @@ class FloatPacker:
         return (lambda x_NI: torch.addmm(b, x_NI, w_IO)) if b is not None else (lambda x_NI: torch.mm(x_NI, w_IO))
 
 
-# Linear class -> packer (``key(linears)``, ``build(linears, tracing)`` -> matmul of (N, in) rows).
+# Linear class -> packer (``build(linears, tracing)`` -> the matmul of (N, in) rows).
 # text2llm.compress.quantize registers its int8 Linear here.
 LINEAR_PACKERS: dict[type, type] = {nn.Linear: FloatPacker}
 
@@ -106,21 +101,21 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, names: tuple[str, ...]) -> 
     Decoding one token at a time is dominated by the cost of each call, not by arithmetic, so
     the engines stack the q/k/v weights into one matrix and the SwiGLU gate/up weights into
     another (:data:`LINEAR_PACKERS` says how, per Linear class). The stack is cached on ``owner``
-    (not a parameter or buffer, so ``state_dict`` and checkpoints keep the separate names) and
-    rebuilt when its packer's ``key`` changes, e.g. after an optimizer step. The price is a second
-    copy of those weights while the cache lives.
+    (not a parameter or buffer, so ``state_dict`` and checkpoints keep the separate names);
+    :meth:`Transformer.forward` drops the caches when a weight has changed since they were built
+    (e.g. an optimizer step). The price is a second copy of those weights while the cache lives.
     """
-    linears = [getattr(owner, n) for n in names]
-    packer = LINEAR_PACKERS[type(linears[0])]
     if torch.compiler.is_compiling():  # torch.export / torch.compile: trace the stacking, cache nothing
-        matmul = packer.build(linears, tracing=True)
+        linears = [getattr(owner, n) for n in names]
+        matmul = LINEAR_PACKERS[type(linears[0])].build(linears, tracing=True)
     else:
-        key = packer.key(linears)
-        cache = owner.__dict__.setdefault("_packed", {})
-        hit = cache.get(names)
-        if hit is None or hit[0] != key:
-            hit = cache[names] = (key, packer.build(linears))
-        matmul = hit[1]
+        cache = owner.__dict__.get("_packed")
+        if cache is None:
+            cache = owner.__dict__["_packed"] = {}
+        matmul = cache.get(names)
+        if matmul is None:
+            linears = [getattr(owner, n) for n in names]
+            matmul = cache[names] = LINEAR_PACKERS[type(linears[0])].build(linears)
     y_NO = matmul(x.reshape(-1, x.size(-1)))
     return y_NO.view(*x.shape[:-1], y_NO.size(-1))
 
@@ -318,6 +313,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.fast = False  # see fast_inference
+        self._fast_params: list[nn.Parameter] = []
+        self._fast_key = None
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -376,14 +373,25 @@ class Transformer(nn.Module):
         The generation engines turn it on. Linear classes without a packer (:data:`LINEAR_PACKERS`)
         keep their own forward."""
         for m in self.modules():
-            if not on:
-                m.__dict__.pop("_packed", None)  # free the stacked copies
+            m.__dict__.pop("_packed", None)  # free (or rebuild) the stacked copies
             if isinstance(m, (Attention, MLP)):
                 names = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
                          if hasattr(m, n)]
                 m.fast = on and all(type(getattr(m, n)) in LINEAR_PACKERS for n in names)
         self.fast = on and type(self.lm_head) in LINEAR_PACKERS
+        self._fast_params = list(self.parameters()) if on else []  # watched by _check_packed
+        self._fast_key = None
         return self
+
+    def _check_packed(self) -> None:
+        """Drop every packed stack if a weight changed since they were built: updated in place
+        (``_version``: an optimizer step, ``load_state_dict``) or moved (``data_ptr``: ``.to()``).
+        One check per forward, instead of one per packed matmul."""
+        key = [(p._version, p.data_ptr()) for p in self._fast_params]
+        if key != self._fast_key:
+            for m in self.modules():
+                m.__dict__.pop("_packed", None)
+            self._fast_key = key
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
@@ -398,6 +406,8 @@ class Transformer(nn.Module):
         the head's matmul for the other T-1 positions of a prompt.
         """
         B, T = input_ids.shape
+        if self._fast_params and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._check_packed()
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len {self.cfg.max_seq_len}")
