@@ -43,7 +43,7 @@ from text2llm.config import Config
 from text2llm.infer.decoding import SamplingParams, iter_tokens
 from text2llm.infer.generate import TorchEngine
 from text2llm.model.config import ModelConfig
-from text2llm.model.transformer import KVCache, Transformer
+from text2llm.model.transformer import Transformer
 
 
 def emit(obj: dict) -> None:

@@ -74,8 +74,6 @@ class Int8Packer:
 
     @staticmethod
     def build(linears, tracing: bool = False):
-        from text2llm.model.transformer import FloatPacker
-
         ws = [m.weight() for m in linears]
         q = torch.cat([w.int_repr() for w in ws])
         scale = torch.cat([w.q_per_channel_scales() for w in ws]).double()

@@ -204,7 +204,7 @@ def iter_raw(
                 yield from reader(path, cfg, skipped, repaired)
         except (EOFError, zlib.error, gzip.BadGzipFile):
             skipped["truncated_or_corrupt_gzip"] += 1  # records before the damage were kept
-        except OSError as e:
+        except OSError:
             skipped["unreadable_file"] += 1  # vanished or failed mid-run; the run goes on
 
 
