@@ -116,6 +116,42 @@ def test_small_units_empty_documents_and_any_input_give_identical_output(tok_dir
     assert pack_mod._tok is None and pack_mod._docs is None  # nothing kept alive after pack
 
 
+def test_packing_a_cleaned_dir_equals_packing_its_documents(tok_dir, tmp_path, monkeypatch):
+    """pack(DIR): the parent reads raw lines, the workers parse them; same bytes as pack(documents)."""
+    import gzip
+    import json
+
+    import text2llm.pack as pack_mod
+    from text2llm.data.readers import iter_cleaned
+
+    monkeypatch.setattr(pack_mod, "CHUNK_BYTES", 900)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    docs = _docs(500)
+    for k, part in enumerate((docs[:260], docs[260:])):  # two shards; some records without an id
+        with gzip.open(clean / f"clean-{k:05d}.jsonl.gz", "wt", encoding="utf-8") as f:
+            for i, d in enumerate(part):
+                rec = {"text": "" if i % 9 == 4 else d.text, "source": d.source}
+                if i % 5:
+                    rec["id"] = d.id
+                f.write(json.dumps(rec, ensure_ascii=False) + ("\n\n" if i == 3 else "\n"))  # a blank line too
+    cfg = dict(val_fraction=0.2, shard_tokens=4000)
+    ref = pack(iter_cleaned(clean), tok_dir, tmp_path / "ref", PackConfig(workers=1, **cfg), progress=False)
+    for w in (1, 2):
+        meta = pack(clean, tok_dir, tmp_path / f"dir-{w}", PackConfig(workers=w, **cfg), progress=False)
+        assert meta["splits"] == ref["splits"] and meta["skipped_empty"] == ref["skipped_empty"] > 0
+        for split in ("train", "val"):
+            for f in meta["splits"][split]["shards"]:
+                assert (tmp_path / f"dir-{w}" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
+    with gzip.open(clean / "clean-00002.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "fine"}\n{"id": "x"}\n')
+    for w in (1, 2):
+        with pytest.raises(UserError, match=r"clean-00002.jsonl.gz:2: not a cleaned-shard record"):
+            pack(clean, tok_dir, tmp_path / f"bad-{w}", PackConfig(workers=w, **cfg), progress=False)
+    with pytest.raises(UserError, match="no such file"):
+        pack(tmp_path / "missing", tok_dir, tmp_path / "m", PackConfig(), progress=False)
+
+
 def test_padded_mode_masks_exactly_the_padding(tok_dir, tmp_path):
     docs = _docs()
     T = 24

@@ -74,13 +74,12 @@ def cmd_tokenizer_train(a) -> int:
 
 
 def cmd_pack(a) -> int:
-    from text2llm.data.readers import iter_cleaned
     from text2llm.pack import pack
 
     over = list(a.overrides)
     sect = {"pack.workers": a.workers}
     cfg = _config(a.config, over, sect)
-    meta = pack(iter_cleaned(a.clean_dir), a.tokenizer, a.out, cfg.pack, overwrite=a.overwrite, progress=not a.quiet)
+    meta = pack(a.clean_dir, a.tokenizer, a.out, cfg.pack, overwrite=a.overwrite, progress=not a.quiet)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     print(f"packed {tr['documents']:,} train docs ({tr['tokens']:,} tokens) and {va['documents']:,} val docs "
           f"({va['tokens']:,} tokens) -> {a.out}")

@@ -112,13 +112,21 @@ def _flat(encoded: Iterable[list[int]], n: int, dtype, bos: int, eos: int) -> np
                        dtype=dtype, count=n)
 
 
-def _encode_chunk(chunk: list[tuple[str, str]] | tuple[int, int]) -> dict:
-    """Tokenise one chunk of (id, text), or the documents ``_docs[start:stop]``; return per split
-    the token array and counts."""
+def _encode_chunk(chunk: list[tuple[str, str]] | tuple[int, int] | list[tuple[str, int, bytes]]) -> dict:
+    """Tokenise one chunk of (id, text), the documents ``_docs[start:stop]``, or raw cleaned-shard
+    lines (file, line number, JSON bytes) parsed here; return per split the token array and
+    counts, and ``skipped`` empty documents of raw lines."""
     j, tok = _job, _tok
+    skipped = 0
     if isinstance(chunk, tuple):
         start, stop = chunk
         chunk = [p for p in map(_pair, range(start, stop), _docs[start:stop]) if p[1]]
+    elif chunk and isinstance(chunk[0][1], int):  # raw lines: the JSON is parsed in the worker
+        from text2llm.data.readers import parse_cleaned_line
+
+        docs = [parse_cleaned_line(*line) for line in chunk]
+        chunk = [(d.id, d.text) for d in docs if d.text]
+        skipped = len(docs) - len(chunk)
     all_texts = [t for _, t in chunk]
     encoded = tok.encode_batch(all_texts, num_threads=1)  # BOS/EOS are added below
     seed, frac = j["seed"], j["val_fraction"]
@@ -142,6 +150,8 @@ def _encode_chunk(chunk: list[tuple[str, str]] | tuple[int, int]) -> dict:
                       "documents": n_docs, "bytes": sum(map(_utf8_len, texts))}
     if j.get("spill"):
         _spill(out, j["spill"])
+    if skipped:
+        out["skipped"] = skipped
     return out
 
 
@@ -298,6 +308,24 @@ def _chunks(docs: Iterable, skipped: list[int]) -> Iterator[list[tuple[str, str]
         yield chunk
 
 
+def _line_chunks(path: str | Path) -> Iterator[list[tuple[str, int, bytes]]]:
+    """Raw JSON lines of a cleaned-shard dir (or file) in work units: this process only reads and
+    splits lines, the workers parse them (JSON decoding was the parent's bottleneck)."""
+    from text2llm.data.readers import iter_cleaned_lines
+
+    chunk: list = []
+    size = 0
+    names: dict = {}
+    for f, n, line in iter_cleaned_lines(path):
+        chunk.append((names.setdefault(f, str(f)), n, line))  # one str per file: pickled once per unit
+        size += len(line)
+        if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def _ranges(docs: Sequence, skipped: list[int], workers: int) -> list[tuple[int, int]]:
     """Work units of a list of documents as ``(start, stop)`` positions (empty documents inside are
     skipped by the worker, counted here). The whole size is known, so units shrink towards the end
@@ -327,10 +355,11 @@ def _ranges(docs: Sequence, skipped: list[int], workers: int) -> list[tuple[int,
     return units
 
 
-def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, overwrite: bool = False,
+def pack(docs: Iterable | str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg, overwrite: bool = False,
          progress: bool = True) -> dict:
-    """Tokenise ``docs`` (objects with ``id`` and ``text``, or plain strings) into token shards;
-    return meta.json's dict.
+    """Tokenise ``docs`` into token shards; return meta.json's dict. ``docs`` is a cleaned-shard
+    dir or .jsonl[.gz] file (read by the workers), or documents: objects with ``id`` and ``text``,
+    or plain strings.
 
     ``cfg`` is a :class:`text2llm.config.PackConfig`. With ``cfg.workers`` > 1 the tokenising
     runs in that many processes (one thread each) while this one reads and writes.
@@ -356,20 +385,28 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
     bar = tqdm(desc="pack", unit=" docs", disable=not progress, mininterval=0.5)
     t0 = time.perf_counter()
 
+    from_files = isinstance(docs, (str, Path))
+    if from_files:
+        from text2llm.data.readers import cleaned_files
+
+        cleaned_files(docs)  # a missing or empty input is an error now, before any work
+
     def encoded() -> Iterator[dict]:
         _set_state(tok, job)
         if cfg.workers <= 1:
-            yield from map(_encode_chunk, _chunks(docs, skipped))
+            yield from map(_encode_chunk, _line_chunks(docs) if from_files else _chunks(docs, skipped))
             return
         # fork starts a worker in milliseconds (spawn re-imports numpy and the backend, ~0.3 s of
         # CPU each, a third of the work on a 5 MB corpus); workers touch neither torch nor threads
         # of this process, so fork is safe where the platform has it. A forked worker has the
         # tokenizer already, and reads a list of documents by index (no text is pickled)
         fork = sys.platform == "linux"
-        if fork and isinstance(docs, (list, tuple)):
+        if from_files:
+            units: Iterable = _line_chunks(docs)
+        elif fork and isinstance(docs, (list, tuple)):
             # the units are cut before the fork: this process then touches no document the
             # workers share with it (which would copy their memory pages)
-            units: Iterable = _ranges(docs, skipped, cfg.workers)
+            units = _ranges(docs, skipped, cfg.workers)
             _set_state(tok, job, docs)
         else:
             units = _chunks(docs, skipped)
@@ -390,6 +427,7 @@ def pack(docs: Iterable, tokenizer_dir: str | Path, out_dir: str | Path, cfg, ov
     tokens = 0
     try:
         for res in encoded():
+            skipped[0] += res.pop("skipped", 0)
             for split, part in res.items():
                 writers[split].write(part)
                 tokens += part["tokens"]

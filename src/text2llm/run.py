@@ -73,7 +73,7 @@ def run_pipeline(cfg, out_dir: str | Path, overwrite: bool = False, progress: bo
                               overwrite=overwrite)
         print(f"trained {cfg.tokenizer.type} tokenizer, vocab {tok.vocab_size}")
     with timer("pack"):
-        meta = pack(iter_cleaned(out / "clean"), out / "tokenizer", out / "tokens", cfg.pack, overwrite=overwrite,
+        meta = pack(out / "clean", out / "tokenizer", out / "tokens", cfg.pack, overwrite=overwrite,
                     progress=progress)
         print(f"{meta['splits']['train']['tokens']:,} train tokens, {meta['splits']['val']['tokens']:,} val tokens")
     with timer("train"):

@@ -460,27 +460,45 @@ def _skip(f: IO[bytes], n: int) -> None:
 # cleaned shards (what the tokenizer and pack stages read)
 
 
-def iter_cleaned(path: str | Path) -> Iterator[Document]:
-    """Documents from a cleaned-shard dir (``clean-*.jsonl.gz`` in sorted order) or one .jsonl[.gz] file."""
+def cleaned_files(path: str | Path) -> list[Path]:
+    """The files of a cleaned-shard dir (``clean-*.jsonl.gz`` in sorted order), or one .jsonl[.gz] file."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("clean-*.jsonl.gz")) or sorted(p.glob("clean-*.jsonl"))
         if not files:
             raise UserError(f"{p}: no clean-*.jsonl.gz shards here (run `text2llm clean` first)")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise UserError(f"{p}: no such file or directory")
-    for f in files:
+        return files
+    if p.is_file():
+        return [p]
+    raise UserError(f"{p}: no such file or directory")
+
+
+def iter_cleaned_lines(path: str | Path) -> Iterator[tuple[Path, int, bytes]]:
+    """(file, line number, raw JSON line) of every non-blank line of :func:`cleaned_files`: for a
+    reader that parses in other processes (``pack``)."""
+    for f in cleaned_files(path):
         with _open(f) as fh:
             for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    yield Document(str(rec.get("id", f"{f.name}:{n}")), rec["text"], str(rec.get("source", f)))
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{f}:{n}: not a cleaned-shard record (need JSON with a 'text' field)") from None
+                if line.strip():
+                    yield f, n, line
+
+
+def parse_cleaned_line(f: Path | str, n: int, line: bytes) -> Document:
+    """One cleaned-shard record as a Document; a bad one is a UserError naming ``f:n``."""
+    try:
+        rec = json.loads(line)
+        text = rec["text"]
+        if not isinstance(text, str):
+            raise TypeError
+        return Document(str(rec.get("id", f"{Path(f).name}:{n}")), text, str(rec.get("source", f)))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{f}:{n}: not a cleaned-shard record (need JSON with a 'text' field)") from None
+
+
+def iter_cleaned(path: str | Path) -> Iterator[Document]:
+    """Documents from a cleaned-shard dir (``clean-*.jsonl.gz`` in sorted order) or one .jsonl[.gz] file."""
+    for f, n, line in iter_cleaned_lines(path):
+        yield parse_cleaned_line(f, n, line)
 
 
 def iter_documents(inputs: list[str | Path], cfg: DataConfig | None = None) -> Iterator[Document]:
