@@ -30,16 +30,15 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
 from itertools import chain, compress, repeat
 from multiprocessing import get_context
-from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from text2llm.errors import UserError, read_json_file
+from text2llm.parallel import QuietPool, bounded_imap
 
 META = "meta.json"
 # a work unit: this many documents or bytes of UTF-8 text (estimated, see _size), whichever comes
@@ -275,16 +274,6 @@ def _copy_range(src: int, offset: int, n: int, dst: int) -> None:
         n -= k
 
 
-class _Pool(Pool):
-    """``multiprocessing.Pool`` whose worker-maintenance thread wakes only when a worker exits or
-    the pool changes state. CPython's also wakes it whenever a result is waiting in the pipe, and it
-    then spins (a new selector per turn) until the result thread has read it: ~25 ms of CPU per
-    10 MB of Chinese here, taken from the workers on a 2-core machine."""
-
-    def _get_sentinels(self):
-        return [self._change_notifier._reader]
-
-
 def _pair(n: int, d) -> tuple[str, str]:
     """(id, text) of the ``n``-th document (a plain string's id is its position)."""
     return (str(n), d) if isinstance(d, str) else (str(d.id), d.text)
@@ -412,17 +401,8 @@ def pack(docs: Iterable | str | Path, tokenizer_dir: str | Path, out_dir: str | 
             units = _chunks(docs, skipped)
         ctx = get_context("fork" if fork else "spawn")
         pool_job = {**job, "spill": str(tmp)}
-        with _Pool(cfg.workers, _init_worker, (str(tok.path), pool_job), context=ctx) as pool:
-            # results are taken in submission order, so the output is identical for any worker
-            # count; at most 2 chunks per worker are in flight, so memory stays bounded
-            # (Pool.imap would read the whole corpus ahead)
-            pending: deque = deque()
-            for chunk in units:
-                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-                if len(pending) >= 2 * cfg.workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+        with QuietPool(cfg.workers, _init_worker, (str(tok.path), pool_job), context=ctx) as pool:
+            yield from bounded_imap(pool, _encode_chunk, units, 2 * cfg.workers)
 
     tokens = 0
     try:

@@ -30,14 +30,14 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter, deque
-from multiprocessing.pool import Pool
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
 from text2llm.errors import UserError
+from text2llm.parallel import QuietPool, bounded_imap
 
 # ---------------------------------------------------------------------------------------
 # worker side
@@ -143,13 +143,7 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
         sigs = np.empty((len(keep), minhash.p), dtype=np.uint32)
         if main.any():
             sigs[main] = minhash.batch_signatures(stats, keep_arr[main])
-        groups: dict[int, tuple[BatchStats, list[int], list[int]]] = {}  # re-computed: (it, positions, its rows)
-        for k in np.flatnonzero(~main).tolist():
-            v = views[keep[k]]
-            group = groups.setdefault(id(v.batch), (v.batch, [], []))
-            group[1].append(k)
-            group[2].append(v.i)
-        for batch_stats, ks, rows in groups.values():
+        for batch_stats, ks, rows in _by_batch(views, keep, np.flatnonzero(~main).tolist()):
             sigs[ks] = minhash.batch_signatures(batch_stats, rows)
         bands = minhash.band_keys(sigs, cfg.minhash_bands).tolist()
     out = []
@@ -171,6 +165,18 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
     return out, dict(repaired), dict(skipped), bytes_in
 
 
+def _by_batch(views: list, docs, ks: list[int]) -> list[tuple]:
+    """The positions ``ks`` (of ``docs``, document indices) whose statistics live in re-computed
+    :class:`BatchStats`, grouped by that batch: ``[(batch, positions, its rows), ...]``."""
+    groups: dict[int, tuple] = {}
+    for k in ks:
+        v = views[docs[k]]
+        g = groups.setdefault(id(v.batch), (v.batch, [], []))
+        g[1].append(k)
+        g[2].append(v.i)
+    return list(groups.values())
+
+
 def _batch_passes(f, idx, views: list, stats, in_main):
     """Bool mask over the documents ``idx``: those that ``f`` certainly passes unchanged, by its
     batch fast path (:meth:`~text2llm.data.filters.Filter.passes`, per :class:`BatchStats` the
@@ -184,13 +190,7 @@ def _batch_passes(f, idx, views: list, stats, in_main):
         if mask is not None:
             settled[np.flatnonzero(main)[mask]] = True
     if not main.all():
-        groups: dict[int, tuple] = {}
-        for k in np.flatnonzero(~main).tolist():
-            v = views[idx[k]]
-            g = groups.setdefault(id(v.batch), (v.batch, [], []))
-            g[1].append(k)
-            g[2].append(v.i)
-        for batch_stats, ks, rows in groups.values():
+        for batch_stats, ks, rows in _by_batch(views, idx, np.flatnonzero(~main).tolist()):
             mask = f.passes(batch_stats, np.array(rows, dtype=np.int64))
             if mask is not None:
                 settled[np.array(ks)[mask]] = True
@@ -303,27 +303,6 @@ def _batches(it: Iterator[tuple], max_docs: int, max_chars: int) -> Iterator[lis
         yield batch
 
 
-class _Pool(Pool):
-    """``multiprocessing.Pool`` whose worker-maintenance thread wakes only when a worker exits or
-    the pool changes state; CPython's also wakes it whenever a result waits in the pipe, and it then
-    spins until the result thread has read it (CPU taken from the workers on a small machine)."""
-
-    def _get_sentinels(self):
-        return [self._change_notifier._reader]
-
-
-def _bounded_imap(pool, batches: Iterator[list[tuple]], max_in_flight: int) -> Iterator:
-    """Like ``pool.imap(process_batch, batches)`` in order, but reads ahead at most
-    ``max_in_flight`` batches (``Pool.imap`` would queue the whole input in memory)."""
-    pending: deque = deque()
-    for batch in batches:
-        pending.append(pool.apply_async(process_batch, (batch,)))
-        while len(pending) >= max_in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
 def _payload_bytes(payload) -> int:
     return len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "surrogatepass"))
 
@@ -381,13 +360,13 @@ def run_clean(
             if method == "fork":
                 gc.freeze()  # the inherited objects are never collected in the workers: fewer copied pages
             try:
-                pool = _Pool(
+                pool = QuietPool(
                     workers, None if method == "fork" else _init_worker, (cfg_json,), context=mp.get_context(method)
                 )
             finally:
                 if method == "fork":
                     gc.unfreeze()
-            results = _bounded_imap(pool, batches, 2 * workers)
+            results = bounded_imap(pool, process_batch, batches, 2 * workers)
         for batch_out, batch_repaired, batch_skipped, batch_bytes in results:
             repaired.update(batch_repaired)
             skipped.update(batch_skipped)

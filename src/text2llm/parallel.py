@@ -1,0 +1,30 @@
+"""Worker pools shared by the stages that fan work out to processes (``clean``, ``pack``)."""
+
+from __future__ import annotations
+
+from collections import deque
+from multiprocessing.pool import Pool
+from typing import Callable, Iterable, Iterator
+
+
+class QuietPool(Pool):
+    """``multiprocessing.Pool`` whose worker-maintenance thread wakes only when a worker exits or
+    the pool changes state. CPython's also wakes it whenever a result is waiting in the pipe, and it
+    then spins (a new selector per turn) until the result thread has read it: ~25 ms of CPU per
+    10 MB of Chinese in ``pack``, taken from the workers on a 2-core machine."""
+
+    def _get_sentinels(self):
+        return [self._change_notifier._reader]
+
+
+def bounded_imap(pool: Pool, fn: Callable, items: Iterable, max_in_flight: int) -> Iterator:
+    """``pool.imap(fn, items)``: results in submission order (so the output does not depend on the
+    worker count), but at most ``max_in_flight`` items are read ahead (``Pool.imap`` would queue the
+    whole input in memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        while len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
