@@ -16,6 +16,8 @@ streaming live in that module too, shared with the ONNX Runtime engine and the s
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -79,14 +81,15 @@ class TorchEngine:
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.float32
-        self.attention_backends = None
+        self.attention = contextlib.nullcontext  # what the forward passes run under
         if self.device.type == "cuda":
             # cuDNN's attention builds a new plan for every new key length, which a growing KV cache
-            # gives at each step (measured on an H200, bf16: 54 ms per token instead of ~8); the
-            # flash / memory-efficient kernels take any length
-            from torch.nn.attention import SDPBackend
+            # gives at each step (an H200, bf16, GPT-2-124M shape: 87.7 ms per token instead of 6.6,
+            # benchmarks/results/gpu-h200.jsonl); the flash / memory-efficient kernels take any length
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            self.attention_backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            self.attention = functools.partial(
+                sdpa_kernel, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     @torch.no_grad()
     def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
@@ -111,13 +114,8 @@ class TorchEngine:
 
     def _forward(self, start: int, T: int) -> np.ndarray:
         mask = _attn_mask(self.valid, start, T).to(self.device) if self.padded else None
-        if self.attention_backends is None:
+        with self.attention():
             out = self.model(self.ids[:, start : start + T], cache=self.cache, attn_mask=mask, last_only=True)
-        else:
-            from torch.nn.attention import sdpa_kernel
-
-            with sdpa_kernel(self.attention_backends):
-                out = self.model(self.ids[:, start : start + T], cache=self.cache, attn_mask=mask, last_only=True)
         return out.logits[:, -1].float().cpu().numpy()
 
 
