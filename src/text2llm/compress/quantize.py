@@ -60,8 +60,9 @@ def _engine() -> str:
 # Below this many weights, a Linear's int8 GEMM is slower than the fp32 matmul of its dequantized
 # weights on this kind of CPU: each int8 call pays ~20 us to quantize the activations and set up
 # fbgemm, while an fp32 matrix under ~1 MB sits in the core's L2 cache and multiplies in a few us.
-# (2-core Xeon, 1 thread, 1-8 rows: 192x576 fp32 6 us vs int8 24 us; 384x2048 fp32 123 us vs
-# int8 30 us; measured with benchmarks/compress.py's microbenchmark.)
+# (2-core Xeon, 1 thread, one row, weights in cache: 192x576 fp32 6 us vs int8 24 us; 384x2048
+# fp32 123 us vs int8 30 us; a one-off timing of torch.mm against quantized::linear_dynamic. The
+# end-to-end effect is what benchmarks/compress.py measures.)
 INT8_MIN_WEIGHTS = 1 << 18
 
 
