@@ -171,3 +171,29 @@ def test_serve_onnx_export_without_torch(tmp_path_factory, server):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_compile_flag(tmp_path_factory, server, monkeypatch):
+    """`serve --compile` runs the compiled engine's static-shape step (torch.compile replaced by the
+    identity here: the real compile is test_generate's opt-in test) and answers the same text; an
+    ONNX export refuses --compile."""
+    import torch
+
+    from text2llm.errors import UserError
+    from text2llm.infer.server import make_server
+
+    _, want = server
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    srv = make_server(shared_checkpoint(tmp_path_factory), port=0, max_tokens_limit=32, quiet=True, compile=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+        for p in PROMPTS[:2]:
+            status, _, text = request(port, "POST", "/v1/completions", {"prompt": p, "max_tokens": 12, "temperature": 0})
+            assert status == 200 and json.loads(text)["choices"][0]["text"] == want[p]
+        assert json.loads(request(port, "GET", "/health")[2])["engine"] == "torch, compiled"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    with pytest.raises(UserError, match="--compile applies to PyTorch checkpoints"):
+        make_server(shared_export(tmp_path_factory), port=0, compile=True)

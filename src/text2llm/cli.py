@@ -108,7 +108,17 @@ def cmd_eval(a) -> int:
     return 0
 
 
+COMPILE_HELP = ("PyTorch engine: decode through torch.compile (a first step that compiles for tens of seconds, "
+                "then faster steps; worth it for long or many generations)")
+
+
 def cmd_generate(a) -> int:
+    if a.compile:
+        from text2llm.errors import UserError
+        from text2llm.infer.ort_runtime import is_export_dir
+
+        if a.engine == "onnx" or is_export_dir(a.ckpt):
+            raise UserError(f"{a.ckpt}: --compile applies to the PyTorch engine, not to onnxruntime")
     if a.engine == "onnx":
         from text2llm.infer.ort_runtime import generate_cli
     else:
@@ -160,7 +170,7 @@ def cmd_compress(a) -> int:
 def cmd_serve(a) -> int:
     from text2llm.infer.server import serve
 
-    serve(a.model, host=a.host, port=a.port, max_tokens_limit=a.max_tokens_limit)
+    serve(a.model, host=a.host, port=a.port, max_tokens_limit=a.max_tokens_limit, compile=a.compile)
     return 0
 
 
@@ -248,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     s.add_argument("--engine", choices=["torch", "onnx"], default="torch")
+    s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     s = verb("run", "the whole pipeline on the bundled corpus (or the config's run.inputs)", cmd_run)
     s.add_argument("config", nargs="?", metavar="CONFIG", help="config preset (TOML); default: built-in tiny-cpu")
@@ -316,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N", help="largest max_tokens a request may ask")
+    s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     return p
 
 

@@ -3,7 +3,9 @@
 An *engine* runs the network; this module does everything around it::
 
     engine.max_len                       longest sequence (prompt + new tokens) the engine can hold
-    engine.prefill(ids_BT, mask_BT)      -> logits of the last position (B, V) float32
+    engine.prefill(ids_BT, mask_BT, total_len)
+                                         -> logits of the last position (B, V) float32; total_len
+                                            (optional) = prompt + the most new tokens that will follow
     engine.step(next_B)                  -> logits of the new position (B, V); the engine keeps its cache
 
 Batches of prompts with different lengths are **left-padded**: every row ends at the same
@@ -35,7 +37,7 @@ from text2llm.errors import UserError
 class Engine(Protocol):
     max_len: int
 
-    def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray: ...
+    def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray, total_len: int | None = None) -> np.ndarray: ...
 
     def step(self, next_B: np.ndarray) -> np.ndarray: ...
 
@@ -171,7 +173,7 @@ def iter_tokens(engine: Engine, prompts: list[list[int]], p: SamplingParams, eos
         return
     rng = np.random.default_rng(p.seed)
     ids_BT, mask_BT = left_pad(prompts, pad_id)
-    logits = engine.prefill(ids_BT, mask_BT)
+    logits = engine.prefill(ids_BT, mask_BT, ids_BT.shape[1] + n_new)
     seen = None
     if p.repetition_penalty != 1.0:
         seen = np.zeros((B, vocab_size or logits.shape[-1]), dtype=bool)

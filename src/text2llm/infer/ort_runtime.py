@@ -85,7 +85,8 @@ class OrtEngine:
         logits, *present = self.sess.run(None, feed)
         return logits, present
 
-    def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray) -> np.ndarray:
+    def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray, total_len: int | None = None) -> np.ndarray:
+        # (total_len is not needed: the graph's cache grows with each step's present arrays)
         B = ids_BT.shape[0]
         empty = np.zeros((B, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         self.mask = mask_BT.astype(np.int64)

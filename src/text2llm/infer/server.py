@@ -64,11 +64,14 @@ class Backend:
         self.pending_lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Backend":
+    def load(cls, path: str | Path, compile: bool = False) -> "Backend":
+        """``compile``: PyTorch checkpoints only, see :class:`~text2llm.infer.generate.TorchEngine`."""
         from text2llm.infer.ort_runtime import is_export_dir
 
         p = Path(path)
         if is_export_dir(p):  # onnxruntime only: no torch import on this path
+            if compile:
+                raise UserError(f"{p}: --compile applies to PyTorch checkpoints, not to an ONNX export")
             from text2llm.infer.ort_runtime import OrtEngine, load_tokenizer
 
             engine = OrtEngine.load(p)
@@ -77,7 +80,8 @@ class Backend:
         from text2llm.infer.generate import TorchEngine
 
         model, tok = text2llm.load(p)
-        return cls(TorchEngine(model), tok, p.resolve().name, "torch", model.cfg.positions == "learned")
+        kind = "torch, compiled" if compile else "torch"
+        return cls(TorchEngine(model, compile=compile), tok, p.resolve().name, kind, model.cfg.positions == "learned")
 
     def run(self, prompt_ids, params, on_text=None):
         with self.pending_lock:
@@ -296,20 +300,21 @@ class CompletionServer(ThreadingHTTPServer):
 
 
 def make_server(model, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024,
-                quiet: bool = False) -> CompletionServer:
+                quiet: bool = False, compile: bool = False) -> CompletionServer:
     """A bound (not yet serving) server; ``model`` is a path or a :class:`Backend`. Port 0 = any free port."""
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit: must be >= 1, got {max_tokens_limit}")
-    backend = model if isinstance(model, Backend) else Backend.load(model)
+    backend = model if isinstance(model, Backend) else Backend.load(model, compile=compile)
     try:
         return CompletionServer((host, port), backend, max_tokens_limit, quiet)
     except OSError as e:
         raise UserError(f"{host}:{port}: cannot listen ({e.strerror or e})") from None
 
 
-def serve(path, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024) -> None:
+def serve(path, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024,
+          compile: bool = False) -> None:
     """``text2llm serve``: run until Ctrl-C."""
-    srv = make_server(path, host, port, max_tokens_limit)
+    srv = make_server(path, host, port, max_tokens_limit, compile=compile)
     h, p = srv.server_address[:2]
     b = srv.backend
     if host not in ("127.0.0.1", "localhost", "::1"):
