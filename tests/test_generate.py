@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from text2llm.infer.decoding import (SamplingParams, TextStream, apply_repetition_penalty, complete,
-                                     filter_logits_np, sample_np)
+                                     filter_logits_np, iter_tokens, sample_np)
 from text2llm.infer.generate import TorchEngine, filter_logits, generate, generate_batch, generate_ids
 
 ASSET = Path(__file__).resolve().parents[1] / "src" / "text2llm" / "assets" / "tinystories" / "train-000.jsonl.gz"
@@ -235,8 +235,8 @@ def test_cli_generate_stream_and_interactive(tiny, capsys, monkeypatch):
 # ---- compiled decoding (TorchEngine(compile=True), generate --compile) -----------------------------
 
 
-def test_static_shape_decode_step_equals_forward(tiny, tmp_path, monkeypatch):
-    """The compiled engine's step (Transformer.decode_step: whole-buffer cache under a key mask),
+def test_decode_step_equals_forward(tiny, tmp_path, monkeypatch):
+    """The compiled engine's step (Transformer.decode_step, the cache position as an argument),
     run eagerly (torch.compile replaced by the identity): same logits as the KV-cache engine, for a
     left-padded batch, with rotary and with learned positions (and GQA)."""
     import text2llm
@@ -254,26 +254,25 @@ def test_static_shape_decode_step_equals_forward(tiny, tmp_path, monkeypatch):
             np.testing.assert_allclose(eng.step(np.full(3, t)), ref.step(np.full(3, t)), atol=1e-5)
         assert eng.cache.pos == ref.cache.pos == ids.shape[1] + 6
         with pytest.raises(ValueError, match="full"):  # the cache was sized for 6 new tokens
-            for _ in range(64):
-                eng.step(np.full(3, 1))
+            eng.step(np.full(3, 1))
 
 
-def test_compiled_engine_sizes_its_cache_by_the_request(monkeypatch):
-    """Attention in the compiled step reads the whole cache buffer: it is sized for prompt + new
-    tokens, rounded up to a bucket so that similar requests share one compiled program."""
+def test_engine_sizes_its_cache_by_the_request():
+    """prefill(..., total_len) sizes the cache for prompt + new tokens (the decoding loop passes it),
+    not for the whole context."""
     from text2llm.model.config import ModelConfig
     from text2llm.model.transformer import Transformer
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, max_seq_len=1024)).eval()
-    eng = TorchEngine(model, compile=True)
-    assert eng.cache_round() == 128  # max_len / 8
+    eng = TorchEngine(model)
     ids = np.ones((2, 10), np.int64)
-    for total, want in [(20, 128), (128, 128), (129, 256), (None, 1024), (5000, 1024)]:
+    for total, want in [(20, 20), (5, 10), (None, 1024), (5000, 1024)]:
         eng.prefill(ids, np.ones_like(ids), total)
         assert eng.cache.max_len == eng.ids.size(1) == want
-    assert TorchEngine(model, compile=True, max_len=256).cache_round() == 64
+    prompts = [[1, 2, 3]]
+    list(iter_tokens(eng, prompts, SamplingParams(max_new_tokens=7, temperature=0), None, 0))
+    assert eng.cache.max_len == 10
 
 
 @pytest.mark.skipif(os.environ.get("T2L_COMPILE_TESTS") != "1",

@@ -71,15 +71,14 @@ class TorchEngine:
     ``use_cache=False`` recomputes the whole sequence at every step (the slow reference).
     ``max_len`` caps prompt + new tokens (default: the model's ``max_seq_len``).
 
-    ``compile=True`` runs each decode step through ``torch.compile`` of
-    :meth:`~text2llm.model.transformer.Transformer.decode_step` (static shapes; inductor's
-    ``freezing``, which folds the weights into the program as constants and lets it pre-pack them
-    for the CPU's matmul kernels). Eager PyTorch spends most of a small model's decode step
-    dispatching some hundred tiny ops; the compiled step fuses them. It costs a compile of tens
-    of seconds for each new batch size or cache length, and it snapshots the weights: compile a
-    new engine after changing them. The prompt (prefill) runs eagerly. Cache lengths are rounded
-    up to a multiple of :meth:`cache_round` so that similar requests share a program, at most 8
-    per batch size (torch._dynamo's default recompile limit; past it, steps run eagerly).
+    ``compile=True`` runs each decode step through ``torch.compile(dynamic=True)`` of
+    :meth:`~text2llm.model.transformer.Transformer.decode_step`, with inductor's ``freezing``
+    (the weights become constants it pre-packs for the CPU's matmul kernels) and its C++ wrapper
+    (no Python between kernels). Eager PyTorch spends most of a small model's decode step
+    dispatching some hundred tiny ops; the compiled step fuses them. With dynamic shapes one
+    compile (15-30 s on the 2-core CPU; inductor caches the code on disk for the next process)
+    serves every batch size, prompt length and position. The weights are a snapshot: compile a
+    new engine after changing them. The prompt (prefill) runs eagerly.
     """
 
     def __init__(self, model, use_cache: bool = True, max_len: int | None = None, compile: bool = False):
@@ -106,41 +105,32 @@ class TorchEngine:
         if compile:
             import torch._inductor.config
 
-            step = torch.compile(model.decode_step, dynamic=False)
+            step = torch.compile(model.decode_step, dynamic=True)
+            cfg = torch._inductor.config
 
-            shapes = set()
-
-            def compiled(ids_B1, pos_1, key_mask_BS, cache):
-                # Inductor settings for the calls that compile (the first one of each new shape),
+            def compiled(ids_B1, pos, attn_mask):
+                # Inductor settings around every call (they matter when it runs, not only when it
+                # compiles: 10M model, batch 8, 5.4 ms per step without them at run time, 3.9 with),
                 # not process-wide: a frozen graph elsewhere (say, eval during training) would keep
-                # stale weights; and not around every call (config.patch costs ~45 us). Measured on
-                # the 2-core CPU, demo model, batch 1 (ms per step): eager 1.6; freezing 1.2 (but
-                # 1.4-1.7 when passed as torch.compile(options=...)); plus the C++ wrapper (no
-                # Python between kernels) 0.95.
-                if key_mask_BS.shape in shapes:
-                    return step(ids_B1, pos_1, key_mask_BS, cache)
-                with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
-                    out = step(ids_B1, pos_1, key_mask_BS, cache)
-                shapes.add(key_mask_BS.shape)
-                return out
+                # stale weights. Set by hand: config.patch costs ~45 us, this ~10. Measured on the
+                # 2-core CPU, demo model, batch 1 (ms per step): eager 1.6; freezing 1.2 (1.4-1.7
+                # when passed as torch.compile(options=...)); plus the C++ wrapper 0.95; with
+                # dynamic shapes (attention reads only the filled part of the cache) 0.8.
+                saved = cfg.freezing, cfg.cpp_wrapper
+                cfg.freezing = cfg.cpp_wrapper = True
+                try:
+                    return step(ids_B1, pos, self.cache, attn_mask)
+                finally:
+                    cfg.freezing, cfg.cpp_wrapper = saved
 
             self.compiled = compiled
 
-    def cache_round(self) -> int:
-        """Compiled decoding: the cache length is a multiple of this: 64 up to a 512-token context,
-        then max_len / 8 in multiples of 64 (every bucket is a compile; attention reads the whole
-        cache, so a coarser bucket costs time at every step)."""
-        return 64 * max(1, -(-self.max_len // 512))
-
     @torch.no_grad()
     def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray, total_len: int | None = None) -> np.ndarray:
-        """``total_len``: prompt + new tokens this generation needs at most (default ``max_len``);
-        the compiled engine sizes its cache by it, since attention reads the whole buffer."""
+        """``total_len``: prompt + new tokens this generation needs at most; the cache is sized
+        for it (default ``max_len``)."""
         B, T = ids_BT.shape
-        L = self.max_len
-        if self.compiled is not None and total_len:
-            q = self.cache_round()
-            L = min(-(-max(total_len, T) // q) * q, self.max_len)
+        L = min(max(total_len or self.max_len, T), self.max_len)
         self.ids = torch.zeros(B, L, dtype=torch.long, device=self.device)
         self.valid = torch.zeros(B, L, dtype=torch.bool, device=self.device)
         self.ids[:, :T] = torch.from_numpy(ids_BT)
@@ -159,10 +149,9 @@ class TorchEngine:
         self.valid[:, self.len] = True
         self.len += 1
         if self.compiled is not None:
-            pos_1 = torch.tensor([self.len - 1], device=self.device)
-            logits = self.compiled(new_B[:, None], pos_1, self.valid, self.cache)
-            self.cache.advance(1)
-            return logits.float().cpu().numpy()
+            start = self.len - 1
+            mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
+            return self.compiled(new_B[:, None], start, mask).float().cpu().numpy()
         if self.use_cache:
             return self._forward(self.len - 1, 1)
         return self._forward(0, self.len)

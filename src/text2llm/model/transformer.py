@@ -48,10 +48,6 @@ class KVCache:
 
     ``k[layer]``/``v[layer]`` are (B, K, max_len, Dh). ``pos`` counts the tokens already stored;
     the model writes the new tokens of each layer at ``pos`` and advances ``pos`` once per forward.
-
-    :meth:`Transformer.decode_step` (compiled decoding) sets ``step_pos`` instead: a 1-element int64
-    tensor. Then ``update`` writes there and returns the *whole* buffers, the same shapes at every
-    step, and the caller's mask hides the positions not written yet.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
@@ -61,14 +57,9 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.pos = 0
-        self.step_pos: torch.Tensor | None = None
 
     def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values of one layer; return all keys/values so far (B, K, S, Dh)."""
-        if self.step_pos is not None:  # static shapes: S = max_len (see the class doc)
-            self.k[layer].index_copy_(2, self.step_pos, k_BKTD)
-            self.v[layer].index_copy_(2, self.step_pos, v_BKTD)
-            return self.k[layer], self.v[layer]
         T = k_BKTD.size(2)
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
@@ -454,34 +445,18 @@ class Transformer(nn.Module):
             expert_dropped=torch.stack([s.dropped_E for s in stats]),
         )
 
-    def decode_step(self, ids_B1: torch.Tensor, pos_1: torch.Tensor, key_mask_BS: torch.Tensor,
-                    cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) of one new token per row, written for ``torch.compile``: every shape is the
-        same at every step, so one compiled program serves a whole generation.
-
-        ``pos_1``: the new tokens' position, a 1-element int64 tensor (a tensor, so that a new
-        position is new data, not a new program). ``key_mask_BS``: bool (B, cache.max_len), True =
-        a key this token may see: the prompt's real tokens, everything generated, the new token
-        itself; False for padding and for the positions not written yet. The keys and values go
-        into the cache at ``pos_1`` and attention runs over the whole cache buffer under that mask;
-        :meth:`forward` instead slices the cache to its filled part, a shape that changes at every
-        step. The caller advances ``cache.pos``. Same result as ``forward(ids_B1, cache)``.
+    def decode_step(self, ids_B1: torch.Tensor, pos: int, cache: KVCache,
+                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) of one new token per row at position ``pos``: ``forward`` with the cache
+        position as an *argument*, the function that ``torch.compile(..., dynamic=True)`` compiles
+        for decoding. As an argument, ``pos`` becomes a symbolic size in the compiled program (the
+        cache's filled length, ``pos + 1``), so one program serves every step, every batch size
+        and every cache length; read from ``cache.pos`` inside, it would be a constant and every
+        step would compile anew. ``attn_mask``: as in ``forward`` (B, 1, 1, pos + 1), or None.
+        Advances ``cache.pos`` to ``pos + 1``.
         """
-        x = self.embed(ids_B1)  # B 1 D
-        if self.cfg.positions == "rope":
-            rope = (self.rope_cos.index_select(0, pos_1), self.rope_sin.index_select(0, pos_1))
-        else:
-            x, rope = x + self.pos_embed(pos_1), None
-        mask_B11S = key_mask_BS[:, None, None, :]
-        cache.step_pos = pos_1
-        try:
-            for block in self.blocks:
-                x, _ = block(x, rope, cache, mask_B11S)
-        finally:
-            cache.step_pos = None
-        x = self.norm(x)
-        logits = packed_linear(x, self, ("lm_head",)) if self.fast and not torch.is_grad_enabled() else self.lm_head(x)
-        return logits[:, 0]
+        cache.pos = pos
+        return self.forward(ids_B1, cache=cache, attn_mask=attn_mask, last_only=True).logits[:, 0]
 
     # ---- helpers --------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False, active_only: bool = False) -> int:
