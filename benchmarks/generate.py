@@ -159,8 +159,8 @@ def bench_model(name: str, args) -> None:
         for k, fn in runs.items():
             if k == "torch-nocache" and args.skip_nocache:
                 continue
-            # warm-up + correctness: the first 32 greedy tokens (the compiled engine warms up at the
-            # timed length: its cache length is part of the compiled program)
+            # warm-up + correctness: the first 32 greedy tokens (the compiled engine's warm-up is a
+            # whole timed-length run, which compiles its program for this batch; reported)
             if k == "torch-compiled":
                 t = time.perf_counter()
                 first = fn()[:, :32]
