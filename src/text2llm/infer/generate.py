@@ -109,11 +109,11 @@ class TorchEngine:
             cfg = torch._inductor.config
 
             def compiled(ids_B1, pos, attn_mask):
-                # Inductor settings around every call (they matter when it runs, not only when it
-                # compiles: 10M model, batch 8, 5.4 ms per step without them at run time, 3.9 with),
-                # not process-wide: a frozen graph elsewhere (say, eval during training) would keep
-                # stale weights. Set by hand: config.patch costs ~45 us, this ~10. Measured on the
-                # 2-core CPU, demo model, batch 1 (ms per step): eager 1.6; freezing 1.2 (1.4-1.7
+                # Inductor settings around every call, so that whichever call compiles (a first
+                # batch-1, batched or padded step) gets them; not process-wide: a frozen graph
+                # elsewhere (say, eval during training) would keep stale weights. Set by hand:
+                # config.patch costs ~45 us, this ~10. Measured on the 2-core CPU, demo model,
+                # batch 1 (ms per step, the compiled call alone): eager 1.6; freezing 1.2 (1.4-1.7
                 # when passed as torch.compile(options=...)); plus the C++ wrapper 0.95; with
                 # dynamic shapes (attention reads only the filled part of the cache) 0.8.
                 saved = cfg.freezing, cfg.cpp_wrapper
