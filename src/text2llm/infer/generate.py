@@ -76,8 +76,8 @@ class TorchEngine:
     (the weights become constants it pre-packs for the CPU's matmul kernels) and its C++ wrapper
     (no Python between kernels). Eager PyTorch spends most of a small model's decode step
     dispatching some hundred tiny ops; the compiled step fuses them. With dynamic shapes one
-    compile (15-30 s on the 2-core CPU; inductor caches the code on disk for the next process)
-    serves every batch size, prompt length and position. The weights are a snapshot: compile a
+    compile (15-30 s on the 2-core CPU, in every new process) serves every batch size, prompt
+    length and position. The weights are a snapshot: compile a
     new engine after changing them. The prompt (prefill) runs eagerly.
     """
 
