@@ -77,8 +77,8 @@ class TorchEngine:
     (no Python between kernels). Eager PyTorch spends most of a small model's decode step
     dispatching some hundred tiny ops; the compiled step fuses them. With dynamic shapes one
     compile (15-30 s on the 2-core CPU, in every new process) serves every batch size, prompt
-    length and position. The weights are a snapshot: compile a
-    new engine after changing them. The prompt (prefill) runs eagerly.
+    length and position. The weights are a snapshot: compile a new engine after changing them.
+    The prompt (prefill) runs eagerly.
     """
 
     def __init__(self, model, use_cache: bool = True, max_len: int | None = None, compile: bool = False):
@@ -214,5 +214,5 @@ def generate_cli(a) -> int:
     if ort_runtime.is_export_dir(a.ckpt):  # an ONNX export dir: run it with onnxruntime
         return ort_runtime.generate_cli(a)
     model, tok = text2llm.load(a.ckpt)
-    engine = TorchEngine(model, compile=getattr(a, "compile", False))
+    engine = TorchEngine(model, compile=a.compile)
     return cli_loop(engine, tok, a, learned_positions=model.cfg.positions == "learned")

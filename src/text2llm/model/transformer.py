@@ -81,6 +81,10 @@ class FloatPacker:
     one row: 1.5-1.9x faster than ``F.linear``'s (out, in) layout for the wide 384x2048 and 192x4096
     matrices, equal for the others; with 8 rows 0.7-1.8x, no clear winner.)"""
 
+    # while tracing, the matmul takes (..., in) as it is: an exported ONNX MatMul then needs no
+    # Reshape nodes around it (packers whose kernels want (N, in) rows leave this False)
+    traced_any_rank = True
+
     @staticmethod
     def build(linears, tracing: bool = False):
         w_IO = torch.cat([m.weight if tracing else m.weight.detach() for m in linears]).t()
@@ -88,7 +92,7 @@ class FloatPacker:
         b = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
         if b is not None and not tracing:
             b = b.detach()
-        if tracing:  # (an ONNX MatMul takes (B, T, in) as it is: no Reshape nodes around it)
+        if tracing:
             return (lambda x: torch.matmul(x, w_IO) + b) if b is not None else (lambda x: torch.matmul(x, w_IO))
         return (lambda x_NI: torch.addmm(b, x_NI, w_IO)) if b is not None else (lambda x_NI: torch.mm(x_NI, w_IO))
 
@@ -110,8 +114,9 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, names: tuple[str, ...]) -> 
     """
     if torch.compiler.is_compiling():  # torch.export / torch.compile: trace the stacking, cache nothing
         linears = [getattr(owner, n) for n in names]
-        matmul = LINEAR_PACKERS[type(linears[0])].build(linears, tracing=True)
-        if torch.onnx.is_in_onnx_export() and type(linears[0]) is nn.Linear:
+        packer = LINEAR_PACKERS[type(linears[0])]
+        matmul = packer.build(linears, tracing=True)
+        if getattr(packer, "traced_any_rank", False):
             return matmul(x)
     else:
         cache = owner.__dict__.get("_packed")
