@@ -38,7 +38,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from text2llm.errors import UserError, read_json_file
-from text2llm.parallel import QuietPool, bounded_imap
+from text2llm.parallel import QuietPool, batched, bounded_imap
 
 META = "meta.json"
 # a work unit: this many documents or bytes of UTF-8 text (estimated, see _size), whichever comes
@@ -281,20 +281,15 @@ def _pair(n: int, d) -> tuple[str, str]:
 
 def _chunks(docs: Iterable, skipped: list[int]) -> Iterator[list[tuple[str, str]]]:
     """(id, text) pairs in work units; empty documents are skipped and counted."""
-    chunk: list = []
-    size = 0
-    for n, d in enumerate(docs):
-        doc_id, text = _pair(n, d)
-        if not text:
-            skipped[0] += 1
-            continue
-        chunk.append((doc_id, text))
-        size += _size(text)
-        if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    def pairs():
+        for n, d in enumerate(docs):
+            doc_id, text = _pair(n, d)
+            if text:
+                yield doc_id, text
+            else:
+                skipped[0] += 1
+
+    return batched(pairs(), CHUNK_DOCS, CHUNK_BYTES, lambda pair: _size(pair[1]))
 
 
 def _line_chunks(path: str | Path) -> Iterator[list[tuple[str, int, bytes]]]:
@@ -302,17 +297,9 @@ def _line_chunks(path: str | Path) -> Iterator[list[tuple[str, int, bytes]]]:
     splits lines, the workers parse them (JSON decoding was the parent's bottleneck)."""
     from text2llm.data.readers import iter_cleaned_lines
 
-    chunk: list = []
-    size = 0
-    names: dict = {}
-    for f, n, line in iter_cleaned_lines(path):
-        chunk.append((names.setdefault(f, str(f)), n, line))  # one str per file: pickled once per unit
-        size += len(line)
-        if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    names: dict = {}  # one str per file: pickled once per unit
+    lines = ((names.setdefault(f, str(f)), n, line) for f, n, line in iter_cleaned_lines(path))
+    return batched(lines, CHUNK_DOCS, CHUNK_BYTES, lambda rec: len(rec[2]))
 
 
 def _ranges(docs: Sequence, skipped: list[int], workers: int) -> list[tuple[int, int]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import deque
 from multiprocessing.pool import Pool
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 class QuietPool(Pool):
@@ -28,3 +30,18 @@ def bounded_imap(pool: Pool, fn: Callable, items: Iterable, max_in_flight: int) 
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+def batched(items: Iterable[T], max_items: int, max_size: int, size: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive work units of at most ``max_items`` items, cut once their ``size`` reaches
+    ``max_size``. The cut depends only on the input, never on the number of workers."""
+    batch: list = []
+    total = 0
+    for item in items:
+        batch.append(item)
+        total += size(item)
+        if len(batch) >= max_items or total >= max_size:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch

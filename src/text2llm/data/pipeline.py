@@ -37,7 +37,7 @@ from typing import Iterator
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
 from text2llm.errors import UserError
-from text2llm.parallel import QuietPool, bounded_imap
+from text2llm.parallel import QuietPool, batched, bounded_imap
 
 # ---------------------------------------------------------------------------------------
 # worker side
@@ -287,22 +287,6 @@ def _size(rec: tuple) -> int:
     return len(payload)
 
 
-def _batches(it: Iterator[tuple], max_docs: int, max_chars: int) -> Iterator[list[tuple]]:
-    """Cut the record stream into batches of at most ``max_docs`` records / ~``max_chars`` characters.
-
-    The cut depends only on the input, never on the number of workers (determinism).
-    """
-    batch, size = [], 0
-    for rec in it:
-        batch.append(rec)
-        size += _size(rec)
-        if len(batch) >= max_docs or size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def _payload_bytes(payload) -> int:
     return len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "surrogatepass"))
 
@@ -344,7 +328,7 @@ def run_clean(
 
     # JSON lines are parsed in the workers; they count documents, input bytes and skipped lines
     raw_iter = iter_raw(files, cfg, skipped, repaired, defer_json=True)
-    batches = _batches(raw_iter, cfg.batch_docs, cfg.batch_chars)
+    batches = batched(raw_iter, cfg.batch_docs, cfg.batch_chars, _size)
     cfg_json = cfg.model_dump_json()
     display = _Progress(input_bytes, enabled=progress)
     t0 = time.perf_counter()
