@@ -92,3 +92,23 @@ def test_resolved_config_round_trips(tmp_path):
 def test_parser_has_no_unhandled_verbs():
     parser = build_parser()
     assert parser.prog == "text2llm"
+
+
+def test_entry_exits_hard_after_joining_a_process_group(tmp_path):
+    """After a torchrun process group, the command ends with os._exit: the exit code and the
+    flushed output survive, interpreter finalization (here: an atexit handler) does not run."""
+    code = ("import atexit, sys\n"
+            "import text2llm.train.distributed as d\n"
+            "from text2llm.cli import entry\n"
+            "atexit.register(lambda: print('finalized'))\n"
+            f"d.joined_process_group = {{joined}}\n"
+            f"sys.argv = ['text2llm', 'eval', {str(tmp_path / 'missing')!r}, '--text', {str(tmp_path / 'missing.txt')!r}]\n"
+            "print('output before exit')\n"
+            "entry()\n")
+    for joined, finalized in ((True, False), (False, True)):
+        p = subprocess.run([sys.executable, "-c", code.format(joined=joined)], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert "error:" in p.stderr and "missing" in p.stderr
+        assert p.stdout.startswith("output before exit")
+        assert ("finalized" in p.stdout) is finalized

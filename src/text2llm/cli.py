@@ -355,5 +355,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``text2llm`` command and ``python -m text2llm``: :func:`main`, then exit. A process that
+    joined a torchrun group ends with ``os._exit`` once its output is flushed, skipping interpreter
+    finalization, which races the process group's worker threads (see
+    ``text2llm.train.distributed.joined_process_group``). Everything the run writes is closed by then."""
+    code = main()
+    distributed = sys.modules.get("text2llm.train.distributed")  # not imported: no torch, no group
+    if getattr(distributed, "joined_process_group", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

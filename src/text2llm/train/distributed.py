@@ -21,6 +21,15 @@ import torch.distributed as tdist
 
 from text2llm.errors import UserError
 
+# Set once this process has joined a torchrun process group. The CLI then ends the process with
+# os._exit (see :func:`text2llm.cli.entry`): under FSDP2 the group outlives destroy_process_group
+# (DTensor's functional collectives keep a reference to it, measured with torch 2.13), so its gloo
+# worker threads are still running when the interpreter finalizes. A worker releasing its last
+# collective then needs the GIL, the finalizing interpreter ends that thread with pthread_exit,
+# and the C++ runtime aborts ("terminate called without an active exception", exit -6) after the
+# run itself succeeded (6 of 30 runs of a tight repro; 1 of 78 runs of the FSDP test's command).
+joined_process_group = False
+
 
 @dataclass
 class DistEnv:
@@ -66,6 +75,8 @@ def init_distributed(tc) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    global joined_process_group
+    joined_process_group = True
     if not tdist.is_initialized():
         tdist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     mesh = None
@@ -76,9 +87,16 @@ def init_distributed(tc) -> DistEnv:
     return DistEnv(mode=mode, rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, barrier: bool = False) -> None:
+    """Leave the process group. ``barrier`` (a run that ended normally, on every rank) waits for all
+    ranks first, so no rank tears its group down while a peer still has a collective in flight. After
+    an error on one rank it is skipped: the peers may be inside another collective."""
     if env.enabled and tdist.is_initialized():
-        tdist.destroy_process_group()
+        try:
+            if barrier:
+                tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
 
 
 def wrap_model(model: torch.nn.Module, env: DistEnv, compile: bool = False):

@@ -236,11 +236,14 @@ def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, 
         torch.set_num_threads(tc.threads)
 
     env = D.init_distributed(tc)
+    finished = False
     try:
         start_ckpt = _prepare_run_dir(run_dir, resume, overwrite, env)
-        return _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from)
+        result = _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from)
+        finished = True
+        return result
     finally:
-        D.shutdown(env)
+        D.shutdown(env, barrier=finished)
         torch.set_num_threads(threads_before)  # a library call leaves the caller's setting as it was
 
 
