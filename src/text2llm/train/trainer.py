@@ -217,7 +217,9 @@ def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, 
     the LM loss (distillation plugs in here); ``extras`` (numbers or 0-d tensors) are logged.
     ``init_from`` (or ``train.init_from``) starts from a checkpoint's weights with a fresh
     optimizer at step 0; the model shape is ``cfg.model`` as given. Under torchrun every process
-    calls this; rank 0 alone writes logs and checkpoints.
+    calls this; rank 0 alone writes logs and checkpoints. A script of your own that trains with
+    ``train.distributed=fsdp`` should end with ``os._exit`` once its output is flushed, as the
+    ``text2llm`` command does (why: ``text2llm.train.distributed.joined_process_group``).
     """
     from text2llm.pack import read_meta
 
