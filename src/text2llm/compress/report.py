@@ -54,7 +54,7 @@ def count_params(model: torch.nn.Module) -> int:
     return n
 
 
-@torch.no_grad()
+@torch.inference_mode()  # what the generation engine runs under (TorchEngine)
 def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, repeats: int = 5, seed: int = 0) -> list[dict]:
     """Best-of-``repeats`` CPU latency per token of a prefill (1 x prefill_len) and of KV-cache decode
     steps, for each model. The models take turns within every repeat, so a change in the machine's
