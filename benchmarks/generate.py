@@ -20,7 +20,14 @@ weights; ``ckpt`` = the model of ``--ckpt``. Speed does not depend on the weight
 rotary model whose ``max_seq_len`` is shorter than prompt + new tokens (or 512 for the prefill case)
 gets longer rotary tables (the weights are unchanged), reported as ``context_extended_from``.
 The HF model comes from ``text2llm.infer.hf.export_hf`` of the same weights; the first 32
-greedy tokens of every engine are checked against our PyTorch path (``same_tokens``).
+greedy tokens of every engine are checked against our PyTorch path (``same_tokens``). One
+near-tie flips the rest of a greedy row, so ``same_tokens`` is a smoke test; the fidelity figure is
+  {"case": "agreement", "model", "engine", "text", "positions", "top1_agree"}
+      teacher-forced along the decode path: every engine is fed the same 8 x 128 tokens (prefill of
+      16, then one decode step per token) and its next-token argmax is compared with the eager
+      PyTorch engine's at each position. ``text`` is "tinystories" (documents of
+      ../shared/data/tinystories, encoded with the checkpoint's tokenizer) or "random" (token
+      ids, for the random-weight models).
 """
 
 from __future__ import annotations
@@ -115,6 +122,40 @@ def run_ours(engine, prompts: np.ndarray, n: int) -> np.ndarray:
     return np.stack(steps, 1)
 
 
+def teacher_forced_top1(engine, ids_BN: np.ndarray, prompt: int) -> np.ndarray:
+    """(B, N - prompt) next-token argmax of ``engine`` fed ``ids_BN``: prefill of the first
+    ``prompt`` tokens, then one decode step per reference token."""
+    B, N = ids_BN.shape
+    logits = engine.prefill(ids_BN[:, :prompt], np.ones((B, prompt), np.int64), total_len=N)
+    out = [logits.argmax(-1)]
+    for t in range(prompt, N - 1):
+        out.append(engine.step(ids_BN[:, t]).argmax(-1))
+    return np.stack(out, 1)
+
+
+def agreement_text(ckpt: Path | None, vocab: int, B: int = 8, N: int = 128) -> tuple[str, np.ndarray]:
+    """(label, (B, N) token ids): TinyStories documents through the checkpoint's tokenizer, else
+    random ids."""
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+    tok_dir = ckpt / "tokenizer" if ckpt is not None else None
+    shards = sorted(data.glob("*.jsonl.gz"))
+    if tok_dir is not None and tok_dir.is_dir() and shards:
+        import gzip
+
+        from text2llm.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(tok_dir)
+        rows = []
+        with gzip.open(shards[-1], "rt", encoding="utf-8") as f:
+            for line in f:
+                ids = tok.encode(json.loads(line)["text"])
+                if len(ids) >= N:
+                    rows.append(ids[:N])
+                if len(rows) == B:
+                    return "tinystories", np.array(rows, dtype=np.int64)
+    return "random", np.random.default_rng(1).integers(4, vocab, size=(B, N))
+
+
 def timed(fn, repeat: int = 1) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -185,8 +226,18 @@ def bench_model(name: str, args) -> None:
         dt = timed(fn, repeat=3)
         emit({"case": "prefill", "model": name, "engine": k, "tokens": args.prefill_tokens,
               "tok_s": round(args.prefill_tokens / dt, 1), "seconds": round(dt, 4)})
+    # fidelity: teacher-forced top-1 agreement with the eager engine along the decode path (after
+    # the timed runs, so that the compiled engine's batch-8 program is already built)
+    label, text = agreement_text(src if name == "ckpt" else None, cfg.vocab_size)
+    ref = teacher_forced_top1(engines["torch-cache"], text, 16)
+    agree = {}
+    for k, e in engines.items():
+        if k != "torch-cache":
+            agree[k] = round(float((teacher_forced_top1(e, text, 16) == ref).mean()), 4)
+            emit({"case": "agreement", "model": name, "engine": k, "text": label, "positions": int(ref.size),
+                  "top1_agree": agree[k]})
     # ratios and targets
-    summary = {"case": "summary", "model": name, "new_tokens": args.new_tokens}
+    summary = {"case": "summary", "model": name, "new_tokens": args.new_tokens, "top1_agree": agree}
     targets = {}
     for B in args.batches:
         r = lambda a, b: round(tps[(a, B)] / tps[(b, B)], 2) if (a, B) in tps and (b, B) in tps else None
