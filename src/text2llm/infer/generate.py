@@ -92,8 +92,10 @@ class TorchEngine:
             model.fast_inference()
         # inference_mode rather than no_grad: no version counters or view tracking on each op, which
         # a small model's decode step is made of (demo model, batch 1, interleaved: 1.9-2.0 ms per
-        # step instead of 2.2-2.3). Not for FSDP: its all-gather buffers, allocated here, are reused
-        # by training, and an inference tensor cannot be written to outside inference mode.
+        # step instead of 2.2-2.3). FSDP-sharded models (samples during training) keep no_grad: the
+        # unsharded parameters FSDP allocates in this forward belong to the training run, and an
+        # inference tensor cannot be written to outside inference mode (a small two-process test
+        # trained on fine after an inference_mode forward; the sample path is not worth the risk).
         self.grad_mode = torch.no_grad if sharded else torch.inference_mode
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         p = next(model.parameters())
