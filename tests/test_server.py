@@ -174,9 +174,9 @@ def test_serve_onnx_export_without_torch(tmp_path_factory, server):
 
 
 def test_serve_compile_flag(tmp_path_factory, server, monkeypatch):
-    """`serve --compile` runs the compiled engine's static-shape step (torch.compile replaced by the
-    identity here: the real compile is test_generate's opt-in test) and answers the same text; an
-    ONNX export refuses --compile."""
+    """`serve --compile` runs the compiled engine's step, Transformer.decode_step (torch.compile
+    replaced by the identity here: the real compile is test_generate's opt-in test), and answers
+    the same text; an ONNX export refuses --compile."""
     import torch
 
     from text2llm.errors import UserError
