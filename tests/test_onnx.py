@@ -58,7 +58,7 @@ def test_ort_logits_match_torch_prefill_and_20_steps(exported):
         a, b = ort_e.step(nxt), pt_e.step(nxt)
         assert np.abs(a - b).max() <= 1e-4
     # the full prefill logits too (every position, not only the last)
-    full, _ = ort_e.run(ids, mask, [np.zeros((3, model.cfg.kv_heads, 0, model.cfg.head_dim), np.float32)] * 4)
+    full = ort_e.run(ids, mask, ort_e.new_cache(3, ids.shape[1]))
     import torch
 
     from text2llm.infer.generate import _attn_mask
@@ -66,6 +66,50 @@ def test_ort_logits_match_torch_prefill_and_20_steps(exported):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids), attn_mask=_attn_mask(torch.from_numpy(mask.astype(bool)), 0, ids.shape[1]))
     assert np.abs(full - ref.logits.numpy()).max() <= 1e-4
+
+
+def test_ort_gqa_learned_positions_and_in_place_cache(tmp_path):
+    """A model with grouped-query heads (K=2 < H=4) and learned positions matches PyTorch; the
+    runtime's buffers are written in place, each token's keys at its position, zeros beyond."""
+    import text2llm
+    from test_generate import tiny_checkpoint
+    from text2llm.infer.generate import TorchEngine
+    from text2llm.infer.onnx import export_model
+    from text2llm.infer.ort_runtime import OrtEngine
+
+    model, tok = text2llm.load(tiny_checkpoint(tmp_path, positions="learned", n_kv_head=2))
+    out = export_model(model, tmp_path / "onnx")
+    ids, mask = left_pad([[tok.bos_id] + tok.encode(p) for p in PROMPTS], tok.pad_id)
+    ort_e, pt_e = OrtEngine.load(out), TorchEngine(model)
+    T, n = ids.shape[1], 10
+    a, b = ort_e.prefill(ids, mask, total_len=T + n + 2), pt_e.prefill(ids, mask, total_len=T + n + 2)
+    buffers = list(ort_e.past)
+    assert np.abs(a - b).max() <= 1e-4
+    for _ in range(n):
+        nxt = b.argmax(-1)
+        a, b = ort_e.step(nxt), pt_e.step(nxt)
+        assert np.abs(a - b).max() <= 1e-4
+    assert all(x is y for x, y in zip(ort_e.past, buffers))  # the same buffers, never reallocated
+    keys = ort_e.past[0].numpy()  # (B, K, capacity, Dh)
+    assert keys.shape == (len(PROMPTS), 2, T + n + 2, model.cfg.head_dim)
+    want = pt_e.cache.k[0][:, :, : T + n].numpy()
+    assert np.abs(keys[:, :, : T + n] - want).max() <= 1e-4 and not keys[:, :, T + n :].any()
+    ort_e.step(nxt), ort_e.step(nxt)  # fills the capacity exactly
+    with pytest.raises(ValueError, match="cache capacity"):
+        ort_e.step(nxt)
+
+
+def test_runtime_refuses_a_version_1_export(exported, tmp_path):
+    from text2llm.errors import UserError
+    from text2llm.infer.ort_runtime import OrtEngine
+
+    _, out, _, _ = exported
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((out / "text2llm-onnx.json").read_text())
+    (old / "text2llm-onnx.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(UserError, match="export the checkpoint again"):
+        OrtEngine.load(old)
 
 
 def test_ort_greedy_text_equals_torch(exported):

@@ -7,25 +7,35 @@
     DIR/tokenizer/            a copy of the checkpoint's tokenizer
     DIR/text2llm-onnx.json    model config, graph io names, files (read by text2llm.infer.ort_runtime)
 
-The graph (inputs -> outputs), with B batch, T new tokens, P cached tokens (all dynamic)::
+The graph (inputs -> outputs), with B batch, T new tokens, P cached tokens, M >= P + T the cache
+capacity (all dynamic)::
 
     input_ids        int64 (B, T)             new tokens (a whole prompt, or the one sampled token)
     attention_mask   int64 (B, P + T)         1 = real token, 0 = left padding (cached tokens first)
-    past.{i}.key     float32 (B, K, P, Dh)    layer i's cached keys   (P = 0 for a prefill)
-    past.{i}.value   float32 (B, K, P, Dh)
+    past.{i}.key     float32 (B, K, M, Dh)    layer i's key buffer: positions 0..P-1 hold the cache
+    past.{i}.value   float32 (B, K, M, Dh)
       -> logits      float32 (B, T, V)
-         present.{i}.key / present.{i}.value  (B, K, P + T, Dh)   the past with the new tokens appended
+         present.{i}.key / present.{i}.value  (B, K, M, Dh)   the buffer with the new tokens at P..P+T-1
 
-Prefill is the same graph with an empty past (P = 0), so one file serves both steps, and the
-decoding loop in :mod:`text2llm.infer.decoding` drives it exactly as it drives the PyTorch model:
-same left padding, same mask, same positions (the new tokens sit at P ... P+T-1).
+The cache is a preallocated buffer, as in PyTorch's :class:`~text2llm.model.transformer.KVCache`:
+the caller allocates zeros of capacity M (prompt + new tokens) once and binds the *same* memory as
+``past`` and ``present`` (onnxruntime's IOBinding); each call then writes only its T new keys and
+values into the buffer. (Fed plain arrays instead, ``present`` is a new array, a copy of the buffer
+with the new tokens written: correct, but every step then copies the whole cache.) P is not an
+input: it is the mask's length minus T. Prefill is the same graph with P = 0, so one file serves
+both steps, and the decoding loop in :mod:`text2llm.infer.decoding` drives it exactly as it drives
+the PyTorch model: same left padding, same mask, same positions (the new tokens sit at P ... P+T-1).
+A call with T > 1 after a prefill (a prompt in chunks) needs B = 1.
 
-The export reuses the model's own blocks; only the KV cache differs: instead of writing into a
-preallocated :class:`~text2llm.model.transformer.KVCache`, :class:`_ConcatCache` appends the new
-keys/values to the ``past`` inputs, because a graph returns new tensors rather than mutating state.
-We use the dynamo exporter (``torch.export``) with ``Dim.AUTO`` axes, so it works out that the
-mask is ``P + T`` long, and save the weights inside the file (``external_data=False``). The model
-repeats K/V heads itself, so SDPA has no ``enable_gqa``.
+The export reuses the model's own blocks (embedding, norms, projections, RoPE, MLP or MoE); only
+the attention over the cache differs: :class:`_BufferCache` hands q/k/v to onnxruntime's fused
+``com.microsoft.GroupQueryAttention`` op, which writes the new keys/values into the buffer at
+P..P+T-1, groups the query heads over the K key/value heads itself (no repeated K/V) and applies
+the causal mask; the padding goes in as an additive bias. (Version 1 of this format concatenated
+``past`` and the new tokens into a new ``present`` at every step, so each step copied the whole
+cache; :mod:`text2llm.infer.ort_runtime` asks for a fresh export of a version-1 dir.)
+We use the dynamo exporter (``torch.export``) with ``Dim.AUTO`` axes and save the weights inside
+the file (``external_data=False``).
 """
 
 from __future__ import annotations
@@ -41,25 +51,45 @@ from torch import nn
 from text2llm.errors import UserError
 
 META_FILE = "text2llm-onnx.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-class _ConcatCache:
-    """Stands in for KVCache inside the exported graph: past (graph input) + new -> present (output)."""
+class _BufferCache:
+    """Stands in for KVCache inside the exported graph: ``attend`` runs onnxruntime's
+    GroupQueryAttention over the ``past`` buffers (graph inputs) and keeps its ``present`` outputs."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.past = past
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], n_head: int, attention_mask: torch.Tensor, T: int):
+        self.past, self.n_head = past, n_head
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)  # type: ignore[list-item]
+        B, S = attention_mask.shape
+        start = S - T
+        # the op's bookkeeping: per row, the index of the last token (seqlens_k), and P + T
+        self.total = torch.tensor(S, dtype=torch.int32)
+        self.seqlens = (self.total - 1).expand(B)
+        # padding as an additive bias (B, 1, T, S); the op adds the causal mask. A query still
+        # sees itself, so a padded query's (unused) row matches the PyTorch engine's.
+        q_pos = torch.arange(start, S, device=attention_mask.device)[:, None]
+        k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+        allow = (attention_mask[:, None, :] > 0) | (k_pos == q_pos)[None]  # B T S
+        self.bias = torch.where(allow, 0.0, torch.finfo(torch.float32).min)[:, None]
 
-    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor):
+    def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
+        B, H, T, Dh = q_BHTD.shape
+        K = k_BKTD.size(1)
         pk, pv = self.past[layer]
-        k, v = torch.cat([pk, k_BKTD], dim=2), torch.cat([pv, v_BKTD], dim=2)  # B K P+T Dh
-        self.present[layer] = (k, v)
-        return k, v
+        q, k, v = (t.transpose(1, 2).reshape(B, T, -1) for t in (q_BHTD, k_BKTD, v_BKTD))  # B T (heads Dh)
+        y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            [q, k, v, pk, pv, self.seqlens, self.total, None, None, None, self.bias],
+            {"num_heads": H, "kv_num_heads": K},
+            dtypes=[q.dtype, pk.dtype, pv.dtype], shapes=[(B, T, H * Dh), pk.shape, pv.shape], version=1,
+        )
+        self.present[layer] = (present_k, present_v)
+        return y  # B T (H Dh)
 
 
 class OnnxStep(nn.Module):
-    """``model`` as a pure function of (new ids, mask, past) -> (logits, present): what gets exported."""
+    """``model`` as a pure function of (new ids, mask, past buffers) -> (logits, present buffers): what gets exported."""
 
     def __init__(self, model):
         super().__init__()
@@ -69,15 +99,11 @@ class OnnxStep(nn.Module):
         m = self.model
         T = input_ids.shape[1]
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        start = past[0][0].shape[2]  # P: tokens already cached
+        start = attention_mask.shape[1] - T  # P: tokens already cached
         x, rope = m.embed_positions(input_ids, start)  # B T D
-        # (B, 1, T, P+T): causal, padding hidden, every query sees itself (same rule as the PyTorch engine)
-        q_pos = torch.arange(start, start + T, device=input_ids.device)[:, None]
-        k_pos = torch.arange(start + T, device=input_ids.device)[None, :]
-        mask = ((k_pos <= q_pos)[None] & (attention_mask[:, None, :] > 0)) | (k_pos == q_pos)[None]
-        cache = _ConcatCache(past)
+        cache = _BufferCache(past, m.cfg.n_head, attention_mask, T)
         for block in m.blocks:
-            x = block(x, rope, cache, mask[:, None])[0]
+            x = block(x, rope, cache, None)[0]
         logits = m.lm_head(m.norm(x))  # B T V
         return (logits, *[t for kv in cache.present for t in kv])
 
@@ -115,11 +141,11 @@ def export_model(model, out_dir, tokenizer=None, int8: bool = False, extra_meta:
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     inputs, outputs = io_names(cfg.n_layer)
-    B, T, P = 2, 3, 4  # example sizes (any; every axis below is dynamic)
+    B, T, P, M = 2, 3, 4, 9  # example sizes (any; every axis below is dynamic)
     ex_ids = torch.randint(0, cfg.vocab_size, (B, T))
     ex_mask = torch.ones(B, P + T, dtype=torch.long)
-    ex_past = [torch.zeros(B, cfg.kv_heads, P, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
-    auto = torch.export.Dim.AUTO  # torch.export works out the relations (mask length = P + T)
+    ex_past = [torch.zeros(B, cfg.kv_heads, M, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    auto = torch.export.Dim.AUTO  # torch.export works out the relations (the same B everywhere)
     shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in ex_past))
     path = out / "model.onnx"
     was_fast = bool(getattr(model, "fast", False))

@@ -66,8 +66,11 @@ def make_session(path: Path, threads: int | None = None, spinning: bool | None =
 
 
 class OrtEngine:
-    """The decoding-engine interface over the exported graph; the KV cache is the ``present`` arrays
-    of the previous call, fed back as ``past``."""
+    """The decoding-engine interface over the exported graph.
+
+    The KV cache is one zeroed buffer per layer and per key/value, of capacity prompt + new tokens,
+    allocated at the prefill and bound as both ``past`` and ``present`` of every call (IOBinding), so
+    each step writes only its new keys/values in place."""
 
     def __init__(self, session, meta: dict, max_len: int | None = None):
         self.sess, self.meta = session, meta
@@ -81,30 +84,49 @@ class OrtEngine:
              spinning: bool | None = None) -> "OrtEngine":
         d = Path(export_dir)
         meta = read_meta(d)
+        if meta.get("format_version", 1) < 2:
+            raise UserError(f"{d}: an export of format version {meta.get('format_version', 1)} (its graph copies the "
+                            "KV cache at every step); export the checkpoint again with `text2llm export onnx`")
         key = "int8" if int8 else "fp32"
         if key not in meta["files"]:
             raise UserError(f"{d}: has no {key} model (export with --int8 to get one)")
         return cls(make_session(d / meta["files"][key], threads, spinning), meta)
 
-    def run(self, ids_BT: np.ndarray, mask_BS: np.ndarray, past: list[np.ndarray]):
-        """One graph call: (logits (B, T, V), present arrays)."""
-        feed = {"input_ids": ids_BT.astype(np.int64), "attention_mask": mask_BS.astype(np.int64)}
-        feed.update(zip(self.inputs[2:], past))
-        logits, *present = self.sess.run(None, feed)
-        return logits, present
+    def new_cache(self, batch: int, capacity: int) -> list:
+        """Zeroed KV buffers (B, K, capacity, Dh) as onnxruntime values, one per graph ``past`` input."""
+        import onnxruntime as ort
+
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.inputs[2:]]
+
+    def run(self, ids_BT: np.ndarray, mask_BS: np.ndarray, past: list) -> np.ndarray:
+        """One graph call: logits (B, T, V); ``past`` (the buffers of :meth:`new_cache`, P tokens
+        filled, P = mask length - T) get the new tokens' keys and values at P..P+T-1, in place."""
+        io = self.sess.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids_BT, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask_BS, dtype=np.int64))
+        io.bind_output("logits")  # (outputs come back in binding order: logits first)
+        for name_in, name_out, buf in zip(self.inputs[2:], self.outputs[1:], past):
+            io.bind_ortvalue_input(name_in, buf)
+            io.bind_ortvalue_output(name_out, buf)  # the same memory: written in place
+        self.sess.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
     def prefill(self, ids_BT: np.ndarray, mask_BT: np.ndarray, total_len: int | None = None) -> np.ndarray:
-        # (total_len is not needed: the graph's cache grows with each step's present arrays)
-        B = ids_BT.shape[0]
-        empty = np.zeros((B, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        B, T = ids_BT.shape
         self.mask = mask_BT.astype(np.int64)
-        logits, self.past = self.run(ids_BT, self.mask, [empty] * (2 * self.n_layer))
-        return logits[:, -1]
+        capacity = min(total_len or self.max_len, self.max_len)
+        if T > capacity:
+            raise ValueError(f"prompt of {T} tokens exceeds the cache capacity {capacity}")
+        self.past = self.new_cache(B, capacity)
+        return self.run(ids_BT, self.mask, self.past)[:, -1]
 
     def step(self, next_B: np.ndarray) -> np.ndarray:
+        capacity = self.past[0].shape()[2]
+        if self.mask.shape[1] >= capacity:
+            raise ValueError(f"sequence full: {self.mask.shape[1]} tokens (cache capacity {capacity})")
         self.mask = np.concatenate([self.mask, np.ones((len(next_B), 1), np.int64)], axis=1)
-        logits, self.past = self.run(next_B[:, None], self.mask, self.past)
-        return logits[:, -1]
+        return self.run(next_B[:, None], self.mask, self.past)[:, -1]
 
 
 def generate_cli(a) -> int:

@@ -168,7 +168,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 def onnx_exporting() -> bool:
     """``torch.onnx.is_in_onnx_export()``, cheap outside tracing: that call imports two modules each
-    time (~2.4 us, and the eager decode step asks 13 times); the dynamo exporter also sets
+    time (~2.4 us, and the eager decode step asks once per norm); the dynamo exporter also sets
     ``is_compiling``, which costs ~0.2 us."""
     return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()
 
@@ -210,24 +210,13 @@ def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh) + mask) v. Without a mask: causal when T > 1 (a whole sequence),
-    none when T == 1 (one new token sees every cached key).
-
-    PyTorch runs its fused kernel (``F.scaled_dot_product_attention``). An ONNX export gets the
-    formula written out instead: the exporter's own decomposition of the fused op reshapes and
-    transposes the whole key cache at every decode step (a copy as large as the cache), while
-    ``q @ k.transpose(-2, -1)`` becomes onnxruntime's FusedMatMul(transB=1), which reads the keys
-    where they are."""
+    """softmax(q k^T / sqrt(Dh) + mask) v, by PyTorch's fused kernel
+    (``F.scaled_dot_product_attention``). Without a mask: causal when T > 1 (a whole sequence),
+    none when T == 1 (one new token sees every cached key). (The ONNX export replaces this and the
+    cache update by onnxruntime's GroupQueryAttention op: ``cache.attend`` in :class:`Attention`.)"""
     T = q_BHTD.size(2)
-    if not onnx_exporting():
-        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=attn_mask,
-                                              is_causal=attn_mask is None and T > 1, dropout_p=dropout_p)
-    scores = torch.matmul(q_BHTD, k_BHSD.transpose(-2, -1)) * (1.0 / math.sqrt(q_BHTD.size(-1)))
-    if attn_mask is None and T > 1:
-        attn_mask = causal_mask(T, k_BHSD.size(2) - T, device=q_BHTD.device)
-    if attn_mask is not None:  # bool, True = may attend (every row keeps at least its own key)
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return torch.matmul(scores.softmax(-1), v_BHSD)
+    return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=attn_mask,
+                                          is_causal=attn_mask is None and T > 1, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
@@ -260,6 +249,9 @@ class Attention(nn.Module):
             v = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None and hasattr(cache, "attend"):  # the ONNX export's fused attention op
+            y_BTD = cache.attend(self.layer_idx, q, k, v)  # (it stores k/v and attends: GQA, cache, padding)
+            return packed_linear(y_BTD, self, ("o_proj",)) if fast else self.o_proj(y_BTD)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # B K S Dh
         if K != H:  # GQA: each K/V head serves n_head/n_kv query heads
