@@ -240,15 +240,16 @@ def bench_model(name: str, args) -> None:
     summary = {"case": "summary", "model": name, "new_tokens": args.new_tokens, "top1_agree": agree}
     targets = {}
     for B in args.batches:
-        r = lambda a, b: round(tps[(a, B)] / tps[(b, B)], 2) if (a, B) in tps and (b, B) in tps else None
-        summary[f"b{B}_ortint8_vs_ortfp32"] = r("ort-int8", "ort-fp32")
+        r = lambda a, b: tps[(a, B)] / tps[(b, B)] if (a, B) in tps and (b, B) in tps else None
+        i8 = r("ort-int8", "ort-fp32")
+        summary[f"b{B}_ortint8_vs_ortfp32"] = None if i8 is None else round(i8, 2)
         # the targets, once for each PyTorch path: eager (the default) and compiled (--compile)
         for path, eng in (("eager", "torch-cache"), ("compiled", "torch-compiled")):
             for key, ratio, lo in ((f"b{B}_cache_vs_nocache", r(eng, "torch-nocache"), 5.0),
                                    (f"b{B}_torch_vs_hf", r(eng, "hf-generate"), 1.5),
                                    (f"b{B}_ortfp32_vs_torch", r("ort-fp32", eng), 1.0)):
-                summary[f"{path}_{key}"] = ratio
-                if ratio is not None:
+                summary[f"{path}_{key}"] = None if ratio is None else round(ratio, 2)
+                if ratio is not None:  # judged unrounded (0.998 is a miss, though printed as 1.0)
                     targets.setdefault(path, {})[key + f">={lo}"] = ratio >= lo
     summary["targets"] = targets
     emit(summary)

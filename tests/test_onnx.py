@@ -58,7 +58,7 @@ def test_ort_logits_match_torch_prefill_and_20_steps(exported):
         a, b = ort_e.step(nxt), pt_e.step(nxt)
         assert np.abs(a - b).max() <= 1e-4
     # the full prefill logits too (every position, not only the last)
-    full = ort_e.run(ids, mask, ort_e.new_cache(3, ids.shape[1]))
+    full = ort_e.run(ids, mask, ort_e.bind(ort_e.new_cache(3, ids.shape[1])))
     import torch
 
     from text2llm.infer.generate import _attn_mask

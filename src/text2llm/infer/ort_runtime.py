@@ -99,16 +99,22 @@ class OrtEngine:
         shape = (batch, self.kv_heads, capacity, self.head_dim)
         return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.inputs[2:]]
 
-    def run(self, ids_BT: np.ndarray, mask_BS: np.ndarray, past: list) -> np.ndarray:
-        """One graph call: logits (B, T, V); ``past`` (the buffers of :meth:`new_cache`, P tokens
-        filled, P = mask length - T) get the new tokens' keys and values at P..P+T-1, in place."""
+    def bind(self, past: list):
+        """An IOBinding with ``past`` (the buffers of :meth:`new_cache`) bound as both the graph's
+        past inputs and its present outputs: each call writes its new keys/values in place."""
         io = self.sess.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids_BT, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask_BS, dtype=np.int64))
         io.bind_output("logits")  # (outputs come back in binding order: logits first)
         for name_in, name_out, buf in zip(self.inputs[2:], self.outputs[1:], past):
             io.bind_ortvalue_input(name_in, buf)
-            io.bind_ortvalue_output(name_out, buf)  # the same memory: written in place
+            io.bind_ortvalue_output(name_out, buf)
+        return io
+
+    def run(self, ids_BT: np.ndarray, mask_BS: np.ndarray, io) -> np.ndarray:
+        """One graph call on the binding ``io`` of :meth:`bind`: logits (B, T, V). The bound
+        buffers hold P tokens (P = mask length - T) and get the new ones at P..P+T-1."""
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids_BT, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask_BS, dtype=np.int64))
+        io.bind_output("logits")  # fresh each call (T varies; a bound output keeps its last shape)
         self.sess.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
@@ -119,14 +125,15 @@ class OrtEngine:
         if T > capacity:
             raise ValueError(f"prompt of {T} tokens exceeds the cache capacity {capacity}")
         self.past = self.new_cache(B, capacity)
-        return self.run(ids_BT, self.mask, self.past)[:, -1]
+        self.io = self.bind(self.past)
+        return self.run(ids_BT, self.mask, self.io)[:, -1]
 
     def step(self, next_B: np.ndarray) -> np.ndarray:
         capacity = self.past[0].shape()[2]
         if self.mask.shape[1] >= capacity:
             raise ValueError(f"sequence full: {self.mask.shape[1]} tokens (cache capacity {capacity})")
         self.mask = np.concatenate([self.mask, np.ones((len(next_B), 1), np.int64)], axis=1)
-        return self.run(next_B[:, None], self.mask, self.past)[:, -1]
+        return self.run(next_B[:, None], self.mask, self.io)[:, -1]
 
 
 def generate_cli(a) -> int:
