@@ -304,6 +304,31 @@ def test_byte_identical_for_1_and_2_workers(tmp_path):
         assert (tmp_path / "w1" / n).read_bytes() == (tmp_path / "w2" / n).read_bytes(), n
 
 
+def test_shards_split_exactly_and_dedup_inside_a_batch(tmp_path):
+    """Workers hand back each batch as a gzip member; the shards still split at exactly
+    ``shard_docs`` documents (a batch that straddles a shard is split), duplicates found in the
+    main process come out of the member, and the content is the same as with one big shard."""
+    texts = [f"Document number {i} tells its own story about a cat named Tom{i}." for i in range(30)]
+    texts[7] = texts[3]  # exact duplicates, inside a batch and across batches
+    texts[20] = texts[3]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+
+    def shards(d: Path, prefix: str) -> list[list[dict]]:
+        return [[json.loads(x) for x in gzip.open(f, "rt", encoding="utf-8")] for f in sorted(d.glob(f"{prefix}-*.jsonl.gz"))]
+
+    runs = {}
+    for shard_docs in (6, 1000):
+        out = tmp_path / f"o{shard_docs}"
+        run_clean([src], out, DataConfig(filter=False, batch_docs=4, shard_docs=shard_docs), progress=False)
+        runs[shard_docs] = (shards(out, "clean"), shards(out, "rejected"))
+    small, big = runs[6], runs[1000]
+    assert [len(s) for s in small[0]] == [6, 6, 6, 6, 4] and len(big[0]) == 1
+    want = [str(i) for i in range(30) if i not in (7, 20)]
+    assert [d["id"] for s in small[0] for d in s] == [d["id"] for d in big[0][0]] == want
+    assert [(d["id"], d["reason"]) for d in small[1][0]] == [("7", "dedup:exact"), ("20", "dedup:exact")]
+    assert small[1] == big[1]
+
+
 def test_outputs_stats_and_iter_cleaned(tmp_path, capsys):
     stats = run_clean([FIX / "tinystories-sample.jsonl.gz"], tmp_path / "o", DataConfig(), progress=True)
     on_disk = json.loads((tmp_path / "o" / "stats.json").read_text())

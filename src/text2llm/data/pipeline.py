@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import gzip
-import io
 import json
 import multiprocessing as mp
 import os
@@ -69,13 +68,18 @@ def _init_worker(cfg_json: str, warm: bool = False) -> None:
             LanguageFilter.identifier()
 
 
-def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
-    """Raw records -> ``(reason | None, exact_key, band keys, signature bytes, JSON line, text bytes)``.
+def process_batch(batch: list[tuple]) -> tuple[list[tuple], bytes, bytes, dict, dict, int]:
+    """Raw records -> per document ``(reason | None, exact_key, band keys, signature bytes,
+    JSON line length, text bytes)``, and the JSON lines themselves compressed here, in parallel:
+    one gzip member of the kept documents' lines and one of the rejected ones' (with their
+    reasons; empty unless ``write_rejected``). The main process appends the members to the shards
+    as they are, unless dedup drops a document of the batch or a shard ends inside it
+    (:func:`_write_batch`).
 
     Word statistics for the filters and MinHash are computed once for the whole batch
-    (:class:`~text2llm.data.textstats.BatchStats`). Returns the results (one per input document),
-    a dict of repairs, a dict of skipped records (unparsable JSON lines and the like) and the
-    input bytes of the documents (text as UTF-8, HTML as read).
+    (:class:`~text2llm.data.textstats.BatchStats`). Also returns a dict of repairs, a dict of
+    skipped records (unparsable JSON lines and the like) and the input bytes of the documents
+    (text as UTF-8, HTML as read).
     """
     from text2llm.data.dedup import exact_key
     from text2llm.data.extract import html_to_text
@@ -147,6 +151,7 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
             sigs[ks] = minhash.batch_signatures(batch_stats, rows)
         bands = minhash.band_keys(sigs, cfg.minhash_bands).tolist()
     out = []
+    kept_lines, rejected_lines = [], []
     k = 0
     for i, doc in enumerate(docs):
         if reasons[i] is None and minhash is not None:
@@ -160,9 +165,13 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], dict, dict, int]:
         else:
             key = band = sig = None
         line = json_line(doc, reasons[i])  # encoded here, in parallel
+        if reasons[i] is None:
+            kept_lines.append(line)
+        elif cfg.write_rejected:
+            rejected_lines.append(line)
         t = doc.text
-        out.append((reasons[i], key, band, sig, line, len(t) if t.isascii() else len(t.encode("utf-8"))))
-    return out, dict(repaired), dict(skipped), bytes_in
+        out.append((reasons[i], key, band, sig, len(line), len(t) if t.isascii() else len(t.encode("utf-8"))))
+    return out, gzip_member(kept_lines), gzip_member(rejected_lines), dict(repaired), dict(skipped), bytes_in
 
 
 def _by_batch(views: list, docs, ks: list[int]) -> list[tuple]:
@@ -211,39 +220,108 @@ def json_line(doc: Document, reason: str | None = None) -> bytes:
     return (line + "}\n").encode("utf-8")
 
 
+def gzip_member(lines: list[bytes]) -> bytes:
+    """The lines as one gzip member (deterministic header: mtime 0, no name). A shard is members
+    back to back, a valid gzip file (RFC 1952) that every gzip reader reads whole."""
+    return gzip.compress(b"".join(lines), compresslevel=1, mtime=0) if lines else b""
+
+
 class ShardWriter:
-    """Writes ``{prefix}-00000.jsonl.gz`` ... with deterministic gzip headers (mtime 0, no name)."""
+    """Writes ``{prefix}-00000.jsonl.gz`` ...: a new shard starts before a document once the current
+    one holds ``max_docs`` documents or ``max_bytes`` bytes of text."""
 
     def __init__(self, out_dir: Path, prefix: str, max_docs: int, max_bytes: int):
         self.out_dir, self.prefix, self.max_docs, self.max_bytes = out_dir, prefix, max_docs, max_bytes
         self.index = 0
         self.docs = self.bytes = 0
         self.files: list[str] = []
-        self._raw = self._gz = None
+        self._f = None
+        self._pending: list[bytes] = []
 
-    def _open(self) -> None:
-        name = f"{self.prefix}-{self.index:05d}.jsonl.gz"
-        self._raw = open(self.out_dir / name, "wb")
-        self._gz = io.BufferedWriter(gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=1), 1 << 20)
-        self.files.append(name)
+    def _roll_if_full(self) -> None:
+        if self._f is not None and (self.docs >= self.max_docs or self.bytes >= self.max_bytes):
+            self.flush()
+            self._f.close()
+            self._f = None
+            self.index += 1
+        if self._f is None:
+            name = f"{self.prefix}-{self.index:05d}.jsonl.gz"
+            self._f = open(self.out_dir / name, "wb")
+            self.files.append(name)
+            self.docs = self.bytes = 0
+
+    def write_member(self, member: bytes, sizes: list[int]) -> bool:
+        """Append a gzip member of whole lines, documents of text ``sizes``, if they all go into
+        the current shard under the rule of :meth:`write` (else write nothing and return False)."""
+        self._roll_if_full()
+        if self.docs + len(sizes) - 1 >= self.max_docs or self.bytes + sum(sizes[:-1]) >= self.max_bytes:
+            return False
+        self.flush()
+        self._f.write(member)
+        self.docs += len(sizes)
+        self.bytes += sum(sizes)
+        return True
 
     def write(self, line: bytes, n_bytes: int) -> None:
-        """Append one encoded JSON line (``n_bytes`` of text, for the shard size limit)."""
-        if self._gz is not None and (self.docs >= self.max_docs or self.bytes >= self.max_bytes):
-            self.close()
-            self.index += 1
-        if self._gz is None:
-            self._open()
-            self.docs = self.bytes = 0
-        self._gz.write(line)
+        """Append one encoded JSON line (``n_bytes`` of text, for the shard size limit); the lines
+        written one by one are compressed as a member at the next :meth:`flush` or shard change."""
+        self._roll_if_full()
+        self._pending.append(line)
         self.docs += 1
         self.bytes += n_bytes
 
+    def flush(self) -> None:
+        if self._pending:
+            self._f.write(gzip_member(self._pending))
+            self._pending = []
+
     def close(self) -> None:
-        if self._gz is not None:
-            self._gz.close()
-            self._raw.close()
-            self._gz = self._raw = None
+        if self._f is not None:
+            self.flush()
+            self._f.close()
+            self._f = None
+
+
+def _split_member(member: bytes, lengths: list[int]) -> list[bytes]:
+    data = gzip.decompress(member) if member else b""
+    out, pos = [], 0
+    for n in lengths:
+        out.append(data[pos : pos + n])
+        pos += n
+    return out
+
+
+def _write_batch(rows: list[tuple], dup: dict[int, str], kept: bytes, rejected: bytes,
+                 clean: ShardWriter, rejected_writer: ShardWriter | None) -> None:
+    """Write one batch's documents to the shards. ``rows`` are :func:`process_batch`'s; ``dup``
+    maps the positions dedup removed to their reasons. The workers' members are appended as they
+    are when nothing was removed here and the batch fits in the current shards; otherwise the
+    lines are taken out of the members and written one by one (same shard rule, same bytes
+    whatever the worker count)."""
+    if not dup:
+        if kept and clean.write_member(kept, [r[5] for r in rows if r[0] is None]):
+            kept = b""
+        if rejected and rejected_writer is not None and \
+                rejected_writer.write_member(rejected, [r[5] for r in rows if r[0] is not None]):
+            rejected = b""
+    kept_lines = iter(_split_member(kept, [r[4] for r in rows if r[0] is None]))
+    rejected_lines = iter(_split_member(rejected, [r[4] for r in rows if r[0] is not None])
+                          if rejected_writer is not None else [])
+    for i, (reason, _key, _band, _sig, _n_line, n) in enumerate(rows):
+        if reason is None:
+            if not kept:
+                continue  # written as a member above
+            line = next(kept_lines)
+            if i in dup:  # rejected here: add the reason to the worker's line
+                if rejected_writer is not None:
+                    rejected_writer.write(line[: -len(b"}\n")] + f', "reason": {_quote(dup[i])}}}\n'.encode("utf-8"), n)
+                continue
+            clean.write(line, n)
+        elif rejected_writer is not None and rejected:
+            rejected_writer.write(next(rejected_lines), n)
+    clean.flush()
+    if rejected_writer is not None:
+        rejected_writer.flush()
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
@@ -351,25 +429,24 @@ def run_clean(
                 if method == "fork":
                     gc.unfreeze()
             results = bounded_imap(pool, process_batch, batches, 2 * workers)
-        for batch_out, batch_repaired, batch_skipped, batch_bytes in results:
+        for rows, kept_member, rejected_member, batch_repaired, batch_skipped, batch_bytes in results:
             repaired.update(batch_repaired)
             skipped.update(batch_skipped)
-            counts["docs_in"] += len(batch_out)
+            counts["docs_in"] += len(rows)
             counts["bytes_in"] += batch_bytes
-            for reason, key, bands, sig, line, n in batch_out:
+            dup: dict[int, str] = {}
+            for i, (reason, key, bands, sig, _n_line, n) in enumerate(rows):
                 if reason is None and dedup is not None:
                     reason = dedup.check(key, bands, np.frombuffer(sig, dtype=np.uint32))
-                    if reason is not None:  # rejected here: add the reason to the worker's line
-                        line = line[: -len(b"}\n")] + f', "reason": {_quote(reason)}}}\n'.encode("utf-8")
+                    if reason is not None:
+                        dup[i] = reason
                 if reason is None:
-                    clean.write(line, n)
                     counts["docs_out"] += 1
                     counts["bytes_out"] += n
                 else:
                     removed[reason.split(":", 1)[0]] += 1
                     reasons[reason] += 1
-                    if rejected is not None:
-                        rejected.write(line, n)
+            _write_batch(rows, dup, kept_member, rejected_member, clean, rejected)
             display.update(counts["docs_in"], counts["bytes_in"])
         if pool is not None:
             pool.close()
