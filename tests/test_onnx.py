@@ -68,18 +68,25 @@ def test_ort_logits_match_torch_prefill_and_20_steps(exported):
     assert np.abs(full - ref.logits.numpy()).max() <= 1e-4
 
 
-def test_ort_gqa_learned_positions_and_in_place_cache(tmp_path):
-    """A model with grouped-query heads (K=2 < H=4) and learned positions matches PyTorch; the
-    runtime's buffers are written in place, each token's keys at its position, zeros beyond."""
-    import text2llm
-    from test_generate import tiny_checkpoint
+@pytest.mark.parametrize("kw", [dict(positions="learned", n_head=4, n_kv_head=2),  # head dim 8
+                                dict(positions="rope", n_head=2, n_kv_head=1)])      # 16: the op does RoPE
+def test_ort_gqa_positions_and_in_place_cache(tmp_path, kw):
+    """Grouped-query heads (K < H), learned positions, and RoPE done inside onnxruntime's attention
+    op (head dims that are multiples of 16) match PyTorch on a left-padded batch; the runtime's
+    buffers are written in place, each token's keys at its position, zeros beyond."""
+    import torch
+
     from text2llm.infer.generate import TorchEngine
     from text2llm.infer.onnx import export_model
     from text2llm.infer.ort_runtime import OrtEngine
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
 
-    model, tok = text2llm.load(tiny_checkpoint(tmp_path, positions="learned", n_kv_head=2))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, d_model=32, n_layer=2, max_seq_len=64, **kw)).eval()
     out = export_model(model, tmp_path / "onnx")
-    ids, mask = left_pad([[tok.bos_id] + tok.encode(p) for p in PROMPTS], tok.pad_id)
+    rng = np.random.default_rng(0)
+    ids, mask = left_pad([list(rng.integers(3, 97, size=n)) for n in (7, 3, 5)], 0)
     ort_e, pt_e = OrtEngine.load(out), TorchEngine(model)
     T, n = ids.shape[1], 10
     a, b = ort_e.prefill(ids, mask, total_len=T + n + 2), pt_e.prefill(ids, mask, total_len=T + n + 2)
@@ -91,9 +98,11 @@ def test_ort_gqa_learned_positions_and_in_place_cache(tmp_path):
         assert np.abs(a - b).max() <= 1e-4
     assert all(x is y for x, y in zip(ort_e.past, buffers))  # the same buffers, never reallocated
     keys = ort_e.past[0].numpy()  # (B, K, capacity, Dh)
-    assert keys.shape == (len(PROMPTS), 2, T + n + 2, model.cfg.head_dim)
+    assert keys.shape == (3, model.cfg.kv_heads, T + n + 2, model.cfg.head_dim)
     want = pt_e.cache.k[0][:, :, : T + n].numpy()
-    assert np.abs(keys[:, :, : T + n] - want).max() <= 1e-4 and not keys[:, :, T + n :].any()
+    real = mask.astype(bool)  # padded positions hold keys nobody attends to
+    assert np.abs((keys[:, :, :T] - want[:, :, :T]).transpose(0, 2, 1, 3)[real]).max() <= 1e-4
+    assert np.abs(keys[:, :, T : T + n] - want[:, :, T:]).max() <= 1e-4 and not keys[:, :, T + n :].any()
     ort_e.step(nxt), ort_e.step(nxt)  # fills the capacity exactly
     with pytest.raises(ValueError, match="cache capacity"):
         ort_e.step(nxt)

@@ -27,11 +27,13 @@ both steps, and the decoding loop in :mod:`text2llm.infer.decoding` drives it ex
 the PyTorch model: same left padding, same mask, same positions (the new tokens sit at P ... P+T-1).
 A call with T > 1 after a prefill (a prompt in chunks) needs B = 1.
 
-The export reuses the model's own blocks (embedding, norms, projections, RoPE, MLP or MoE); only
-the attention over the cache differs: :class:`_BufferCache` hands q/k/v to onnxruntime's fused
-``com.microsoft.GroupQueryAttention`` op, which writes the new keys/values into the buffer at
-P..P+T-1, groups the query heads over the K key/value heads itself (no repeated K/V) and applies
-the causal mask; the padding goes in as an additive bias. (Version 1 of this format concatenated
+The export reuses the model's own blocks (embedding, norms, projections, MLP or MoE); from the
+packed q/k/v projection to the attention output, :class:`_BufferCache` hands the work to
+onnxruntime's fused ``com.microsoft.GroupQueryAttention`` op: it rotates q and k (RoPE, from the
+model's own tables; the op needs a head dim that is a multiple of 16, else the graph rotates them
+first), writes the new keys/values into the buffer at P..P+T-1, groups the query heads
+over the K key/value heads (no repeated K/V) and applies the causal mask; the padding goes in as an
+additive bias. (Version 1 of this format concatenated
 ``past`` and the new tokens into a new ``present`` at every step, so each step copied the whole
 cache; :mod:`text2llm.infer.ort_runtime` asks for a fresh export of a version-1 dir.)
 We use the dynamo exporter (``torch.export``) with ``Dim.AUTO`` axes and save the weights inside
@@ -49,6 +51,7 @@ import torch
 from torch import nn
 
 from text2llm.errors import UserError
+from text2llm.model.transformer import apply_rope
 
 META_FILE = "text2llm-onnx.json"
 FORMAT_VERSION = 2
@@ -58,12 +61,14 @@ class _BufferCache:
     """Stands in for KVCache inside the exported graph: ``attend`` runs onnxruntime's
     GroupQueryAttention over the ``past`` buffers (graph inputs) and keeps its ``present`` outputs."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], n_head: int, attention_mask: torch.Tensor, T: int):
-        self.past, self.n_head = past, n_head
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor, T: int,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None):
+        self.past = past
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)  # type: ignore[list-item]
         B, S = attention_mask.shape
         start = S - T
-        # the op's bookkeeping: per row, the index of the last token (seqlens_k), and P + T
+        # the op's bookkeeping: per row, the index of the last token (seqlens_k), and P + T; the
+        # rotary positions it derives from them are ours: P .. P+T-1, left padding included
         self.total = torch.tensor(S, dtype=torch.int32)
         self.seqlens = (self.total - 1).expand(B)
         # padding as an additive bias (B, 1, T, S); the op adds the causal mask. A query still
@@ -72,17 +77,29 @@ class _BufferCache:
         k_pos = torch.arange(S, device=attention_mask.device)[None, :]
         allow = (attention_mask[:, None, :] > 0) | (k_pos == q_pos)[None]  # B T S
         self.bias = torch.where(allow, 0.0, torch.finfo(torch.float32).min)[:, None]
+        # RoPE: done by the op where it can (head dim a multiple of 16), from our tables cut to
+        # the (max_len, Dh / 2) it wants (ours hold each frequency twice); else by the model's
+        # apply_rope on the rows of positions P..P+T-1, before the op
+        self.fused_rope = rope is not None and rope[0].size(1) % 16 == 0
+        self.rope = None if rope is None else \
+            tuple(t[:, : t.size(1) // 2] for t in rope) if self.fused_rope else tuple(t[start:S] for t in rope)
 
-    def attend(self, layer: int, q_BHTD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> torch.Tensor:
-        B, H, T, Dh = q_BHTD.shape
-        K = k_BKTD.size(1)
+    def attend(self, layer: int, qkv_BTE: torch.Tensor, H: int, K: int) -> torch.Tensor:
+        """q, k, v packed as one (B, T, (H + 2K) Dh) tensor -> attention output (B, T, H Dh)."""
+        B, T, E = qkv_BTE.shape
+        Dh = E // (H + 2 * K)
         pk, pv = self.past[layer]
-        q, k, v = (t.transpose(1, 2).reshape(B, T, -1) for t in (q_BHTD, k_BKTD, v_BKTD))  # B T (heads Dh)
+        cos = sin = None
+        if self.fused_rope:
+            cos, sin = self.rope
+        elif self.rope is not None:  # q and k rotated here, the op gets them as they are
+            qk, v = qkv_BTE.view(B, T, H + 2 * K, Dh).transpose(1, 2).split([H + K, K], dim=1)
+            qkv_BTE = torch.cat([apply_rope(qk, *self.rope), v], dim=1).transpose(1, 2).reshape(B, T, E)
         y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
-            [q, k, v, pk, pv, self.seqlens, self.total, None, None, None, self.bias],
-            {"num_heads": H, "kv_num_heads": K},
-            dtypes=[q.dtype, pk.dtype, pv.dtype], shapes=[(B, T, H * Dh), pk.shape, pv.shape], version=1,
+            [qkv_BTE, None, None, pk, pv, self.seqlens, self.total, cos, sin, None, self.bias],
+            {"num_heads": H, "kv_num_heads": K, "do_rotary": int(self.fused_rope), "rotary_interleaved": 0},
+            dtypes=[qkv_BTE.dtype, pk.dtype, pv.dtype], shapes=[(B, T, H * Dh), pk.shape, pv.shape], version=1,
         )
         self.present[layer] = (present_k, present_v)
         return y  # B T (H Dh)
@@ -100,8 +117,9 @@ class OnnxStep(nn.Module):
         T = input_ids.shape[1]
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         start = attention_mask.shape[1] - T  # P: tokens already cached
-        x, rope = m.embed_positions(input_ids, start)  # B T D
-        cache = _BufferCache(past, m.cfg.n_head, attention_mask, T)
+        x, _ = m.embed_positions(input_ids, start)  # B T D
+        rope = (m.rope_cos, m.rope_sin) if m.cfg.positions == "rope" else None  # whole tables: the op indexes them
+        cache = _BufferCache(past, attention_mask, T, rope)
         for block in m.blocks:
             x = block(x, rope, cache, None)[0]
         logits = m.lm_head(m.norm(x))  # B T V

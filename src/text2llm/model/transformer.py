@@ -237,6 +237,11 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         H, K, Dh = self.n_head, self.n_kv, self.head_dim
         fast = self.fast and not torch.is_grad_enabled()
+        if cache is not None and hasattr(cache, "attend"):  # the ONNX export: one fused op does the rest
+            qkv_BTE = packed_linear(x_BTD, self, ("q_proj", "k_proj", "v_proj")) if fast else \
+                torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], dim=-1)
+            y_BTD = cache.attend(self.layer_idx, qkv_BTE, H, K)  # RoPE, cache write, GQA attention, padding
+            return packed_linear(y_BTD, self, ("o_proj",)) if fast else self.o_proj(y_BTD)
         if fast:  # inference: one matmul for q, k and v
             qkv = packed_linear(x_BTD, self, ("q_proj", "k_proj", "v_proj")).view(B, T, H + 2 * K, Dh).transpose(1, 2)
             qk, v = qkv.split([H + K, K], dim=1)
@@ -249,9 +254,6 @@ class Attention(nn.Module):
             v = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None and hasattr(cache, "attend"):  # the ONNX export's fused attention op
-            y_BTD = cache.attend(self.layer_idx, q, k, v)  # (it stores k/v and attends: GQA, cache, padding)
-            return packed_linear(y_BTD, self, ("o_proj",)) if fast else self.o_proj(y_BTD)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # B K S Dh
         if K != H:  # GQA: each K/V head serves n_head/n_kv query heads
