@@ -7,6 +7,8 @@ Prints one JSON object per line:
   {"case": "decode", "model", "engine", "batch", "prompt_tokens", "new_tokens", "tok_s", "seconds"}
       greedy generation of exactly ``new_tokens`` tokens (EOS ignored) after a short prompt;
       tok_s = batch * new_tokens / wall time (the short prefill included, as in HF's generate)
+  {"case": "step", "model", "engine", "batch", "cached": 16 | 270, "ms"}   one decode step (no
+      sampling) with that many tokens already cached, PyTorch eager / compiled and ORT fp32
   {"case": "prefill", "model", "engine", "tokens": 512, "tok_s"}   one 512-token prompt, batch 1
   {"case": "summary", "model", ...ratios..., "targets": {...: true/false}}
 Targets (issue 8): KV cache >= 5x no cache at 256 new tokens; our PyTorch path >= 1.5x
@@ -165,6 +167,25 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+STEP_REPEATS = 40
+
+
+def step_ms(engine, prompts: np.ndarray) -> float:
+    """Milliseconds per decode step with ``prompts.shape[1]`` tokens cached: best of 3 rounds of
+    STEP_REPEATS steps (the engine's step alone: no sampling)."""
+    B, P = prompts.shape
+    best = float("inf")
+    nxt = prompts[:, -1].astype(np.int64)
+    for _ in range(3):
+        engine.prefill(prompts, np.ones_like(prompts), total_len=P + STEP_REPEATS + 1)
+        engine.step(nxt)
+        t = time.perf_counter()
+        for _ in range(STEP_REPEATS - 1):
+            engine.step(nxt)
+        best = min(best, (time.perf_counter() - t) / (STEP_REPEATS - 1))
+    return best * 1e3
+
+
 def bench_model(name: str, args) -> None:
     from text2llm.infer.onnx import export_model
     from text2llm.infer.ort_runtime import OrtEngine
@@ -214,6 +235,15 @@ def bench_model(name: str, args) -> None:
             emit({"case": "decode", "model": name, "engine": k, "batch": B, "prompt_tokens": args.prompt_tokens,
                   "new_tokens": args.new_tokens, "tok_s": round(tps[(k, B)], 1), "seconds": round(dt, 2),
                   "same_tokens": same})
+    # one decode step after 16 and after 270 cached tokens: what a step costs as the cache grows
+    for B in args.batches:
+        for cached in (16, 270):
+            if cached + 1 + STEP_REPEATS > cfg.max_seq_len:
+                continue
+            prompts = rng.integers(4, cfg.vocab_size, size=(B, cached))
+            for k in ("torch-cache", "torch-compiled", "ort-fp32"):
+                ms = step_ms(engines[k], prompts)
+                emit({"case": "step", "model": name, "engine": k, "batch": B, "cached": cached, "ms": round(ms, 3)})
     # prefill: one prompt of --prefill-tokens tokens
     ids = rng.integers(4, cfg.vocab_size, size=(1, args.prefill_tokens))
     mask = np.ones_like(ids)

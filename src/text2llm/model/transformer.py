@@ -12,7 +12,10 @@ Data flow of one forward pass::
     Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))     (MLP or MoE)
 
 Inference state (the KV cache) lives in a :class:`KVCache` object that the caller creates and
-passes to ``forward``; layers never allocate or keep caches themselves.
+passes to ``forward``; layers never allocate or keep caches themselves. A cache object with an
+``attend(layer, qkv, n_head, n_kv_head)`` method takes over each attention layer from the packed
+q/k/v projection to the attention output: the ONNX export's (``infer/onnx.py``), which hands that
+part to onnxruntime's fused attention op.
 
 Attention masks: without ``attn_mask`` attention is causal. An ``attn_mask`` *replaces* the causal
 mask: bool, True = may attend, broadcastable to (B, 1, T, S) (a float mask is added to the scores).
