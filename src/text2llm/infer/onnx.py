@@ -189,6 +189,9 @@ def export_model(model, out_dir, tokenizer=None, int8: bool = False, extra_meta:
         "n_layer": cfg.n_layer, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len, "positions": cfg.positions,
         "inputs": inputs, "outputs": outputs, "files": files, "tokenizer": "tokenizer" if tokenizer is not None else None,
+        "kv_cache": "one zeroed buffer (B, kv_heads, capacity, head_dim) per past input, bound as that past "
+                    "and as the matching present output (the same memory); a call writes its T new tokens "
+                    "at P..P+T-1, where P = attention_mask length - T",
         "opset": opset, **(extra_meta or {}),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
