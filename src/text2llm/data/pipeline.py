@@ -5,9 +5,10 @@
     main process                          worker processes (--workers N)
     ------------                          ------------------------------
     readers.iter_raw  -- batches -->      process_batch: JSON parsing, HTML extraction,
-    (JSON lines unparsed)                 normalisation, quality filters, exact key, MinHash
+    (JSON lines unparsed)                 normalisation, quality filters, exact key, MinHash,
+                                          output lines encoded and gzipped (one member a batch)
     Deduplicator (input order)  <-- results, in order (imap)
-    ShardWriter: clean-*.jsonl.gz, rejected-*.jsonl.gz, stats.json
+    ShardWriter: clean-*.jsonl.gz, rejected-*.jsonl.gz (members appended), stats.json
 
 Determinism: batches are cut by the input alone (record count and size, never by worker), every
 unit is a pure function of the document (batch statistics are per document too), results come back in input order and dedup runs in one place, so the output is
