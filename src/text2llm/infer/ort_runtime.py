@@ -110,11 +110,12 @@ class OrtEngine:
         return io
 
     def run(self, ids_BT: np.ndarray, mask_BS: np.ndarray, io) -> np.ndarray:
-        """One graph call on the binding ``io`` of :meth:`bind`: logits (B, T, V). The bound
-        buffers hold P tokens (P = mask length - T) and get the new ones at P..P+T-1."""
+        """One graph call on the binding ``io`` of :meth:`bind`: the last position's logits
+        (B, 1, V). The bound buffers hold P tokens (P = mask length - T) and get the new ones at
+        P..P+T-1."""
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids_BT, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask_BS, dtype=np.int64))
-        io.bind_output("logits")  # fresh each call (T varies; a bound output keeps its last shape)
+        io.bind_output("logits")  # a new array each call: the caller may keep the last one
         self.sess.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
