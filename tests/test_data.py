@@ -108,6 +108,20 @@ def test_normalize_controls_whitespace_punctuation():
     assert normalize("a\nb\n\nc", DataConfig(), rep) == "a\nb\n\nc"  # single newlines and paragraphs kept
 
 
+def test_normalize_batch_equals_one_by_one():
+    """The batch path (control characters and special whitespace found with numpy for the whole
+    batch) gives what ``normalize`` gives text by text."""
+    from text2llm.data.normalize import _SPECIAL_WS, normalize, normalize_batch
+
+    texts = ["plain ascii text", "two  spaces", "tab\there", "cr\r\nlf", " edge \n spaces ", "a\n\n\n\nb",
+             "ctrl\x07  and\u200b", "", "😀 emoji  ok", "第二段：你好\u3000世界", "Caf\u00c3\u00a9 au lait",
+             *[f"x{c}y{c}{c}z" for c in _SPECIAL_WS], "\x07\t\x07", "nb\u00a0\u00a0sp"]
+    cfg = DataConfig()
+    a, b = Counter(), Counter()
+    assert normalize_batch(texts, cfg, a) == [normalize(t, cfg, b) for t in texts]
+    assert a == b
+
+
 # ---------------------------------------------------------------------------------------
 # filters on literal strings
 

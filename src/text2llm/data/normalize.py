@@ -57,13 +57,16 @@ def fix_unicode(text: str, repaired: Counter) -> str:
     return fixed
 
 
-def normalize_whitespace(text: str) -> str:
-    """Unify line ends and spaces, strip lines, keep paragraph breaks (at most one blank line)."""
-    # each regex runs only when a fast substring test says it can match (most text is clean)
-    ascii_ = text.isascii()
-    if "\r" in text or not ascii_:
+def normalize_whitespace(text: str, special: bool | None = None) -> str:
+    """Unify line ends and spaces, strip lines, keep paragraph breaks (at most one blank line).
+    ``special``: whether ``text`` may hold a character of :data:`_SPECIAL_WS` (None: not known;
+    :func:`normalize_batch` knows it for a whole batch at once)."""
+    # each regex runs only when a fast test says it can match (most text is clean)
+    if special is None:
+        special = "\r" in text or "\t" in text or not text.isascii()
+    if special:
         text = _LINE_END_RE.sub("\n", text)
-    if "  " in text or "\t" in text or not ascii_:
+    if special or "  " in text:
         text = _SPACE_RE.sub(" ", text)
     if " \n" in text or "\n " in text:
         text = _EDGE_SPACE_RE.sub("\n", text)
@@ -85,6 +88,9 @@ def normalize(text: str, cfg: DataConfig, repaired: Counter) -> str:
 
 
 _CONTROL_TABLE: list = []
+# what _LINE_END_RE and _SPACE_RE look for, but runs of plain spaces ("  ", found with ``in``)
+_SPECIAL_WS = "\r\u2028\u2029\x85\t\u00a0\u1680\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
+_WS_TABLE: list = []
 
 
 def _control_table():
@@ -99,9 +105,21 @@ def _control_table():
     return _CONTROL_TABLE[0]
 
 
+def _ws_table():
+    """Code point (< 0x10000) -> is in :data:`_SPECIAL_WS` (all of it in the BMP)."""
+    if not _WS_TABLE:
+        import numpy as np
+
+        table = np.zeros(0x10000, dtype=bool)
+        table[[ord(c) for c in _SPECIAL_WS]] = True
+        _WS_TABLE.append(table)
+    return _WS_TABLE[0]
+
+
 def normalize_batch(texts: list[str], cfg: DataConfig, repaired: Counter) -> list[str]:
-    """``[normalize(t, cfg, repaired) for t in texts]``; control characters are looked for in the
-    whole batch at once (numpy), so that documents without any skip the per-document regex."""
+    """``[normalize(t, cfg, repaired) for t in texts]``; control characters and special
+    whitespace are looked for in the whole batch at once (numpy), so that documents without any
+    skip the per-document regexes (removing control characters never adds special whitespace)."""
     import numpy as np
 
     out = []
@@ -117,9 +135,11 @@ def normalize_batch(texts: list[str], cfg: DataConfig, repaired: Counter) -> lis
     lens = np.fromiter(map(len, out), dtype=np.int64, count=len(out)) + 1
     starts = np.zeros(len(out), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
-    maybe = np.logical_or.reduceat(_control_table().take(np.minimum(cp, 0xFFFF)), starts)
+    bmp = np.minimum(cp, 0xFFFF)
+    maybe = np.logical_or.reduceat(_control_table().take(bmp), starts)
     for i in np.flatnonzero(maybe).tolist():
         if _CONTROL_RE.search(out[i]):
             out[i] = _CONTROL_RE.sub("", out[i])
             repaired["control_chars_removed"] += 1
-    return [normalize_whitespace(t) for t in out]
+    special = np.logical_or.reduceat(_ws_table().take(bmp), starts).tolist()
+    return [normalize_whitespace(t, sp) for t, sp in zip(out, special)]
