@@ -299,3 +299,63 @@ def test_compile_flag_rejected_for_onnx(tmp_path_factory, capsys):
 
     assert main(["generate", str(shared_export(tmp_path_factory)), "--compile"]) == 2
     assert "--compile applies to the PyTorch engine" in capsys.readouterr().err
+
+
+def _fake_aot_dir(tmp_path, ckpt, torch_version):
+    """A dir laid out like `text2llm export aot` output, without the (slow) compile."""
+    import json
+    import shutil
+
+    import torch
+
+    d = tmp_path / "aot"
+    shutil.copytree(ckpt, d)
+    (d / "text2llm-aot.json").write_text(json.dumps({"format_version": 1, "torch": torch_version or torch.__version__,
+                                                      "device": "cpu", "max_batch": 4, "max_seq_len": 64}))
+    return d
+
+
+def test_aot_dir_refused_when_it_cannot_run(tiny, tmp_path, capsys):
+    """An AOT export names what it was built with: another torch version or a missing package is
+    one clear line (export again), `--compile` on it is refused, and `export aot` keeps a
+    non-empty output dir."""
+    from text2llm.cli import main
+    from text2llm.errors import UserError
+
+    ckpt, model, _ = tiny
+    old = _fake_aot_dir(tmp_path / "a", ckpt, "1.0.0")
+    with pytest.raises(UserError, match="compiled with torch 1.0.0.*export it again"):
+        TorchEngine(model, aot_dir=old)
+    missing = _fake_aot_dir(tmp_path / "b", ckpt, None)
+    with pytest.raises(UserError, match="decode_step.pt2 is missing"):
+        TorchEngine(model, aot_dir=missing)
+    assert main(["generate", str(missing), "--compile", "--prompt", "Tom"]) == 2
+    assert "compiled already" in capsys.readouterr().err
+    assert main(["export", "aot", str(ckpt), "--out", str(missing)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.environ.get("T2L_COMPILE_TESTS") != "1",
+                    reason="a real AOTInductor compile, ~30 s on 2 cores; run with T2L_COMPILE_TESTS=1")
+def test_aot_export_generates_like_eager(tiny, tmp_path, capsys):
+    """`export aot` then `generate DIR`: the eager greedy text, for a left-padded batch too, and a
+    batch beyond --max-batch decodes eagerly with the same result."""
+    from text2llm.cli import main
+    from text2llm.infer.aot import is_aot_dir
+
+    ckpt, model, tok = tiny
+    out = tmp_path / "aot"
+    assert main(["export", "aot", str(ckpt), "--out", str(out), "--max-batch", "2"]) == 0 and is_aot_dir(out)
+    capsys.readouterr()
+    want = generate(model, tok, "Tom", 12, temperature=0)
+    assert main(["generate", str(out), "--prompt", "Tom", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    eng = TorchEngine(model, aot_dir=out)
+    for prompts in (PROMPTS[:2], PROMPTS[:3]):  # 2: the compiled step, left-padded; 3 > max batch: eager
+        p = SamplingParams(max_new_tokens=15, temperature=0)
+        assert [c.text for c in complete(eng, tok, prompts, p)] == generate_batch(model, tok, prompts, 15, temperature=0)
+    ids = np.array([[tok.bos_id] + tok.encode("The cat sat")])
+    ref = TorchEngine(model)
+    np.testing.assert_allclose(eng.prefill(ids, np.ones_like(ids), 20), ref.prefill(ids, np.ones_like(ids), 20), atol=1e-5)
+    for t in [5, 17, 42]:
+        np.testing.assert_allclose(eng.step(np.array([t])), ref.step(np.array([t])), atol=1e-4)

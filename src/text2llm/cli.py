@@ -161,6 +161,14 @@ def cmd_export_onnx(a) -> int:
     return 0
 
 
+def cmd_export_aot(a) -> int:
+    from text2llm.infer.aot import export_aot
+
+    out = export_aot(a.ckpt, a.out, max_batch=a.max_batch, overwrite=a.overwrite)
+    print(f"compiled the decode step ahead of time -> {out} (run it with `text2llm generate {out}`)")
+    return 0
+
+
 def cmd_compress(a) -> int:
     from text2llm.compress import cli_entry
 
@@ -267,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
 
-    e = verb("export", "export a checkpoint (Hugging Face dir or ONNX)", None)
+    e = verb("export", "export a checkpoint (Hugging Face dir, ONNX, or a compiled decode step)", None)
     esub = e.add_subparsers(dest="everb", metavar="FORMAT")
     eh = esub.add_parser("hf", help="a transformers Llama/Mixtral dir", description="export to a Hugging Face dir")
     eh.set_defaults(func=cmd_export_hf)
@@ -281,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--out", required=True, metavar="DIR")
     eo.add_argument("--int8", action="store_true", help="also write an onnxruntime int8 model")
     eo.add_argument("--overwrite", action="store_true")
+    ea = esub.add_parser("aot", help="the decode step compiled ahead of time (AOTInductor), with the checkpoint",
+                         description="compile the decode step once; `generate DIR` / `serve DIR` load it "
+                                     "instead of compiling in every process")
+    ea.set_defaults(func=cmd_export_aot)
+    ea.add_argument("ckpt", metavar="CKPT")
+    ea.add_argument("--out", required=True, metavar="DIR")
+    ea.add_argument("--max-batch", type=int, default=64, metavar="N",
+                    help="largest batch the compiled step takes; larger ones decode eagerly (default 64)")
+    ea.add_argument("--overwrite", action="store_true")
 
     i = verb("import", "import a model into a text2llm checkpoint", None)
     isub = i.add_subparsers(dest="iverb", metavar="FORMAT")

@@ -81,9 +81,12 @@ class TorchEngine:
     The prompt (prefill) runs eagerly.
     """
 
-    def __init__(self, model, use_cache: bool = True, max_len: int | None = None, compile: bool = False):
-        if compile and not use_cache:
-            raise ValueError("compile=True needs use_cache=True (the compiled step is the KV-cache step)")
+    def __init__(self, model, use_cache: bool = True, max_len: int | None = None, compile: bool = False,
+                 aot_dir=None):
+        if (compile or aot_dir) and not use_cache:
+            raise ValueError("a compiled step needs use_cache=True (the compiled step is the KV-cache step)")
+        if compile and aot_dir:
+            raise ValueError("compile=True and aot_dir: the AOT export is already compiled")
         self.model, self.use_cache = model, use_cache
         # packed Linears (see Transformer.fast_inference); not for FSDP-sharded parameters, which
         # exist whole only inside each block's forward
@@ -109,7 +112,14 @@ class TorchEngine:
 
             self.attention = functools.partial(
                 sdpa_kernel, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-        self.compiled = None
+        self.compiled = self.aot = None
+        if aot_dir is not None:  # compiled ahead of time (text2llm.infer.aot): loaded, not compiled
+            from text2llm.infer.aot import load_step
+
+            if self.device.type != "cpu":
+                raise ValueError("an AOT export runs on the CPU")
+            self.aot, meta = load_step(aot_dir)
+            self.aot_max_batch = meta["max_batch"]
         if compile:
             from torch._inductor import config as cfg
 
@@ -151,7 +161,9 @@ class TorchEngine:
         self.valid[:, :T] = torch.from_numpy(mask_BT.astype(bool))
         self.padded = not bool(self.valid[:, :T].all())
         self.len = T
-        self.cache = KVCache(self.model.cfg, B, L, self.device, self.dtype) if self.use_cache else None
+        # (the AOT program takes buffers of the model's full context: that axis is not symbolic)
+        cache_len = self.model.cfg.max_seq_len if self.aot is not None else L
+        self.cache = KVCache(self.model.cfg, B, cache_len, self.device, self.dtype) if self.use_cache else None
         return self._forward(0, T)
 
     def _step(self, next_B: np.ndarray) -> np.ndarray:
@@ -161,6 +173,12 @@ class TorchEngine:
         self.ids[:, self.len] = new_B
         self.valid[:, self.len] = True
         self.len += 1
+        if self.aot is not None and len(next_B) <= self.aot_max_batch:
+            # one query at the last position sees every valid key: the mask is the valid row, and
+            # its length S tells the program the position (S - 1)
+            # (contiguous: the compiled program reads its inputs densely)
+            mask = self.valid[:, : self.len].contiguous().view(len(next_B), 1, 1, self.len)
+            return self.aot(new_B[:, None], mask, *self.cache.k, *self.cache.v).float().numpy()
         if self.compiled is not None:
             start = self.len - 1
             mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
@@ -226,6 +244,12 @@ def generate_cli(a) -> int:
 
     if ort_runtime.is_export_dir(a.ckpt):  # an ONNX export dir: run it with onnxruntime
         return ort_runtime.generate_cli(a)
+    from text2llm.errors import UserError
+    from text2llm.infer.aot import is_aot_dir
+
     model, tok = text2llm.load(a.ckpt)
-    engine = TorchEngine(model, compile=a.compile)
+    aot = a.ckpt if is_aot_dir(a.ckpt) else None  # `text2llm export aot`: compiled already
+    if aot and a.compile:
+        raise UserError(f"{a.ckpt}: an AOT export is compiled already (drop --compile)")
+    engine = TorchEngine(model, compile=a.compile, aot_dir=aot)
     return cli_loop(engine, tok, a, learned_positions=model.cfg.positions == "learned")

@@ -1,0 +1,116 @@
+"""The decode step compiled ahead of time (AOTInductor): compile once, load in every process.
+
+``generate --compile`` compiles the decode step with ``torch.compile`` in every new process
+(10-30 s on the 2-core CPU). ``text2llm export aot CKPT --out DIR`` compiles it once (25-40 s)
+into a shared library, and ``generate DIR`` / ``serve DIR`` load that instead (2-4 s in a new
+process, most of it importing inductor; then 0.02 s)::
+
+    DIR/model.safetensors, config.toml, tokenizer/   a copy of the checkpoint (the prompt runs eagerly)
+    DIR/decode_step.pt2                              the compiled step, weights frozen inside
+    DIR/text2llm-aot.json                            what it was built for: torch version, device, batch limit
+
+The compiled program is :class:`DecodeStep`: one new token per row, the attention mask of that
+position (B, 1, 1, S), and the KV-cache buffers, which it writes in place at position S - 1 (the
+same :class:`~text2llm.model.transformer.KVCache` code as the eager step, over the buffers). The
+batch (up to ``max_batch``) and S (up to ``max_seq_len - 1``) are symbolic: one program serves
+every batch, prompt length, padding and position. Rows beyond ``max_batch`` decode eagerly.
+A package runs only with the torch version and device type it was built with; the runtime says
+so in one line otherwise (export again).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from text2llm.errors import UserError, read_json_file
+
+META_FILE = "text2llm-aot.json"
+PACKAGE = "decode_step.pt2"
+FORMAT_VERSION = 1
+
+
+class DecodeStep(nn.Module):
+    """``(ids (B, 1), attn_mask (B, 1, 1, S), *k buffers, *v buffers) -> logits (B, V)``: the
+    token at position S - 1 through the model, its keys/values written into the buffers."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids_B1: torch.Tensor, mask_B11S: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        from text2llm.model.transformer import KVCache
+
+        n = len(kv) // 2
+        cache = KVCache.__new__(KVCache)  # a view over the caller's buffers, nothing allocated
+        cache.k, cache.v, cache.max_len = list(kv[:n]), list(kv[n:]), kv[0].size(2)
+        return self.model.decode_step(ids_B1, mask_B11S.size(-1) - 1, cache, mask_B11S)
+
+
+def is_aot_dir(path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def export_aot(ckpt, out_dir, max_batch: int = 64, overwrite: bool = False) -> Path:
+    """Compile the decode step of the checkpoint (or a run dir's latest) into ``out_dir``."""
+    import text2llm
+    from text2llm.train.checkpoint import resolve_checkpoint
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
+    src = resolve_checkpoint(ckpt)
+    if (src / "quant.json").is_file():
+        raise UserError(f"{src}: an int8 checkpoint cannot be compiled ahead of time (export the float one)")
+    model, _ = text2llm.load(src)
+    cfg = model.cfg
+    if max_batch < 1:
+        raise UserError(f"--max-batch: must be >= 1, got {max_batch}")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model.safetensors", "config.toml"):
+        shutil.copy2(src / name, tmp / name)
+    if (src / "tokenizer").is_dir():
+        shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+    B, S = min(2, max_batch), 3  # example sizes; both axes are symbolic
+    kv = [torch.zeros(B, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    example = (torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, 1, S, dtype=torch.bool), *kv)
+    batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
+    seen = torch.export.Dim("seen", min=1, max=cfg.max_seq_len - 1)  # (the full length guards a check)
+    shapes = ({0: batch}, {0: batch, 3: seen}, tuple({0: batch} for _ in kv))
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(DecodeStep(model), example, dynamic_shapes=shapes)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE))
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta = {
+        "format_version": FORMAT_VERSION, "torch": torch.__version__, "device": "cpu",
+        "max_batch": max_batch, "max_seq_len": cfg.max_seq_len, "checkpoint": str(src),
+        "compile_seconds": round(time.perf_counter() - t0, 1),
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_step(aot_dir):
+    """``(compiled step, meta)`` of an export dir; a clear error if this process cannot run it."""
+    d = Path(aot_dir)
+    meta = read_json_file(d / META_FILE, f"{d}: not an AOT export dir (no {META_FILE})")
+    if meta.get("torch") != torch.__version__:
+        raise UserError(f"{d}: compiled with torch {meta.get('torch')}, this is torch {torch.__version__}; "
+                        "export it again with `text2llm export aot`")
+    if not (d / PACKAGE).is_file():
+        raise UserError(f"{d}: {PACKAGE} is missing; export it again with `text2llm export aot`")
+    return torch._inductor.aoti_load_package(str(d / PACKAGE)), meta
