@@ -8,13 +8,14 @@ Prints one JSON object per line:
       greedy generation of exactly ``new_tokens`` tokens (EOS ignored) after a short prompt;
       tok_s = batch * new_tokens / wall time (the short prefill included, as in HF's generate)
   {"case": "step", "model", "engine", "batch", "cached": 16 | 270, "ms"}   one decode step (no
-      sampling) with that many tokens already cached, PyTorch eager / compiled and ORT fp32
+      sampling) with that many tokens already cached, PyTorch eager / compiled / AOT and ORT fp32
   {"case": "prefill", "model", "engine", "tokens": 512, "tok_s"}   one 512-token prompt, batch 1
   {"case": "summary", "model", ...ratios..., "targets": {...: true/false}}
 Targets (issue 8): KV cache >= 5x no cache at 256 new tokens; our PyTorch path >= 1.5x
-transformers' generate; ORT fp32 >= our PyTorch path. The summary checks them for both PyTorch
-paths: ``torch-cache`` (eager, the default) and ``torch-compiled`` (``generate --compile``, timed
-after a first run that compiles it, reported as ``{"case": "compile"}``).
+transformers' generate; ORT fp32 >= our PyTorch path. The summary checks them for each PyTorch
+path: ``torch-cache`` (eager, the default), ``torch-compiled`` (``generate --compile``, timed
+after a first run that compiles it, reported as ``{"case": "compile"}``) and ``torch-aot`` (the
+step compiled ahead of time, ``text2llm export aot``; its compile is ``{"case": "aot_compile"}``).
 
 Models: ``default`` = the ``text2llm run`` model shape (ModelConfig defaults, vocab 4096) with
 random weights; ``10m`` = d_model 384, 5 layers, vocab 4096 (~10.4M parameters), random
@@ -200,10 +201,16 @@ def bench_model(name: str, args) -> None:
     t = time.perf_counter()
     export_model(model, work / "onnx", int8=True)
     emit({"case": "export", "model": name, "onnx_and_int8_seconds": round(time.perf_counter() - t, 1)})
+    from text2llm.infer.aot import compile_step
+
+    t = time.perf_counter()
+    compile_step(model, work / "aot", max_batch=max(args.batches))
+    emit({"case": "aot_compile", "model": name, "seconds": round(time.perf_counter() - t, 1)})
     engines = {
         "torch-nocache": TorchEngine(model, use_cache=False),
         "torch-cache": TorchEngine(model),
         "torch-compiled": TorchEngine(model, compile=True),
+        "torch-aot": TorchEngine(model, aot_dir=work / "aot"),
         # onnxruntime as deployed (an onnxruntime-only process): spinning worker threads. The
         # engines run one after another, never interleaved, so they do not slow torch here.
         "ort-fp32": OrtEngine.load(work / "onnx", spinning=True),
@@ -241,7 +248,7 @@ def bench_model(name: str, args) -> None:
             if cached + 1 + STEP_REPEATS > cfg.max_seq_len:
                 continue
             prompts = rng.integers(4, cfg.vocab_size, size=(B, cached))
-            for k in ("torch-cache", "torch-compiled", "ort-fp32"):
+            for k in ("torch-cache", "torch-compiled", "torch-aot", "ort-fp32"):
                 ms = step_ms(engines[k], prompts)
                 emit({"case": "step", "model": name, "engine": k, "batch": B, "cached": cached, "ms": round(ms, 3)})
     # prefill: one prompt of --prefill-tokens tokens
@@ -274,7 +281,7 @@ def bench_model(name: str, args) -> None:
         i8 = r("ort-int8", "ort-fp32")
         summary[f"b{B}_ortint8_vs_ortfp32"] = None if i8 is None else round(i8, 2)
         # the targets, once for each PyTorch path: eager (the default) and compiled (--compile)
-        for path, eng in (("eager", "torch-cache"), ("compiled", "torch-compiled")):
+        for path, eng in (("eager", "torch-cache"), ("compiled", "torch-compiled"), ("aot", "torch-aot")):
             for key, ratio, lo in ((f"b{B}_cache_vs_nocache", r(eng, "torch-nocache"), 5.0),
                                    (f"b{B}_torch_vs_hf", r(eng, "hf-generate"), 1.5),
                                    (f"b{B}_ortfp32_vs_torch", r("ort-fp32", eng), 1.0)):

@@ -359,3 +359,9 @@ def test_aot_export_generates_like_eager(tiny, tmp_path, capsys):
     np.testing.assert_allclose(eng.prefill(ids, np.ones_like(ids), 20), ref.prefill(ids, np.ones_like(ids), 20), atol=1e-5)
     for t in [5, 17, 42]:
         np.testing.assert_allclose(eng.step(np.array([t])), ref.step(np.array([t])), atol=1e-4)
+    # a batch fed a strided numpy column (every other token of a wider array) reads the right ids
+    wide = np.array([[5, 0, 17, 0], [42, 0, 9, 0]])
+    ids2 = np.array([[tok.bos_id] + tok.encode("The cat")] * 2)
+    eng.prefill(ids2, np.ones_like(ids2), 20), ref.prefill(ids2, np.ones_like(ids2), 20)
+    for col in (0, 2):
+        np.testing.assert_allclose(eng.step(wide[:, col]), ref.step(wide[:, col]), atol=1e-4)

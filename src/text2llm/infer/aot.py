@@ -57,27 +57,43 @@ def is_aot_dir(path) -> bool:
 
 
 def export_aot(ckpt, out_dir, max_batch: int = 64, overwrite: bool = False) -> Path:
-    """Compile the decode step of the checkpoint (or a run dir's latest) into ``out_dir``."""
+    """Compile the decode step of the checkpoint (or a run dir's latest) into ``out_dir``, with a
+    copy of the checkpoint beside it."""
     import text2llm
     from text2llm.train.checkpoint import resolve_checkpoint
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
+    if max_batch < 1:
+        raise UserError(f"--max-batch: must be >= 1, got {max_batch}")
     src = resolve_checkpoint(ckpt)
     if (src / "quant.json").is_file():
         raise UserError(f"{src}: an int8 checkpoint cannot be compiled ahead of time (export the float one)")
     model, _ = text2llm.load(src)
-    cfg = model.cfg
-    if max_batch < 1:
-        raise UserError(f"--max-batch: must be >= 1, got {max_batch}")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("model.safetensors", "config.toml"):
-        shutil.copy2(src / name, tmp / name)
-    if (src / "tokenizer").is_dir():
-        shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+    try:
+        for name in ("model.safetensors", "config.toml"):
+            shutil.copy2(src / name, tmp / name)
+        if (src / "tokenizer").is_dir():
+            shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+        compile_step(model, tmp, max_batch, {"checkpoint": str(src)})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def compile_step(model, out_dir, max_batch: int = 64, extra_meta: dict | None = None) -> Path:
+    """Compile ``model``'s decode step into ``out_dir`` (``decode_step.pt2`` + ``text2llm-aot.json``)."""
+    cfg = model.cfg
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     B, S = min(2, max_batch), 3  # example sizes; both axes are symbolic
     kv = [torch.zeros(B, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
     example = (torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, 1, S, dtype=torch.bool), *kv)
@@ -85,22 +101,15 @@ def export_aot(ckpt, out_dir, max_batch: int = 64, overwrite: bool = False) -> P
     seen = torch.export.Dim("seen", min=1, max=cfg.max_seq_len - 1)  # (the full length guards a check)
     shapes = ({0: batch}, {0: batch, 3: seen}, tuple({0: batch} for _ in kv))
     t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            program = torch.export.export(DecodeStep(model), example, dynamic_shapes=shapes)
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / PACKAGE))
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with torch.no_grad():
+        program = torch.export.export(DecodeStep(model.eval()), example, dynamic_shapes=shapes)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(out / PACKAGE))
     meta = {
         "format_version": FORMAT_VERSION, "torch": torch.__version__, "device": "cpu",
-        "max_batch": max_batch, "max_seq_len": cfg.max_seq_len, "checkpoint": str(src),
-        "compile_seconds": round(time.perf_counter() - t0, 1),
+        "max_batch": max_batch, "max_seq_len": cfg.max_seq_len,
+        "compile_seconds": round(time.perf_counter() - t0, 1), **(extra_meta or {}),
     }
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return out
 
 

@@ -119,6 +119,9 @@ class TorchEngine:
             if self.device.type != "cpu":
                 raise ValueError("an AOT export runs on the CPU")
             self.aot, meta = load_step(aot_dir)
+            if meta.get("max_seq_len") != model.cfg.max_seq_len:
+                raise ValueError(f"{aot_dir}: compiled for a context of {meta.get('max_seq_len')} tokens, "
+                                 f"the model has {model.cfg.max_seq_len}")
             self.aot_max_batch = meta["max_batch"]
         if compile:
             from torch._inductor import config as cfg
@@ -175,10 +178,10 @@ class TorchEngine:
         self.len += 1
         if self.aot is not None and len(next_B) <= self.aot_max_batch:
             # one query at the last position sees every valid key: the mask is the valid row, and
-            # its length S tells the program the position (S - 1)
-            # (contiguous: the compiled program reads its inputs densely)
+            # its length S tells the program the position (S - 1). Inputs contiguous: the compiled
+            # program reads them densely, whatever their strides (a numpy column is strided)
             mask = self.valid[:, : self.len].contiguous().view(len(next_B), 1, 1, self.len)
-            return self.aot(new_B[:, None], mask, *self.cache.k, *self.cache.v).float().numpy()
+            return self.aot(new_B[:, None].contiguous(), mask, *self.cache.k, *self.cache.v).float().numpy()
         if self.compiled is not None:
             start = self.len - 1
             mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
