@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON line")
 
     s = verb("generate", "generate text from a checkpoint (or an ONNX export with --engine onnx)", cmd_generate)
-    s.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, run dir, or ONNX export dir")
+    s.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, run dir, ONNX export dir, or AOT export dir")
     s.add_argument("--prompt", default=None, help="prompt text (default: 'Once upon a time')")
     s.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
     s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy")
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--overwrite", action="store_true")
 
     s = verb("serve", "OpenAI-compatible HTTP server (/v1/completions, /health)", cmd_serve)
-    s.add_argument("model", metavar="CKPT|ONNX_DIR")
+    s.add_argument("model", metavar="CKPT|ONNX_DIR|AOT_DIR")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N", help="largest max_tokens a request may ask")
