@@ -197,3 +197,9 @@ def test_serve_compile_flag(tmp_path_factory, server, monkeypatch):
         srv.server_close()
     with pytest.raises(UserError, match="--compile applies to PyTorch checkpoints"):
         make_server(shared_export(tmp_path_factory), port=0, compile=True)
+    # an AOT export dir is compiled already
+    from test_generate import _fake_aot_dir
+
+    aot = _fake_aot_dir(tmp_path_factory.mktemp("aot"), shared_checkpoint(tmp_path_factory), None)
+    with pytest.raises(UserError, match="compiled already"):
+        make_server(aot, port=0, compile=True)
