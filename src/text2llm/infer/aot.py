@@ -1,7 +1,7 @@
 """The decode step compiled ahead of time (AOTInductor): compile once, load in every process.
 
 ``generate --compile`` compiles the decode step with ``torch.compile`` in every new process
-(10-30 s on the 2-core CPU). ``text2llm export aot CKPT --out DIR`` compiles it once (25-40 s)
+(10-30 s on the 2-core CPU). ``text2llm export aot CKPT --out DIR`` compiles it once (20-40 s)
 into a shared library, and ``generate DIR`` / ``serve DIR`` load that instead (2-4 s in a new
 process, most of it importing inductor; then 0.02 s)::
 

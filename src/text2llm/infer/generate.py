@@ -79,6 +79,10 @@ class TorchEngine:
     compile (15-30 s on the 2-core CPU, in every new process) serves every batch size, prompt
     length and position. The weights are a snapshot: compile a new engine after changing them.
     The prompt (prefill) runs eagerly.
+
+    ``aot_dir`` (a ``text2llm export aot`` dir, :mod:`text2llm.infer.aot`) runs each decode step
+    through the step compiled there ahead of time instead: loaded, not compiled; batches larger
+    than its ``max_batch`` decode eagerly.
     """
 
     def __init__(self, model, use_cache: bool = True, max_len: int | None = None, compile: bool = False,
