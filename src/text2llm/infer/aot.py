@@ -56,6 +56,16 @@ def is_aot_dir(path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
+def aot_dir_of(path, compile: bool = False):
+    """``path`` if it is an AOT export dir (for ``TorchEngine(aot_dir=...)``), else None; an AOT
+    dir with ``--compile`` is a one-line error (it is compiled already)."""
+    if not is_aot_dir(path):
+        return None
+    if compile:
+        raise UserError(f"{path}: an AOT export is compiled already (drop --compile)")
+    return path
+
+
 def export_aot(ckpt, out_dir, max_batch: int = 64, overwrite: bool = False) -> Path:
     """Compile the decode step of the checkpoint (or a run dir's latest) into ``out_dir``, with a
     copy of the checkpoint beside it."""

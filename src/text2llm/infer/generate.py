@@ -251,12 +251,9 @@ def generate_cli(a) -> int:
 
     if ort_runtime.is_export_dir(a.ckpt):  # an ONNX export dir: run it with onnxruntime
         return ort_runtime.generate_cli(a)
-    from text2llm.errors import UserError
-    from text2llm.infer.aot import is_aot_dir
+    from text2llm.infer.aot import aot_dir_of
 
+    aot = aot_dir_of(a.ckpt, a.compile)  # a `text2llm export aot` dir: compiled already
     model, tok = text2llm.load(a.ckpt)
-    aot = a.ckpt if is_aot_dir(a.ckpt) else None  # `text2llm export aot`: compiled already
-    if aot and a.compile:
-        raise UserError(f"{a.ckpt}: an AOT export is compiled already (drop --compile)")
     engine = TorchEngine(model, compile=a.compile, aot_dir=aot)
     return cli_loop(engine, tok, a, learned_positions=model.cfg.positions == "learned")

@@ -79,12 +79,10 @@ class Backend:
         import text2llm
         from text2llm.infer.generate import TorchEngine
 
-        from text2llm.infer.aot import is_aot_dir
+        from text2llm.infer.aot import aot_dir_of
 
+        aot = aot_dir_of(p, compile)  # a `text2llm export aot` dir: compiled already
         model, tok = text2llm.load(p)
-        aot = p if is_aot_dir(p) else None  # `text2llm export aot`: compiled already
-        if aot and compile:
-            raise UserError(f"{p}: an AOT export is compiled already (drop --compile)")
         kind = "torch, compiled ahead of time" if aot else "torch, compiled" if compile else "torch"
         engine = TorchEngine(model, compile=compile, aot_dir=aot)
         return cls(engine, tok, p.resolve().name, kind, model.cfg.positions == "learned")
