@@ -15,7 +15,8 @@ Targets (issue 8): KV cache >= 5x no cache at 256 new tokens; our PyTorch path >
 transformers' generate; ORT fp32 >= our PyTorch path. The summary checks them for each PyTorch
 path: ``torch-cache`` (eager, the default), ``torch-compiled`` (``generate --compile``, timed
 after a first run that compiles it, reported as ``{"case": "compile"}``) and ``torch-aot`` (the
-step compiled ahead of time, ``text2llm export aot``; its compile is ``{"case": "aot_compile"}``).
+step compiled ahead of time, ``text2llm export aot``; its compile is ``{"case": "aot_compile"}``,
+its load in a new process ``{"case": "aot_load"}``).
 
 Models: ``default`` = the ``text2llm run`` model shape (ModelConfig defaults, vocab 4096) with
 random weights; ``10m`` = d_model 384, 5 layers, vocab 4096 (~10.4M parameters), random
@@ -170,6 +171,26 @@ def timed(fn, repeat: int = 1) -> float:
 
 STEP_REPEATS = 40
 
+_AOT_LOAD = """
+import time
+import torch
+t = time.perf_counter()
+from text2llm.infer.aot import load_step
+load_step({path!r})
+print(time.perf_counter() - t)
+"""
+
+
+def aot_load_seconds(aot_dir: Path) -> float:
+    """Seconds to load the AOT package in a fresh process, after ``import torch`` (inductor's import
+    included): what ``generate DIR`` pays where ``--compile`` would compile."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _AOT_LOAD.format(path=str(aot_dir))], capture_output=True,
+                         text=True, check=True).stdout
+    return round(float(out.split()[-1]), 2)
+
+
 
 def step_ms(engine, prompts: np.ndarray) -> float:
     """Milliseconds per decode step with ``prompts.shape[1]`` tokens cached: best of 3 rounds of
@@ -206,6 +227,7 @@ def bench_model(name: str, args) -> None:
     t = time.perf_counter()
     compile_step(model, work / "aot", max_batch=max(args.batches))
     emit({"case": "aot_compile", "model": name, "seconds": round(time.perf_counter() - t, 1)})
+    emit({"case": "aot_load", "model": name, "seconds_new_process": aot_load_seconds(work / "aot")})
     engines = {
         "torch-nocache": TorchEngine(model, use_cache=False),
         "torch-cache": TorchEngine(model),
