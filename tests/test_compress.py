@@ -107,6 +107,33 @@ def test_int8_packed_linears_match_the_int8_modules(min_weights, monkeypatch):
     assert (fast.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("min_weights", [0, 1 << 30])
+def test_int8_fast_decode_step_equals_forward(min_weights, monkeypatch):
+    """The eager engine's decode step (infer/fast_step.py) runs the int8 packed matmuls too, with
+    the same numbers as the int8 model's forward."""
+    import numpy as np
+
+    from text2llm.compress import quantize as Q
+    from text2llm.infer.generate import TorchEngine
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+
+    monkeypatch.setattr(Q, "INT8_MIN_WEIGHTS", min_weights)
+    torch.manual_seed(0)
+    q = Q.quantize_model(Transformer(ModelConfig(vocab_size=300, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+                                                 max_seq_len=64)).eval())
+    fast, ref = TorchEngine(q), TorchEngine(q, fast_step=False)
+    ids = np.random.default_rng(0).integers(3, 300, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0
+    a, b = fast.prefill(ids, mask, 20), ref.prefill(ids, mask, 20)
+    assert fast.fast_step is not None
+    for _ in range(10):
+        nxt = b.argmax(-1)
+        a, b = fast.step(nxt), ref.step(nxt)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def test_quantize_cli_eval_generate(tiny, capsys):
     from text2llm.cli import main
 

@@ -257,6 +257,67 @@ def test_decode_step_equals_forward(tiny, tmp_path, monkeypatch):
             eng.step(np.full(3, 1))
 
 
+@pytest.mark.parametrize("kw", [
+    {},  # the default shape: RoPE, RMSNorm, SwiGLU, tied head
+    {"n_head": 6, "n_kv_head": 2, "d_model": 96, "tie_embeddings": False},  # GQA, 3 query heads per K/V head
+    {"positions": "learned", "norm": "layernorm", "activation": "gelu", "bias": True},
+])
+def test_fast_step_equals_forward(kw):
+    """The eager engine's decode step (infer/fast_step.py) gives forward's logits, on a left-padded
+    batch, step after step, for each architecture option it covers."""
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    kw = {"d_model": 64, "n_head": 4, **kw}
+    model = Transformer(ModelConfig(vocab_size=300, n_layer=2, max_seq_len=64, **kw)).eval()
+    fast, ref = TorchEngine(model), TorchEngine(model, fast_step=False)
+    ids = np.random.default_rng(0).integers(3, 300, size=(3, 7))
+    mask = np.ones_like(ids)
+    mask[0, :3] = mask[1, :1] = 0
+    a, b = fast.prefill(ids, mask, 20), ref.prefill(ids, mask, 20)
+    assert fast.fast_step is not None and ref.fast_step is None
+    for _ in range(13):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        nxt = b.argmax(-1)
+        a, b = fast.step(nxt), ref.step(nxt)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert fast.cache.pos == ref.cache.pos == 20
+    # the keys and values it wrote are forward's
+    for la, lb in zip(fast.cache.k + fast.cache.v, ref.cache.k + ref.cache.v):
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="full"):
+        fast.step(nxt)
+
+
+def test_fast_step_sees_new_weights_and_skips_moe():
+    """Built again at each prefill: a weight changed between two generations (a training step
+    between samples) is used; an MoE model decodes through forward."""
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=100, d_model=32, n_layer=2, n_head=2, max_seq_len=32)).eval()
+    eng = TorchEngine(model)
+    ids = np.array([[5, 6, 7]])
+    eng.prefill(ids, np.ones_like(ids), 8)
+    before = eng.step(np.array([9]))
+    with torch.no_grad():
+        model.blocks[1].mlp.down_proj.weight.mul_(3.0)
+    eng.prefill(ids, np.ones_like(ids), 8)
+    after = eng.step(np.array([9]))
+    ref = TorchEngine(model, fast_step=False)
+    ref.prefill(ids, np.ones_like(ids), 8)
+    np.testing.assert_allclose(after, ref.step(np.array([9])), atol=1e-5)
+    assert np.abs(after - before).max() > 1e-3
+
+    moe = Transformer(ModelConfig(vocab_size=100, d_model=32, n_layer=2, n_head=2, max_seq_len=32,
+                                  n_experts=4, moe_top_k=2)).eval()
+    eng = TorchEngine(moe)
+    eng.prefill(ids, np.ones_like(ids), 8)
+    assert eng.fast_step is None and eng.step(np.array([9])).shape == (1, 100)
+
+
 def test_engine_sizes_its_cache_by_the_request():
     """prefill(..., total_len) sizes the cache for prompt + new tokens (the decoding loop passes it),
     not for the whole context."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from text2llm.infer.decoding import SamplingParams, complete, fit_prompts, iter_tokens
+from text2llm.infer.fast_step import FastDecodeStep
 from text2llm.model.transformer import KVCache
 
 
@@ -69,6 +70,9 @@ class TorchEngine:
     """The decoding-engine interface of :mod:`text2llm.infer.decoding` over a PyTorch model.
 
     ``use_cache=False`` recomputes the whole sequence at every step (the slow reference).
+    With the cache, each decode step runs :class:`~text2llm.infer.fast_step.FastDecodeStep` (the
+    same arithmetic as the model's ``forward`` in far fewer PyTorch calls) where it covers the
+    model, else ``forward``; ``fast_step=False`` forces ``forward`` (for comparisons).
     ``max_len`` caps prompt + new tokens (default: the model's ``max_seq_len``).
 
     ``compile=True`` runs each decode step through ``torch.compile(dynamic=True)`` of
@@ -86,7 +90,7 @@ class TorchEngine:
     """
 
     def __init__(self, model, use_cache: bool = True, max_len: int | None = None, compile: bool = False,
-                 aot_dir=None):
+                 aot_dir=None, fast_step: bool = True):
         if (compile or aot_dir) and not use_cache:
             raise ValueError("a compiled step needs use_cache=True (the compiled step is the KV-cache step)")
         if compile and aot_dir:
@@ -95,6 +99,7 @@ class TorchEngine:
         # packed Linears (see Transformer.fast_inference); not for FSDP-sharded parameters, which
         # exist whole only inside each block's forward
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+        self.fast = hasattr(model, "fast_inference") and not sharded and fast_step
         if hasattr(model, "fast_inference") and not sharded:
             model.fast_inference()
         # inference_mode rather than no_grad: no version counters or view tracking on each op, which
@@ -171,6 +176,9 @@ class TorchEngine:
         # (the AOT program takes buffers of the model's full context: that axis is not symbolic)
         cache_len = self.model.cfg.max_seq_len if self.aot is not None else L
         self.cache = KVCache(self.model.cfg, B, cache_len, self.device, self.dtype) if self.use_cache else None
+        # the eager decode step (text2llm.infer.fast_step), built per generation: weights may change
+        # between generations (samples during training)
+        self.fast_step = FastDecodeStep.build(self.model) if self.use_cache and self.fast else None
         return self._forward(0, T)
 
     def _step(self, next_B: np.ndarray) -> np.ndarray:
@@ -190,6 +198,11 @@ class TorchEngine:
             start = self.len - 1
             mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
             return self.compiled(new_B[:, None], start, mask).float().cpu().numpy()
+        if self.fast_step is not None:
+            start = self.len - 1
+            mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
+            with self.attention():
+                return self.fast_step(new_B, start, self.cache, mask).float().cpu().numpy()
         if self.use_cache:
             return self._forward(self.len - 1, 1)
         return self._forward(0, self.len)

@@ -97,7 +97,24 @@ class FloatPacker:
             b = b.detach()
         if tracing:
             return (lambda x: torch.matmul(x, w_IO) + b) if b is not None else (lambda x: torch.matmul(x, w_IO))
-        return (lambda x_NI: torch.addmm(b, x_NI, w_IO)) if b is not None else (lambda x_NI: torch.mm(x_NI, w_IO))
+        return FloatMatmul(w_IO, b)
+
+
+class FloatMatmul:
+    """``x_NI @ w_IO (+ b)``; ``add_to(r_NO, x_NI)`` = ``r_NO + x_NI @ w_IO (+ b)`` in one ``addmm``
+    (a residual add fused into the matmul, as the fast decode step uses it)."""
+
+    __slots__ = ("w_IO", "b")
+
+    def __init__(self, w_IO: torch.Tensor, b: torch.Tensor | None):
+        self.w_IO, self.b = w_IO, b
+
+    def __call__(self, x_NI: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x_NI, self.w_IO) if self.b is None else torch.addmm(self.b, x_NI, self.w_IO)
+
+    def add_to(self, r_NO: torch.Tensor, x_NI: torch.Tensor) -> torch.Tensor:
+        y = torch.addmm(r_NO, x_NI, self.w_IO)
+        return y if self.b is None else y.add_(self.b)
 
 
 # Linear class -> packer (``build(linears, tracing)`` -> the matmul of (N, in) rows).
@@ -122,15 +139,22 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, names: tuple[str, ...]) -> 
         if getattr(packer, "traced_any_rank", False):
             return matmul(x)
     else:
-        cache = owner.__dict__.get("_packed")
-        if cache is None:
-            cache = owner.__dict__["_packed"] = {}
-        matmul = cache.get(names)
-        if matmul is None:
-            linears = [getattr(owner, n) for n in names]
-            matmul = cache[names] = LINEAR_PACKERS[type(linears[0])].build(linears)
+        matmul = packed_matmul(owner, names)
     y_NO = matmul(x.reshape(-1, x.size(-1)))
     return y_NO.view(*x.shape[:-1], y_NO.size(-1))
+
+
+def packed_matmul(owner: nn.Module, names: tuple[str, ...]):
+    """The stacked matmul of :func:`packed_linear` (a callable on (N, in) rows), built on first use
+    and cached on ``owner``."""
+    cache = owner.__dict__.get("_packed")
+    if cache is None:
+        cache = owner.__dict__["_packed"] = {}
+    matmul = cache.get(names)
+    if matmul is None:
+        linears = [getattr(owner, n) for n in names]
+        matmul = cache[names] = LINEAR_PACKERS[type(linears[0])].build(linears)
+    return matmul
 
 
 # ---- building blocks ------------------------------------------------------------------------

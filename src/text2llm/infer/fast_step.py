@@ -1,0 +1,146 @@
+"""The eager decode step, written for speed: one new token per row through the model, the same
+arithmetic as ``Transformer.forward``, in far fewer PyTorch calls.
+
+Why it pays: a small model decoding one token at a time on a CPU spends most of each step not on
+arithmetic but on *calling* PyTorch. Every op costs microseconds of dispatch whatever its size,
+every ``nn.Module`` call more, and ``forward`` for one token goes through the embedding, per block
+two norms, the attention and MLP modules, RoPE's chunk/cat/mul, the cache's bookkeeping and the
+residual adds. :class:`FastDecodeStep` collects, once per generation, each layer's tensors and
+packed matmuls (those of :meth:`~text2llm.model.transformer.Transformer.fast_inference`: no extra
+copy of the weights) into a flat list, and runs the step as one loop::
+
+    x = embed[ids]                                  (+ pos_embed[pos] with learned positions)
+    per layer:
+        h = norm(x)                                 RMSNorm as x * rsqrt(|x|^2 / D + eps) * g
+        qkv = h W_qkv                               one matmul for q, k and v
+        q, k = rope(q, k)                           on views of qkv, q and k heads together
+        cache.k[pos], cache.v[pos] = k, v           written in place, no concatenation
+        y = attention(q, cache.k[:pos+1], ...)      GQA: each K/V head's query heads are its queries
+        x = x + y W_o                               the residual add fused into the matmul (addmm)
+        h = norm(x)
+        x = x + (silu(h W_gate) * h W_up) W_down    gate and up in one matmul; addmm again
+    logits = norm(x) W_head
+
+Two tricks beyond packing. The RMS factor comes from ``linalg.vector_norm`` (one reduction kernel;
+``mean(x**2)`` takes a slower path for a single row). Grouped-query attention needs no repeated
+keys and values: with one new token, the G query heads that share a K/V head can be handed to the
+attention kernel as G *query positions* of that head (no causal mask is needed, since each of them
+sees every cached key), so q is viewed as (B, K, G, Dh) against the cache's (B, K, S, Dh).
+
+Measured (``benchmarks/generate.py``, case ``step``; 2-core CPU): see the README's generate table.
+
+It serves dense models whose Linears have a packer (float and int8): models with MoE layers, and
+FSDP-sharded ones, decode through ``forward``. Prefill (many tokens) always runs ``forward``.
+The logits equal ``forward``'s to float rounding (``tests/test_generate.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from text2llm.model.transformer import MLP, Attention, KVCache, RMSNorm, packed_matmul
+
+
+def _norm(m: nn.Module):
+    """``m(x)`` for (B, D) rows, in as few calls as possible."""
+    if isinstance(m, RMSNorm):
+        eps, g = torch.tensor(m.eps, dtype=m.weight.dtype, device=m.weight.device), m.weight.detach()
+        inv_d = 1.0 / g.numel()
+
+        def rms(x):  # x * rsqrt(mean(x^2) + eps) * g, with mean(x^2) = |x|^2 / D
+            n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return torch.mul(x, torch.addcmul(eps, n, n, value=inv_d).rsqrt_()).mul_(g)
+
+        return rms
+    if isinstance(m, nn.LayerNorm):
+        w = None if m.weight is None else m.weight.detach()
+        b = None if m.bias is None else m.bias.detach()
+        return lambda x: F.layer_norm(x, m.normalized_shape, w, b, m.eps)
+    return None
+
+
+def _add_to(matmul):
+    """``(r, x) -> r + matmul(x)``: one ``addmm`` where the packer offers it."""
+    add = getattr(matmul, "add_to", None)
+    return add if add is not None else (lambda r, x: matmul(x).add_(r))
+
+
+class FastDecodeStep:
+    """``step(ids_B, pos, cache, attn_mask=None) -> logits (B, V)``: the decode step of ``model``
+    for one new token per row at position ``pos``, writing its keys and values into ``cache``
+    (a :class:`~text2llm.model.transformer.KVCache`) and advancing ``cache.pos``.
+
+    Build it with :meth:`build` after ``model.fast_inference()``, and again whenever the weights
+    may have changed (the engines build it at every prefill); ``build`` returns None for a model it
+    does not cover.
+    """
+
+    def __init__(self, model, layers: list, final_norm, head, dtype: torch.dtype):
+        self.model, self.layers, self.final_norm, self.head = model, layers, final_norm, head
+        cfg = model.cfg
+        self.H, self.K, self.Dh, self.max_seq_len = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.max_seq_len
+        self.embed = model.embed.weight.detach()
+        self.pos_embed = model.pos_embed.weight.detach() if cfg.positions == "learned" else None
+        if cfg.positions == "rope":
+            self.cos, self.sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)
+
+    @classmethod
+    def build(cls, model) -> "FastDecodeStep | None":
+        if not getattr(model, "fast", False) or not hasattr(model, "blocks"):
+            return None
+        model._check_packed()  # first: drop packed stacks built from weights changed since
+        layers = []
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            if not (isinstance(attn, Attention) and isinstance(mlp, MLP) and attn.fast and mlp.fast):
+                return None  # an MoE layer, or Linears without a packer
+            norms = _norm(block.attn_norm), _norm(block.mlp_norm)
+            if None in norms:
+                return None
+            if mlp.swiglu:
+                mlp_in = packed_matmul(mlp, ("gate_proj", "up_proj"))
+            else:
+                up = packed_matmul(mlp, ("up_proj",))
+                mlp_in = lambda h, up=up: F.gelu(up(h), approximate="tanh")  # noqa: E731
+            layers.append((norms[0], packed_matmul(attn, ("q_proj", "k_proj", "v_proj")),
+                           _add_to(packed_matmul(attn, ("o_proj",))), norms[1], mlp.swiglu, mlp_in,
+                           _add_to(packed_matmul(mlp, ("down_proj",)))))
+        final_norm = _norm(model.norm)
+        if final_norm is None:
+            return None
+        return cls(model, layers, final_norm, packed_matmul(model, ("lm_head",)), model.embed.weight.dtype)
+
+    def __call__(self, ids_B: torch.Tensor, pos: int, cache: KVCache,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        H, K, Dh = self.H, self.K, self.Dh
+        B, S = ids_B.size(0), pos + 1
+        if S > cache.max_len or S > self.max_seq_len:
+            raise ValueError(f"KV cache full: {pos} + 1 tokens > max_len {min(cache.max_len, self.max_seq_len)}")
+        x = F.embedding(ids_B, self.embed)  # B D
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[pos]
+        else:
+            cos, sin, half = self.cos[pos], self.sin[pos], Dh // 2
+        HK = (H + K) * Dh
+        for i, (norm1, qkv_mm, o_add, norm2, swiglu, mlp_in, down_add) in enumerate(self.layers):
+            qkv = qkv_mm(norm1(x))  # B (H+2K)*Dh
+            qk = qkv[:, :HK].view(B, H + K, Dh)
+            if self.pos_embed is None:  # RoPE: qk * cos + rotate_half(qk) * sin
+                rotated = torch.cat([qk[..., half:].neg(), qk[..., :half]], dim=-1)
+                qk = torch.addcmul(qk * cos, rotated, sin)
+            k_cache, v_cache = cache.k[i], cache.v[i]  # B K max_len Dh
+            k_cache.select(2, pos).copy_(qk[:, H:])
+            v_cache.select(2, pos).copy_(qkv[:, HK:].view(B, K, Dh))
+            q = qk[:, :H].reshape(B, K, H // K, Dh)  # the query heads of each K/V head as its queries
+            y = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, S), v_cache.narrow(2, 0, S),
+                                               attn_mask=attn_mask)
+            x = o_add(x, y.reshape(B, H * Dh))
+            h = mlp_in(norm2(x))
+            if swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate).mul_(up)
+            x = down_add(x, h)
+        cache.pos = S
+        return self.head(self.final_norm(x))
