@@ -8,7 +8,9 @@ Prints one JSON object per line:
       greedy generation of exactly ``new_tokens`` tokens (EOS ignored) after a short prompt;
       tok_s = batch * new_tokens / wall time (the short prefill included, as in HF's generate)
   {"case": "step", "model", "engine", "batch", "cached": 16 | 270, "ms"}   one decode step (no
-      sampling) with that many tokens already cached, PyTorch eager / compiled / AOT and ORT fp32
+      sampling) with that many tokens already cached, PyTorch eager / compiled / AOT and ORT fp32;
+      ``torch-forward`` is the eager engine with ``fast_step=False`` (the model's ``forward`` for
+      each step instead of ``infer/fast_step.py``), for comparison
   {"case": "prefill", "model", "engine", "tokens": 512, "tok_s"}   one 512-token prompt, batch 1
   {"case": "summary", "model", ...ratios..., "targets": {...: true/false}}
 Targets (issue 8): KV cache >= 5x no cache at 256 new tokens; our PyTorch path >= 1.5x
@@ -238,6 +240,7 @@ def bench_model(name: str, args) -> None:
         "ort-fp32": OrtEngine.load(work / "onnx", spinning=True),
         "ort-int8": OrtEngine.load(work / "onnx", int8=True, spinning=True),
     }
+    forward_engine = TorchEngine(model, fast_step=False)  # (step case only)
     hf = None if args.no_hf else HFEngine(src, work)
     rng = np.random.default_rng(0)
     tps: dict[tuple[str, int], float] = {}
@@ -270,8 +273,8 @@ def bench_model(name: str, args) -> None:
             if cached + 1 + STEP_REPEATS > cfg.max_seq_len:
                 continue
             prompts = rng.integers(4, cfg.vocab_size, size=(B, cached))
-            for k in ("torch-cache", "torch-compiled", "torch-aot", "ort-fp32"):
-                ms = step_ms(engines[k], prompts)
+            for k in ("torch-cache", "torch-forward", "torch-compiled", "torch-aot", "ort-fp32"):
+                ms = step_ms(engines[k] if k != "torch-forward" else forward_engine, prompts)
                 emit({"case": "step", "model": name, "engine": k, "batch": B, "cached": cached, "ms": round(ms, 3)})
     # prefill: one prompt of --prefill-tokens tokens
     ids = rng.integers(4, cfg.vocab_size, size=(1, args.prefill_tokens))

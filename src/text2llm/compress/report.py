@@ -73,26 +73,34 @@ def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, rep
         model(prompt, last_only=True)
         return (time.perf_counter() - t0) * 1e3
 
-    def decode_ms(model, cache) -> float:
+    def decode_ms(model, cache, fast_step) -> float:
         cache.reset()
         model(prompt, cache=cache, last_only=True)
         t0 = time.perf_counter()
         for ids in step_ids:
-            model(ids, cache=cache, last_only=True)
+            if fast_step is not None:
+                fast_step(ids[:, 0], cache.pos, cache)
+            else:
+                model(ids, cache=cache, last_only=True)
         return (time.perf_counter() - t0) * 1e3
 
-    for m in models:  # time the path generation takes: packed Linears, logits of the last position
+    # time the path generation takes (TorchEngine): packed Linears, the last position's logits,
+    # and each decode step through infer/fast_step.py where it covers the model
+    from text2llm.infer.fast_step import FastDecodeStep
+
+    for m in models:
+        m.eval()
         if hasattr(m, "fast_inference"):
             m.fast_inference()
+    steps = [FastDecodeStep.build(m) for m in models]
     caches = [KVCache(m.cfg, batch_size=1, max_len=prefill_len + decode_tokens) for m in models]
     best = [[float("inf"), float("inf")] for _ in models]
-    for m, c in zip(models, caches):  # warm-up: allocations, packed-weight caches
-        m.eval()
-        prefill_ms(m), decode_ms(m, c)
+    for m, c, st in zip(models, caches, steps):  # warm-up: allocations, packed-weight caches
+        prefill_ms(m), decode_ms(m, c, st)
     for _ in range(repeats):
-        for i, (m, c) in enumerate(zip(models, caches)):
+        for i, (m, c, st) in enumerate(zip(models, caches, steps)):
             best[i][0] = min(best[i][0], prefill_ms(m))
-            best[i][1] = min(best[i][1], decode_ms(m, c))
+            best[i][1] = min(best[i][1], decode_ms(m, c, st))
     return [dict(zip(LATENCY_KEYS, (p / prefill_len, d / decode_tokens, prefill_len, decode_tokens,
                                     torch.get_num_threads()))) for p, d in best]
 
