@@ -21,8 +21,9 @@ copy of the weights) into a flat list, and runs the step as one loop::
         x = x + (silu(h W_gate) * h W_up) W_down    gate and up in one matmul; addmm again
     logits = norm(x) W_head
 
-Two tricks beyond packing. The RMS factor comes from ``linalg.vector_norm`` (one reduction kernel;
-``mean(x**2)`` takes a slower path for a single row). Grouped-query attention needs no repeated
+Two tricks beyond packing. The RMS factor comes from ``linalg.vector_norm``: one reduction kernel
+and one op fewer than ``x.pow(2).mean(-1)`` (a whole RMSNorm of one 192-wide row: ~7 us this way,
+~12 us through ``F.rms_norm`` or ``pow``/``mean``, in a one-off timing on the 2-core CPU). Grouped-query attention needs no repeated
 keys and values: with one new token, the G query heads that share a K/V head can be handed to the
 attention kernel as G *query positions* of that head (no causal mask is needed, since each of them
 sees every cached key), so q is viewed as (B, K, G, Dh) against the cache's (B, K, S, Dh).
