@@ -44,11 +44,11 @@ def emit(**rec) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def machine_scaling(repeats: int = 3) -> list[dict]:
-    """benchmarks/scaling.py's 2-process ceiling, measured now (run by path: this folder is off sys.path)."""
-    import runpy
+def machine_scaling() -> list[dict]:
+    """What 2 processes of independent work reach here now: the ceiling for the 2-worker ratio."""
+    from text2llm.parallel import process_scaling
 
-    return runpy.run_path(str(Path(__file__).resolve().parent / "scaling.py"))["machine_scaling"](repeats)
+    return process_scaling(repeats=3)
 
 
 def cpu_seconds() -> float:

@@ -98,3 +98,15 @@ def test_python_dash_m_works(tiny_run):
 def test_run_refuses_non_empty_out(tiny_run, capsys):
     assert main(["run", "--out", str(tiny_run), "-q"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_process_scaling_reports_both_kinds_of_work():
+    """The 2-process ceiling probe the clean and pack benchmarks print (tiny work here: the
+    numbers are not checked, only what is reported and that the two processes ran)."""
+    from text2llm.parallel import process_scaling
+
+    recs = process_scaling(repeats=1, scale=0.01)
+    assert [r["work"] for r in recs] == ["python_loop", "numpy_stream"]
+    for r in recs:
+        assert r["case"] == "machine_scaling" and r["one_process_s"] > 0 and r["two_processes_s"] > 0
+        assert 0 < r["speedup_2_procs"] < 10  # 2 x one alone / two at once

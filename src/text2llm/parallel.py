@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import time
 from collections import deque
 from multiprocessing.pool import Pool
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -45,3 +48,53 @@ def batched(items: Iterable[T], max_items: int, max_size: int, size: Callable[[T
             batch, total = [], 0
     if batch:
         yield batch
+
+
+# ---- how far 2 processes can scale on this machine ---------------------------------------------
+
+
+def _python_loop(scale: float) -> int:
+    s = 0
+    for i in range(int(4_000_000 * scale)):
+        s += i * i % 7
+    return s
+
+
+def _numpy_stream(scale: float) -> float:
+    import numpy as np
+
+    a = np.ones(8_000_000)  # 64 MB, far larger than the caches
+    return float(sum(a.sum() for _ in range(max(1, int(30 * scale)))))
+
+
+SCALING_WORK = {"python_loop": _python_loop, "numpy_stream": _numpy_stream}
+
+
+def process_scaling(repeats: int = 3, scale: float = 1.0) -> list[dict]:
+    """What 2 processes reach on this machine for perfectly independent work, per kind of work
+    (:data:`SCALING_WORK`: interpreter arithmetic, and a numpy stream over memory):
+    ``speedup_2_procs`` = 2 x (one alone) / (two at once), from the best of ``repeats``
+    interleaved rounds. 2.0 means two independent cores; two vCPUs that share a physical core, or
+    a busy host, give less, and no pipeline of worker processes (``clean``, ``pack``) can scale
+    better on that machine. ``benchmarks/scaling.py`` prints it; the clean and pack benchmarks
+    print it beside their 2-worker ratios. (Linux/macOS: the two processes are forked.)"""
+    ctx = mp.get_context("fork")
+    out = []
+    for name, fn in SCALING_WORK.items():
+        one = two = float("inf")
+        fn(scale)  # warm-up: imports, first page faults
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(scale)
+            one = min(one, time.perf_counter() - t)
+            procs = [ctx.Process(target=fn, args=(scale,)) for _ in range(2)]
+            t = time.perf_counter()
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            two = min(two, time.perf_counter() - t)
+        out.append({"case": "machine_scaling", "work": name, "one_process_s": round(one, 3),
+                    "two_processes_s": round(two, 3), "speedup_2_procs": round(2 * one / two, 2),
+                    "repeats": repeats, "cpus": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2)})
+    return out
