@@ -44,13 +44,6 @@ def emit(**rec) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def machine_scaling() -> list[dict]:
-    """What 2 processes of independent work reach here now: the ceiling for the 2-worker ratio."""
-    from text2llm.parallel import process_scaling
-
-    return process_scaling(repeats=3)
-
-
 def cpu_seconds() -> float:
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
@@ -132,7 +125,9 @@ def main() -> None:
     ts = sorted((DATA / "tinystories").glob("train-*.jsonl.gz"))
     c4 = [DATA / "web" / "c4-sample-000.jsonl.gz"]
     zh = sorted((DATA / "zh").glob("*.jsonl.gz"))
-    for rec in machine_scaling():  # what 2 processes give here for independent work: the ceiling
+    from text2llm.parallel import process_scaling
+
+    for rec in process_scaling(repeats=3):  # what 2 processes give here for independent work: the ceiling
         emit(**rec)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -151,7 +146,7 @@ def main() -> None:
                 emit(case="rss_growth", workers=w, input_ratio=round(b["mb"] / a["mb"], 2),
                      rss_ratio=round(b["peak_rss_mb"] / a["peak_rss_mb"], 3))
     extraction_f1_case()
-    for rec in machine_scaling():  # and again at the end: the machine drifts
+    for rec in process_scaling(repeats=3):  # and again at the end: the machine drifts
         emit(**rec)
 
 

@@ -246,7 +246,8 @@ def bench_model(name: str, args) -> None:
     tps: dict[tuple[str, int], float] = {}
     for B in args.batches:
         prompts = rng.integers(4, cfg.vocab_size, size=(B, args.prompt_tokens))
-        ref = run_ours(engines["torch-cache"], prompts, 32)
+        check = min(32, args.new_tokens)  # greedy tokens compared with the eager engine's
+        ref = run_ours(engines["torch-cache"], prompts, check)
         runs = {k: (lambda e=e: run_ours(e, prompts, args.new_tokens)) for k, e in engines.items()}
         if hf is not None:
             runs["hf-generate"] = lambda: hf.generate(prompts, args.new_tokens)
@@ -257,10 +258,10 @@ def bench_model(name: str, args) -> None:
             # whole timed-length run, which compiles its program for this batch; reported)
             if k == "torch-compiled":
                 t = time.perf_counter()
-                first = fn()[:, :32]
+                first = fn()[:, :check]
                 emit({"case": "compile", "model": name, "batch": B, "first_run_seconds": round(time.perf_counter() - t, 1)})
             else:
-                first = run_ours(engines[k], prompts, 32) if k in engines else hf.generate(prompts, 32)
+                first = run_ours(engines[k], prompts, check) if k in engines else hf.generate(prompts, check)
             same = float((first == ref).mean())
             dt = timed(fn)
             tps[(k, B)] = B * args.new_tokens / dt
@@ -305,7 +306,10 @@ def bench_model(name: str, args) -> None:
         r = lambda a, b: tps[(a, B)] / tps[(b, B)] if (a, B) in tps and (b, B) in tps else None
         i8 = r("ort-int8", "ort-fp32")
         summary[f"b{B}_ortint8_vs_ortfp32"] = None if i8 is None else round(i8, 2)
-        # the targets, once for each PyTorch path: eager (the default) and compiled (--compile)
+        for path, eng in (("compiled", "torch-compiled"), ("aot", "torch-aot")):  # what each gains over eager
+            gain = r(eng, "torch-cache")
+            summary[f"{path}_b{B}_vs_eager"] = None if gain is None else round(gain, 2)
+        # the targets, once for each PyTorch path: eager (the default), compiled (--compile), AOT
         for path, eng in (("eager", "torch-cache"), ("compiled", "torch-compiled"), ("aot", "torch-aot")):
             for key, ratio, lo in ((f"b{B}_cache_vs_nocache", r(eng, "torch-nocache"), 5.0),
                                    (f"b{B}_torch_vs_hf", r(eng, "hf-generate"), 1.5),

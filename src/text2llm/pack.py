@@ -307,8 +307,8 @@ def _ranges(docs: Sequence, skipped: list[int], workers: int) -> list[tuple[int,
     skipped by the worker, counted here). The whole size is known, so units shrink towards the end
     (to a quarter of the work left per worker, at least CHUNK_BYTES / 8): the workers then finish
     within a small unit of each other instead of one large one."""
-    # (_size inlined in one comprehension: this runs before the workers start, so it is serial time)
-    sizes = [len(t) if t.isascii() else 3 * len(t) for t in (d if isinstance(d, str) else d.text for d in docs)]
+    # (one pass without per-document tuples: this runs before the workers start, so it is serial time)
+    sizes = list(map(_size, (d if isinstance(d, str) else d.text for d in docs)))
     skipped[0] += sizes.count(0)
     left = sum(sizes)
     units, start, count, size = [], 0, 0, 0

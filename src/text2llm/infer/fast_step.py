@@ -62,6 +62,21 @@ def _norm(m: nn.Module):
     return None
 
 
+def _mlp_in(mlp: MLP):
+    """``h -> silu(h W_gate) * h W_up`` (gate and up one packed matmul), or ``gelu(h W_up)``: the
+    MLP up to its down projection."""
+    if mlp.swiglu:
+        gate_up = packed_matmul(mlp, ("gate_proj", "up_proj"))
+
+        def swiglu(h):
+            gate, up = gate_up(h).chunk(2, dim=-1)
+            return F.silu(gate).mul_(up)
+
+        return swiglu
+    up = packed_matmul(mlp, ("up_proj",))
+    return lambda h: F.gelu(up(h), approximate="tanh")
+
+
 def _add_to(matmul):
     """``(r, x) -> r + matmul(x)``: one ``addmm`` where the packer offers it."""
     add = getattr(matmul, "add_to", None)
@@ -78,14 +93,14 @@ class FastDecodeStep:
     does not cover.
     """
 
-    def __init__(self, model, layers: list, final_norm, head, dtype: torch.dtype):
-        self.model, self.layers, self.final_norm, self.head = model, layers, final_norm, head
+    def __init__(self, model, layers: list, final_norm, head):
+        self.layers, self.final_norm, self.head = layers, final_norm, head
         cfg = model.cfg
         self.H, self.K, self.Dh, self.max_seq_len = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.max_seq_len
         self.embed = model.embed.weight.detach()
         self.pos_embed = model.pos_embed.weight.detach() if cfg.positions == "learned" else None
         if cfg.positions == "rope":
-            self.cos, self.sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)
+            self.cos, self.sin = model.rope_cos.to(self.embed.dtype), model.rope_sin.to(self.embed.dtype)
 
     @classmethod
     def build(cls, model) -> "FastDecodeStep | None":
@@ -100,18 +115,13 @@ class FastDecodeStep:
             norms = _norm(block.attn_norm), _norm(block.mlp_norm)
             if None in norms:
                 return None
-            if mlp.swiglu:
-                mlp_in = packed_matmul(mlp, ("gate_proj", "up_proj"))
-            else:
-                up = packed_matmul(mlp, ("up_proj",))
-                mlp_in = lambda h, up=up: F.gelu(up(h), approximate="tanh")  # noqa: E731
             layers.append((norms[0], packed_matmul(attn, ("q_proj", "k_proj", "v_proj")),
-                           _add_to(packed_matmul(attn, ("o_proj",))), norms[1], mlp.swiglu, mlp_in,
+                           _add_to(packed_matmul(attn, ("o_proj",))), norms[1], _mlp_in(mlp),
                            _add_to(packed_matmul(mlp, ("down_proj",)))))
         final_norm = _norm(model.norm)
         if final_norm is None:
             return None
-        return cls(model, layers, final_norm, packed_matmul(model, ("lm_head",)), model.embed.weight.dtype)
+        return cls(model, layers, final_norm, packed_matmul(model, ("lm_head",)))
 
     def __call__(self, ids_B: torch.Tensor, pos: int, cache: KVCache,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,7 +135,7 @@ class FastDecodeStep:
         else:
             cos, sin, half = self.cos[pos], self.sin[pos], Dh // 2
         HK = (H + K) * Dh
-        for i, (norm1, qkv_mm, o_add, norm2, swiglu, mlp_in, down_add) in enumerate(self.layers):
+        for i, (norm1, qkv_mm, o_add, norm2, mlp_in, down_add) in enumerate(self.layers):
             qkv = qkv_mm(norm1(x))  # B (H+2K)*Dh
             qk = qkv[:, :HK].view(B, H + K, Dh)
             if self.pos_embed is None:  # RoPE: qk * cos + rotate_half(qk) * sin
@@ -138,10 +148,6 @@ class FastDecodeStep:
             y = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, S), v_cache.narrow(2, 0, S),
                                                attn_mask=attn_mask)
             x = o_add(x, y.reshape(B, H * Dh))
-            h = mlp_in(norm2(x))
-            if swiglu:
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate).mul_(up)
-            x = down_add(x, h)
+            x = down_add(x, mlp_in(norm2(x)))
         cache.pos = S
         return self.head(self.final_norm(x))

@@ -99,9 +99,10 @@ class TorchEngine:
         # packed Linears (see Transformer.fast_inference); not for FSDP-sharded parameters, which
         # exist whole only inside each block's forward
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
-        self.fast = hasattr(model, "fast_inference") and not sharded and fast_step
-        if hasattr(model, "fast_inference") and not sharded:
+        packable = hasattr(model, "fast_inference") and not sharded
+        if packable:
             model.fast_inference()
+        self.fast = packable and fast_step
         # inference_mode rather than no_grad: no version counters or view tracking on each op, which
         # a small model's decode step is made of (demo model, batch 1, interleaved: 1.9-2.0 ms per
         # step instead of 2.2-2.3). FSDP-sharded models (samples during training) keep no_grad: the
@@ -194,18 +195,16 @@ class TorchEngine:
             # program reads them densely, whatever their strides (a numpy column is strided)
             mask = self.valid[:, : self.len].contiguous().view(len(next_B), 1, 1, self.len)
             return self.aot(new_B[:, None].contiguous(), mask, *self.cache.k, *self.cache.v).float().numpy()
+        if not self.use_cache:
+            return self._forward(0, self.len)
+        start = self.len - 1
+        if self.compiled is None and self.fast_step is None:
+            return self._forward(start, 1)
+        mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
         if self.compiled is not None:
-            start = self.len - 1
-            mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
             return self.compiled(new_B[:, None], start, mask).float().cpu().numpy()
-        if self.fast_step is not None:
-            start = self.len - 1
-            mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
-            with self.attention():
-                return self.fast_step(new_B, start, self.cache, mask).float().cpu().numpy()
-        if self.use_cache:
-            return self._forward(self.len - 1, 1)
-        return self._forward(0, self.len)
+        with self.attention():
+            return self.fast_step(new_B, start, self.cache, mask).float().cpu().numpy()
 
     def _forward(self, start: int, T: int) -> np.ndarray:
         mask = _attn_mask(self.valid, start, T).to(self.device) if self.padded else None

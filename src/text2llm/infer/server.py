@@ -77,9 +77,8 @@ class Backend:
             engine = OrtEngine.load(p)
             return cls(engine, load_tokenizer(p), p.resolve().name, "onnxruntime", engine.learned_positions)
         import text2llm
-        from text2llm.infer.generate import TorchEngine
-
         from text2llm.infer.aot import aot_dir_of
+        from text2llm.infer.generate import TorchEngine
 
         aot = aot_dir_of(p, compile)  # a `text2llm export aot` dir: compiled already
         model, tok = text2llm.load(p)
