@@ -431,13 +431,14 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 64)
     full = gzip.compress(b"\n".join(json.dumps({"text": f"Gzipped document {i}."}).encode() for i in range(2000)))
     (tmp_path / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(full[:200] + bytes(64) + full[264:])  # damaged mid-stream
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("从前有座山，山里有座庙。".encode("gb18030"))
 
     stats = run_clean([tmp_path], tmp_path.parent / "out-bad", DataConfig(filter=False, dedup=False), progress=False)
     assert stats["skipped"] == {
         "binary_file": 1, "empty_file": 1, "line_too_large": 1, "malformed_json": 2,
-        "missing_text_field": 1, "truncated_or_corrupt_gzip": 1,
+        "missing_text_field": 1, "truncated_or_corrupt_gzip": 2,
     }
     assert stats["repaired"]["invalid_utf8_replaced"] == 1 and stats["repaired"]["control_chars_removed"] >= 1
     texts = [d.text for d in iter_cleaned(tmp_path.parent / "out-bad")]
@@ -445,6 +446,34 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert "NUL bytes and raw too" in texts and any("\ufffd" in t for t in texts)
     assert sum(t.startswith("Gzipped document") for t in texts) > 100
     assert sum(t.startswith("Good document") for t in texts) == 3
+
+
+def test_jsonl_lines_parse_as_the_standard_library_does():
+    """orjson parses nearly every line; what it refuses goes to the lenient standard parser, so
+    that what is accepted, and the text and id it gives, match ``json.loads(strict=False)``."""
+    from text2llm.data.readers import parse_jsonl_line
+
+    cfg = DataConfig()
+    lines = [
+        b'{"text": "plain", "id": "a"}', b'{"text": "raw \x01 control and tab\t"}', b'{"text": "lone \\ud800 escape"}',
+        b'{"text": "big id", "id": 123456789012345678901234567890}', b'{"text": "nan", "score": NaN}',
+        b'{"text": "dup", "text": "last wins"}', b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "\xff bad utf-8"}',
+        b'{"text": 5}', b'[1, 2]', b'{"text": "x"} trailing', '{"text": "\u4e2d\u6587 中文 😀", "id": 7}'.encode(),
+    ]
+    for line in lines:
+        skipped, repaired = Counter(), Counter()
+        got = parse_jsonl_line("f:1", "f", line, cfg, skipped, repaired)
+        try:
+            ref = json.loads(line.decode("utf-8", errors="replace"), strict=False)
+        except ValueError:
+            ref = None
+        if not isinstance(ref, dict) or not isinstance(ref.get("text"), str):
+            assert got is None and sum(skipped.values()) == 1, line
+            continue
+        rid = str(ref["id"]) if "id" in ref else "f:1"
+        assert got == (rid, "f", "text", ref["text"], None), line
+    assert parse_jsonl_line("f:1", "f", b'{"text": "\xff"}', cfg, Counter(), repaired := Counter()) is not None
+    assert repaired == {"invalid_utf8_replaced": 1}
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")

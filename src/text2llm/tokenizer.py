@@ -35,7 +35,6 @@ use it without torch.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import heapq
 import json
@@ -460,6 +459,7 @@ def iter_training_texts(inputs: Sequence[str | Path]) -> Iterator[str]:
     A .txt file gives one document per paragraph block (split after each blank line, the blank
     line kept); a .jsonl(.gz) file gives the ``text`` field of each line.
     """
+    from text2llm.data.fastio import GZIP_ERRORS, gzip_decompress
     from text2llm.data.readers import iter_cleaned
 
     for item in inputs:
@@ -477,9 +477,9 @@ def iter_training_texts(inputs: Sequence[str | Path]) -> Iterator[str]:
         for f in files:
             if f.name.endswith((".txt", ".txt.gz")):
                 try:
-                    raw = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
+                    raw = gzip_decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
                     text = raw.decode("utf-8")
-                except (OSError, EOFError) as e:
+                except GZIP_ERRORS as e:
                     raise UserError(f"{f}: not a readable gzip file ({e})") from None
                 except UnicodeDecodeError as e:
                     raise UserError(f"{f}: not valid UTF-8 ({e.reason} at byte {e.start})") from None

@@ -23,7 +23,6 @@ renames at the end, so an interrupted run leaves the old output untouched (never
 from __future__ import annotations
 
 import gc
-import gzip
 import json
 import multiprocessing as mp
 import os
@@ -36,6 +35,7 @@ from typing import Iterator
 
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
+from text2llm.data.fastio import gzip_compress, gzip_decompress
 from text2llm.errors import UserError
 from text2llm.parallel import QuietPool, batched, bounded_imap
 
@@ -224,7 +224,7 @@ def json_line(doc: Document, reason: str | None = None) -> bytes:
 def gzip_member(lines: list[bytes]) -> bytes:
     """The lines as one gzip member (deterministic header: mtime 0, no name). A shard is members
     back to back, a valid gzip file (RFC 1952) that every gzip reader reads whole."""
-    return gzip.compress(b"".join(lines), compresslevel=1, mtime=0) if lines else b""
+    return gzip_compress(b"".join(lines)) if lines else b""
 
 
 class ShardWriter:
@@ -284,7 +284,7 @@ class ShardWriter:
 
 
 def _split_member(member: bytes, lengths: list[int]) -> list[bytes]:
-    data = gzip.decompress(member) if member else b""
+    data = gzip_decompress(member) if member else b""
     out, pos = [], 0
     for n in lengths:
         out.append(data[pos : pos + n])

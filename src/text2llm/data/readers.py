@@ -16,17 +16,18 @@ a :class:`~text2llm.errors.UserError`, raised before any work starts.
 from __future__ import annotations
 
 import codecs
-import gzip
-import json
 import os
 import re
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import IO, Iterator
 
+import orjson
+
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
+from text2llm.data.fastio import GZIP_CORRUPT, GZIP_ERRORS, GzipFile, gzip_decompress, gzip_reader, lenient_loads
+from text2llm.data.fastio import loads as fast_loads
 from text2llm.errors import UserError
 
 Raw = tuple  # (id: str, source: str, kind: "text" | "html" | "jsonl", payload: str | bytes, charset: str | None)
@@ -34,7 +35,6 @@ Raw = tuple  # (id: str, source: str, kind: "text" | "html" | "jsonl", payload: 
 # default id ``file:line`` and source the path; :func:`parse_jsonl_line` makes it a "text" record
 
 _CHUNK = 1 << 20
-_GZ_ERRORS = (EOFError, OSError, zlib.error)  # truncated / corrupt gzip streams (BadGzipFile is an OSError)
 
 # file kinds by (lower-cased) name ending; a dir is walked for these
 _KINDS = (
@@ -89,7 +89,7 @@ def _sniff(path: Path) -> str:
     try:
         with _open(path) as f:
             head = f.read(512).lstrip()
-    except _GZ_ERRORS:
+    except GZIP_ERRORS:
         return "txt"
     if head.startswith(b"WARC/"):
         return "warc"
@@ -106,7 +106,7 @@ def _open(path: Path) -> IO[bytes]:
     magic = f.read(2)
     f.seek(0)
     if magic == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+        return gzip_reader(f)
     return f
 
 
@@ -202,7 +202,7 @@ def iter_raw(
                 yield from read_jsonl(path, cfg, skipped, repaired, defer_json)
             else:
                 yield from reader(path, cfg, skipped, repaired)
-        except (EOFError, zlib.error, gzip.BadGzipFile):
+        except GZIP_CORRUPT:
             skipped["truncated_or_corrupt_gzip"] += 1  # records before the damage were kept
         except OSError:
             skipped["unreadable_file"] += 1  # vanished or failed mid-run; the run goes on
@@ -224,14 +224,6 @@ def _lines(f: IO[bytes], limit: int, skipped: Counter) -> Iterator[tuple[int, by
         yield n, line
 
 
-def _loads(s: str):
-    """``json.loads(s, strict=False)`` without building a decoder per call."""
-    if s.startswith("\ufeff"):
-        raise ValueError("Unexpected UTF-8 BOM")
-    return _DECODER.decode(s)
-
-
-_DECODER = json.JSONDecoder(strict=False)
 
 
 def read_jsonl(path: Path, cfg: DataConfig, skipped: Counter, repaired: Counter, defer: bool = False) -> Iterator[Raw]:
@@ -262,15 +254,18 @@ def parse_jsonl_line(rid: str, src: str, line: bytes, cfg: DataConfig, skipped: 
     ``rid`` and ``src`` are the defaults (``file:line`` and the path) for records without an id or url.
     """
     try:
-        s = line.decode("utf-8")
-    except UnicodeDecodeError:
-        s = line.decode("utf-8", errors="replace")
-        repaired["invalid_utf8_replaced"] += 1
-    try:
-        rec = _loads(s)  # strict=False: raw control chars in strings are cleaned later
-    except ValueError:
-        skipped["malformed_json"] += 1
-        return None
+        rec = orjson.loads(line)  # valid UTF-8 and strict JSON: nearly every line
+    except orjson.JSONDecodeError:
+        try:
+            s = line.decode("utf-8")
+        except UnicodeDecodeError:
+            s = line.decode("utf-8", errors="replace")
+            repaired["invalid_utf8_replaced"] += 1
+        try:
+            rec = lenient_loads(s)  # raw control chars in strings are allowed (cleaned later)
+        except ValueError:
+            skipped["malformed_json"] += 1
+            return None
     if not isinstance(rec, dict):
         skipped["malformed_json"] += 1
         return None
@@ -285,6 +280,8 @@ def parse_jsonl_line(rid: str, src: str, line: bytes, cfg: DataConfig, skipped: 
         skipped["too_large"] += 1
         return None
     rid2 = rec.get(cfg.id_field)
+    if isinstance(rid2, float) and isinstance(line, bytes):  # orjson reads an integer past 64 bits as a float
+        rid2 = lenient_loads(line.decode("utf-8", errors="replace")).get(cfg.id_field)
     rid = str(rid2) if isinstance(rid2, (str, int)) and str(rid2) else rid
     url = rec.get("url")
     return (rid, url if isinstance(url, str) else src, "text", text, None)
@@ -416,7 +413,7 @@ def read_warc(path: Path, cfg: DataConfig, skipped: Counter, repaired: Counter) 
                 skipped["warc_malformed_record"] += 1
                 break
             if length > cfg.max_doc_bytes * 2:
-                f.seek(length, 1) if not isinstance(f, gzip.GzipFile) else _skip(f, length)
+                f.seek(length, 1) if not isinstance(f, GzipFile) else _skip(f, length)
                 skipped["too_large"] += 1
                 continue
             block = f.read(length)
@@ -436,8 +433,8 @@ def read_warc(path: Path, cfg: DataConfig, skipped: Counter, repaired: Counter) 
                 body = _dechunk(body)
             if http.get("content-encoding", "").lower() in ("gzip", "x-gzip"):
                 try:
-                    body = gzip.decompress(body)
-                except _GZ_ERRORS:
+                    body = gzip_decompress(body)
+                except GZIP_ERRORS:
                     skipped["warc_bad_content_encoding"] += 1
                     continue
             if not body.strip():
@@ -486,7 +483,7 @@ def iter_cleaned_lines(path: str | Path) -> Iterator[tuple[Path, int, bytes]]:
 def parse_cleaned_line(f: Path | str, n: int, line: bytes) -> Document:
     """One cleaned-shard record as a Document; a bad one is a UserError naming ``f:n``."""
     try:
-        rec = json.loads(line)
+        rec = fast_loads(line)
         text = rec["text"]
         if not isinstance(text, str):
             raise TypeError
