@@ -316,18 +316,22 @@ class BatchStats:
         if len(g):
             cs, ok = self.wlen_cumsum, self._cache[("ngmask", n)]
             glen = np.minimum((cs[n:] - cs[:-n])[ok], 255).astype(np.uint64)
-            doc = self.wdoc[: len(ok)][ok].astype(np.uint64)
-            key = np.sort((doc << _U(44)) | ((g >> _U(28)) << _U(8)) | glen)
-            edge = np.flatnonzero(np.diff(key)) + 1
-            run_start = np.concatenate([[0], edge])
-            counts = np.diff(np.concatenate([run_start, [len(key)]]))
-            rep = counts > 1
-            if rep.any():
-                rk = key[run_start[rep]]
-                val = counts[rep] * (rk & _U(255)).astype(np.int64)
+            doc = self.cached("dockey", lambda: self.wdoc.astype(np.uint64) << _U(44)).take(idx)
+            key = np.sort(doc | ((g >> _U(28)) << _U(8)) | glen)
+            # only repeated keys matter, and most n-grams occur once: work on the equal neighbours
+            pos = np.flatnonzero(key[1:] == key[:-1])
+            if len(pos):
+                rk = key[pos]  # one entry per repeat: a key seen c times has c - 1 entries here
+                new_run = np.empty(len(rk), dtype=bool)
+                new_run[0] = True
+                np.not_equal(rk[1:], rk[:-1], out=new_run[1:])
+                first = np.flatnonzero(new_run)
+                counts = np.diff(np.append(first, len(rk))) + 1
+                rk = rk[first]
+                val = counts * (rk & _U(255)).astype(np.int64)
                 rdoc = (rk >> _U(44)).astype(np.int64)  # ascending: keys are sorted by document first
-                first = np.flatnonzero(np.concatenate([[True], rdoc[1:] != rdoc[:-1]]))
-                top[rdoc[first]] = np.maximum.reduceat(val, first)
+                dfirst = np.flatnonzero(np.concatenate([[True], rdoc[1:] != rdoc[:-1]]))
+                top[rdoc[dfirst]] = np.maximum.reduceat(val, dfirst)
         return top / np.maximum(self.word_chars, 1)
 
     def dup_ngram_frac(self, n: int, docs: np.ndarray | None = None) -> np.ndarray:
