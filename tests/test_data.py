@@ -155,6 +155,10 @@ def test_gopher_quality_filter():
     assert check("gopher_quality", zh_no_stop, preset="zh", min_stop_words=2) == "gopher_quality:too_few_stop_words"
     digits = " ".join(str(i * 7919) for i in range(80)) + " the and"
     assert check("gopher_quality", digits, preset="web-en") == "gopher_quality:alpha_words_low"
+    # Chinese: words are characters, and a run of digits is one word without a letter
+    zh_table = "，".join(f"{i} {i * 7919}元" for i in range(40)) + "。" + ZH_GOOD[:20]  # 43% of words with a letter
+    assert check("gopher_quality", zh_table, preset="zh") == "gopher_quality:alpha_words_low"
+    assert check("gopher_quality", "２０２４年的春天来了，" + ZH_GOOD, preset="zh") is None
 
 
 def test_gopher_repetition_filter():
@@ -555,6 +559,7 @@ def test_batch_stats_match_per_word_reference():
         tokens = text.lower().split()
         assert b.n_tokens[d] == len(tokens)
         assert b.alpha_tokens[d] == sum(any(c.isalpha() for c in t) for t in tokens)
+        assert b.alpha_words[d] == sum(any(c.isalpha() for c in w) for w in words)
         for n in (5, 6, 7):
             frac = b.cached(("dup", n), b.dup_ngram_frac, n)[d]  # in order: 6 and 7 reuse the 5-gram result
             assert np.isclose(frac, _ref_dup_frac(words, n)), (d, n)

@@ -92,8 +92,8 @@ class DocStats:
     @property
     def alpha_token_frac(self) -> float:
         """Share of words holding a letter: whitespace tokens for Latin text, characters for CJK."""
-        if self.is_cjk:
-            return 1.0 - _digit_word_frac(self)
+        if self.is_cjk:  # words, where each CJK character is one: digit-only runs are what fails
+            return float(self.batch.alpha_words[self.i]) / max(1, self.n_words)
         return float(self.batch.alpha_tokens[self.i]) / max(1, int(self.batch.n_tokens[self.i]))
 
     def stop_words(self) -> int:
@@ -118,10 +118,6 @@ class DocStats:
     @cached_property
     def paragraphs(self) -> list[str]:
         return [p for p in self.text.split("\n\n") if p.strip()]
-
-
-def _digit_word_frac(st: DocStats) -> float:
-    return 0.0  # CJK characters are letters; digits-only runs are rare enough to ignore here
 
 
 _EN_STOP_H = word_hashes(sorted(_EN_STOP))
@@ -192,10 +188,18 @@ _EN_COMMON = frozenset(
 _EN_COMMON_H = word_hashes(sorted(_EN_COMMON))
 
 
+def _mostly_ascii_head(text: str) -> bool:
+    """The first 2,000 characters are ASCII but for at most 2% extra UTF-8 bytes (curly quotes,
+    dashes, an accented name: English web text)."""
+    head = text[:2000]
+    return head.isascii() or len(head.encode("utf-8")) - len(head) <= 0.02 * len(head)
+
+
 class LanguageFilter(Filter):
     """Language identification with an allow-list.
 
-    Fast paths settle the clear cases without a model: for ``en``, ASCII text in which >= 25%
+    Fast paths settle the clear cases without a model: for ``en``, text whose first 2,000
+    characters are ASCII (but for <= 2% extra UTF-8 bytes) and in which >= 25%
     of the words are among the 100 most common English words; for ``zh``, text whose words are
     mostly Han characters with no kana or hangul. Everything else goes to py3langid (its model
     ships inside the package) on the first 600 characters; the probabilities of the allowed
@@ -226,8 +230,7 @@ class LanguageFilter(Filter):
             if st.batch.cjk_words[st.i] >= 0.6 * st.n_words and not _KANA_HANGUL_RE.search(doc.text[:2000]):
                 return "zh"
             return None
-        head = doc.text[:2000]
-        if st.n_words >= 10 and (head.isascii() or len(head.encode("utf-8")) - len(head) <= 0.02 * len(head)):
+        if st.n_words >= 10 and _mostly_ascii_head(doc.text):
             if st.common_en_words() >= 0.25 * st.n_words:
                 return "en"
         return None
@@ -237,7 +240,7 @@ class LanguageFilter(Filter):
             return None
         n = b.n_words[rows]
         cjk = b.cjk_words[rows] >= 0.3 * np.maximum(1, n)
-        ascii_head = np.fromiter((b.texts[r][:2000].isascii() for r in rows), dtype=bool, count=len(rows))
+        ascii_head = np.fromiter(map(_mostly_ascii_head, map(b.texts.__getitem__, rows.tolist())), dtype=bool, count=len(rows))
         common = b.members("en_common", _EN_COMMON_H)[0][rows]
         return ~cjk & (n >= 10) & ascii_head & (common >= 0.25 * n)
 
@@ -302,7 +305,9 @@ class GopherQualityFilter(Filter):
         bullets = ls.per_doc(ls.nonblank & np.isin(ls.first_cp, _BULLET_CPS))[rows]
         ok &= ~(bullets / n_lines > c.max_bullet_lines_frac)
         tokens = b.n_tokens[rows]
-        alpha = np.where(cjk, 1.0, b.alpha_tokens[rows] / np.maximum(1, tokens))
+        alpha = b.alpha_tokens[rows] / np.maximum(1, tokens)
+        if cjk.any():
+            alpha = np.where(cjk, b.alpha_words[rows] / n, alpha)
         ok &= ~(alpha < c.min_alpha_word_frac)
         if c.min_stop_words:
             stop = b.members("en_stop", _EN_STOP_H)[1][rows]

@@ -134,7 +134,7 @@ class BatchStats:
 
     Arrays over all words of the batch: ``whash`` (uint64), ``wlen`` (int64 characters),
     ``wdoc`` (document index). ``bounds[d]:bounds[d+1]`` is document ``d``'s word range.
-    Per document: ``n_words``, ``word_chars``, ``cjk_words``, ``n_tokens``, ``alpha_tokens``;
+    Per document: ``n_words``, ``word_chars``, ``cjk_words``, ``n_tokens``, ``alpha_tokens``, ``alpha_words``;
     ``lower[d]`` is the lower-cased text.
 
     A word's hash is ``mix(sum_j (c_j + 1) * K^(j+1) + len)`` over its code points ``c_j``. It is
@@ -162,6 +162,7 @@ class BatchStats:
         starts = np.flatnonzero(isw & (_shifted(brk, True) | cjk))
         ends = np.flatnonzero(isw & (_next(brk, True) | cjk))
         nw = len(starts)
+        self._wstart = starts
         self.wlen = ends - starts + 1
         kpow, kinv = _powers(len(cp))
         with np.errstate(over="ignore"):
@@ -199,6 +200,22 @@ class BatchStats:
         tb = np.searchsorted(tstart, self._doc_start)
         alpha_cum = np.concatenate([[0], np.cumsum(has_alpha)])
         return np.diff(tb), np.diff(alpha_cum[tb]).astype(np.float64)
+
+    def _alpha_words(self) -> np.ndarray:
+        """Per doc: words (as in ``n_words``: CJK characters one by one) holding a letter."""
+        alpha = (self._flags & ALPHA).view(bool)
+        cum = np.zeros(len(alpha) + 1, dtype=np.int64)
+        np.cumsum(alpha, out=cum[1:])
+        has = cum[self._wstart + self.wlen] > cum[self._wstart]
+        has_cum = np.zeros(len(has) + 1, dtype=np.int64)
+        np.cumsum(has, out=has_cum[1:])
+        return np.diff(has_cum[self.bounds])
+
+    @property
+    def alpha_words(self) -> np.ndarray:
+        """Per doc: words that hold a letter (not digits only); for CJK text, Gopher's "words
+        with an alphabetic character" counted over characters."""
+        return self.cached("alpha_words", self._alpha_words)
 
     @property
     def n_tokens(self) -> np.ndarray:
