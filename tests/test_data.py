@@ -7,6 +7,7 @@ its README); the cases on the full shared corpora are skipped when ../shared/dat
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 from collections import Counter
@@ -115,11 +116,17 @@ def test_normalize_batch_equals_one_by_one():
 
     texts = ["plain ascii text", "two  spaces", "tab\there", "cr\r\nlf", " edge \n spaces ", "a\n\n\n\nb",
              "ctrl\x07  and\u200b", "", "😀 emoji  ok", "第二段：你好\u3000世界", "Caf\u00c3\u00a9 au lait",
-             *[f"x{c}y{c}{c}z" for c in _SPECIAL_WS], "\x07\t\x07", "nb\u00a0\u00a0sp"]
-    cfg = DataConfig()
-    a, b = Counter(), Counter()
-    assert normalize_batch(texts, cfg, a) == [normalize(t, cfg, b) for t in texts]
-    assert a == b
+             *[f"x{c}y{c}{c}z" for c in _SPECIAL_WS], "\x07\t\x07", "nb\u00a0\u00a0sp",
+             "it\u00e2\u20ac\u2122s", "lost quote \u00e2\u20ac end", "bom \u00ef\u00bb\u00bfhere", "\ufffd?",
+             "A\u030a NFC", "\u00c3", "ends in lead \u00c3\n\u00a9 next line", "\U0001F600\u00c3\u00a9"]
+    if SHARED.exists():  # the shared broken/correct pairs, broken side
+        with gzip.open(SHARED / "tinystories" / "mojibake-pairs.jsonl.gz", "rt", encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for _, line in zip(range(200), f)]
+    for cfg in (DataConfig(), DataConfig(fix_unicode=False), DataConfig(unicode_form="none")):
+        a, b = Counter(), Counter()
+        assert normalize_batch(texts, cfg, a) == [normalize(t, cfg, b) for t in texts]
+        assert a == b
+    assert a["mojibake_fixed"] >= 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -543,13 +550,16 @@ def test_batch_stats_match_per_word_reference():
 
     import numpy as np
 
+    from text2llm.data.dedup import exact_key
     from text2llm.data.textstats import BatchStats
 
     rng = random.Random(0)
     alphabet = "ab cd Éé ß 汉字中文 かな 한글 12 \n\n\t.,!?-… \u3000\u00a0𠀀"
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200))) for _ in range(60)]
     texts += [EN_GOOD, ZH_GOOD, "", "the cat sat on the mat and the cat sat on the mat again " * 3, "y" * 66_000 + " z"]
+    texts += ["中文 段落\n\n第二段 é", "ü\u3000x", "ü \nx", "ü\n\n\nx", "\u00a0ü", "ü\x1cx", "Ü\n"]
     b = BatchStats(texts)
+    assert b.plain[-7] and not b.plain[-6:].any()
     for d, text in enumerate(texts):
         words = _ref_words(text)
         lo, hi = b.bounds[d], b.bounds[d + 1]
@@ -560,6 +570,8 @@ def test_batch_stats_match_per_word_reference():
         assert b.n_tokens[d] == len(tokens)
         assert b.alpha_tokens[d] == sum(any(c.isalpha() for c in t) for t in tokens)
         assert b.alpha_words[d] == sum(any(c.isalpha() for c in w) for w in words)
+        ref_key = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).digest()
+        assert exact_key(text, b.lower[d], bool(b.plain[d])) == int.from_bytes(ref_key, "little")
         for n in (5, 6, 7):
             frac = b.cached(("dup", n), b.dup_ngram_frac, n)[d]  # in order: 6 and 7 reuse the 5-gram result
             assert np.isclose(frac, _ref_dup_frac(words, n)), (d, n)

@@ -36,10 +36,12 @@ _LINE_END_RE = re.compile("\r\n?|[\u2028\u2029\x85]")
 _EDGE_SPACE_RE = re.compile(r" +\n *|\n +")
 _BLANKS_RE = re.compile(r"\n{3,}")
 # UTF-8 read as cp1252/latin-1: a lead-byte letter followed by a continuation-byte character
-_MOJIBAKE_HINT_RE = re.compile(
-    "[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
-    "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]|\ufffd|\u00ef\u00bb\u00bf"
+_MOJIBAKE_LEAD = "[\u00c2-\u00f4]"
+_MOJIBAKE_CONT = (
+    "[\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+    "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]"
 )
+_MOJIBAKE_HINT_RE = re.compile(f"{_MOJIBAKE_LEAD}{_MOJIBAKE_CONT}|\ufffd")  # (a BOM read as latin-1, "ï»¿", is a lead + continuation pair)
 
 
 # "”" is E2 80 9D in UTF-8; 0x9D has no cp1252 character, so that byte is often lost and
@@ -51,6 +53,11 @@ def fix_unicode(text: str, repaired: Counter) -> str:
     """Repair mojibake (UTF-8 read as cp1252/latin-1 and similar) with ftfy when the text looks broken."""
     if text.isascii() or not _MOJIBAKE_HINT_RE.search(text):
         return text
+    return _repair(text, repaired)
+
+
+def _repair(text: str, repaired: Counter) -> str:
+    """ftfy on a text that :data:`_MOJIBAKE_HINT_RE` flags."""
     fixed = ftfy.fix_text(_LOST_RDQUO_RE.sub("\u201d", text), _FTFY)
     if fixed != text:
         repaired["mojibake_fixed"] += 1
@@ -105,6 +112,25 @@ def _control_table():
     return _CONTROL_TABLE[0]
 
 
+def _mojibake_tables():
+    """Code point (< 0x10000) -> may start / may continue a :data:`_MOJIBAKE_HINT_RE` match
+    (built from the same character classes)."""
+    if not _MOJIBAKE_TABLES:
+        import numpy as np
+
+        bmp = "".join(map(chr, range(0xD800))) + "".join(map(chr, range(0xE000, 0x10000)))
+        tables = []
+        for cls in (_MOJIBAKE_LEAD, _MOJIBAKE_CONT):
+            t = np.zeros(0x10000, dtype=bool)
+            t[[ord(m.group()) for m in re.finditer(cls, bmp)]] = True
+            tables.append(t)
+        _MOJIBAKE_TABLES.extend(tables)
+    return _MOJIBAKE_TABLES
+
+
+_MOJIBAKE_TABLES: list = []
+
+
 def _ws_table():
     """Code point (< 0x10000) -> is in :data:`_SPECIAL_WS` (all of it in the BMP)."""
     if not _WS_TABLE:
@@ -116,26 +142,46 @@ def _ws_table():
     return _WS_TABLE[0]
 
 
-def normalize_batch(texts: list[str], cfg: DataConfig, repaired: Counter) -> list[str]:
-    """``[normalize(t, cfg, repaired) for t in texts]``; control characters and special
-    whitespace are looked for in the whole batch at once (numpy), so that documents without any
-    skip the per-document regexes (removing control characters never adds special whitespace)."""
+def _codepoints(texts: list[str]):
+    """The code points of ``"\n".join(texts) + "\n"`` (uint32; BMP-clipped copy) and each text's start."""
     import numpy as np
 
-    out = []
-    for text in texts:
-        if cfg.fix_unicode:
-            text = fix_unicode(text, repaired)
-        if cfg.unicode_form != "none" and not text.isascii():
-            text = unicodedata.normalize(cfg.unicode_form, text)
-        out.append(text)
-    if not out:
-        return out
-    cp = np.frombuffer(("\n".join(out) + "\n").encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    lens = np.fromiter(map(len, out), dtype=np.int64, count=len(out)) + 1
-    starts = np.zeros(len(out), dtype=np.int64)
+    cp = np.frombuffer(("\n".join(texts) + "\n").encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    lens = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + 1
+    starts = np.zeros(len(texts), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
-    bmp = np.minimum(cp, 0xFFFF)
+    return np.minimum(cp, 0xFFFF), starts
+
+
+def normalize_batch(texts: list[str], cfg: DataConfig, repaired: Counter) -> list[str]:
+    """``[normalize(t, cfg, repaired) for t in texts]``; mojibake hints, control characters and
+    special whitespace are looked for in the whole batch at once (numpy), so that documents
+    without any skip the per-document regexes (removing control characters never adds special
+    whitespace)."""
+    import numpy as np
+
+    if not texts:
+        return []
+    out = list(texts)
+    bmp, starts = _codepoints(out)
+    changed = False
+    if cfg.fix_unicode:
+        lead, cont = _mojibake_tables()
+        hint = np.zeros(len(bmp), dtype=bool)
+        np.logical_and(lead.take(bmp[:-1]), cont.take(bmp[1:]), out=hint[:-1])  # (a text's last character meets "\n")
+        hint |= bmp == 0xFFFD
+        for i in np.flatnonzero(np.logical_or.reduceat(hint, starts)).tolist():
+            fixed = _repair(out[i], repaired)
+            changed |= fixed != out[i]
+            out[i] = fixed
+    if cfg.unicode_form != "none":
+        for i, text in enumerate(out):
+            if not text.isascii():
+                done = unicodedata.normalize(cfg.unicode_form, text)
+                if done != text:
+                    out[i], changed = done, True
+    if changed:
+        bmp, starts = _codepoints(out)
     maybe = np.logical_or.reduceat(_control_table().take(bmp), starts)
     for i in np.flatnonzero(maybe).tolist():
         if _CONTROL_RE.search(out[i]):

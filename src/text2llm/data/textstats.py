@@ -238,13 +238,15 @@ class BatchStats:
         return count, seen.sum(axis=1)
 
     def _plain(self) -> np.ndarray:
-        """Per doc: the lower-cased text is ASCII, stripped, has no whitespace but single spaces and
-        newlines and no run of 3+ newlines (what :func:`~text2llm.data.dedup.exact_key` tests).
+        """Per doc: the lower-cased text is stripped, has no whitespace but single spaces and
+        newlines (no other character that ``str.split`` splits on: the ``SPACE`` flag is
+        ``str.isspace``) and no run of 3+ newlines, so that joining its lines with spaces equals
+        ``" ".join(text.split())`` (what :func:`~text2llm.data.dedup.exact_key` needs).
         False may also be a document that is plain after all (then the slow way gives the same)."""
         cp, ds = self._cp, self._doc_start
         nxt = _next(cp, 0)
         sp, nl = cp == 32, cp == 10
-        bad = (sp & ((nxt == 32) | (nxt == 10))) | (nl & (nxt == 32)) | (cp >= 128)
+        bad = (sp & ((nxt == 32) | (nxt == 10))) | (nl & (nxt == 32))
         bad |= nl & (nxt == 10) & (_next(nxt, 0) == 10)
         bad |= (self._flags & SPACE).view(bool) & ~sp & ~nl
         lens = np.diff(ds) - 1
