@@ -376,22 +376,22 @@ class BatchStats:
             g = self._ngram_hashes(idx, n)
         if not len(g):
             return np.zeros(self.n_docs)
-        doc = self.wdoc[idx]
-        key = (doc.astype(np.uint64) << _U(44)) | (g >> _U(20))
-        order = np.argsort(key)
-        ks = key[order]
-        same = ks[1:] == ks[:-1]
-        # n-grams seen earlier: every member of a group of equal keys but the first by position
-        rep = np.zeros(len(ks), dtype=bool)
-        rep[1:] = same
-        rep[:-1] |= same
-        sub_k, sub_o = ks[rep], order[rep]
-        if not len(sub_k):
+        # n-grams seen earlier in their document. Sorting (hash, position) pairs packed in one
+        # uint64 (the hash's high bits, the position in ``idx`` low) puts each hash's occurrences
+        # in position order; documents are contiguous, so an occurrence repeats an earlier one of
+        # its document exactly when the occurrence just before it in that order is in the same
+        # document. (A sort, not an argsort: ~2x faster.)
+        m = len(g)
+        pb = max(int(m - 1).bit_length(), 1)
+        pmask = _U((1 << pb) - 1)
+        packed = np.sort((g & ~pmask) | np.arange(m, dtype=np.uint64))
+        high = packed >> _U(pb)
+        pair = np.flatnonzero(high[1:] == high[:-1])
+        if not len(pair):
             return np.zeros(self.n_docs)
-        # all but the first by position: compare with the group's smallest index
-        gstart = np.flatnonzero(np.concatenate([[True], sub_k[1:] != sub_k[:-1]]))
-        first = np.minimum.reduceat(sub_o, gstart)
-        starts = idx[sub_o[sub_o != np.repeat(first, np.diff(np.append(gstart, len(sub_o))))]]
+        a = (packed[pair] & pmask).astype(np.intp)
+        b = (packed[pair + 1] & pmask).astype(np.intp)
+        starts = idx[b[self.wdoc[idx[a]] == self.wdoc[idx[b]]]]
         if docs is not None:  # over the words of ``docs`` only (n-grams never cross a document end)
             sz = self.bounds[docs + 1] - lo
             off = np.cumsum(sz) - sz
