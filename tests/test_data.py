@@ -14,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from text2llm.data import DataConfig, Document, iter_cleaned, run_clean
 from text2llm.data.filters import FILTERS, build_filters
@@ -127,6 +129,16 @@ def test_normalize_batch_equals_one_by_one():
         assert normalize_batch(texts, cfg, a) == [normalize(t, cfg, b) for t in texts]
         assert a == b
     assert a["mojibake_fixed"] >= 3
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.text(alphabet=st.sampled_from(["a", "b", " ", "\n", "\t", "\r", "\u3000", "\u00a0", "\u2028"]), max_size=30))
+def test_normalize_whitespace_matches_regex_reference(text):
+    """The whitespace rules as four regexes, the way they read in the module docstring."""
+    from text2llm.data.normalize import _BLANKS_RE, _LINE_END_RE, _SPACE_RE, normalize_whitespace
+
+    ref = re.sub(" +\n *|\n +", "\n", _SPACE_RE.sub(" ", _LINE_END_RE.sub("\n", text)))
+    assert normalize_whitespace(text) == _BLANKS_RE.sub("\n\n", ref).strip()
 
 
 # ---------------------------------------------------------------------------------------

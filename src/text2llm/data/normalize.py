@@ -33,7 +33,6 @@ _CONTROL_RE = re.compile("[" + "".join(f"\\u{lo:04x}-\\u{hi:04x}" for lo, hi in 
 # non-newline spaces: tab, NBSP, en/em/thin spaces, ideographic space, ...
 _SPACE_RE = re.compile("[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]{2,}|[\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _LINE_END_RE = re.compile("\r\n?|[\u2028\u2029\x85]")
-_EDGE_SPACE_RE = re.compile(r" +\n *|\n +")
 _BLANKS_RE = re.compile(r"\n{3,}")
 # UTF-8 read as cp1252/latin-1: a lead-byte letter followed by a continuation-byte character
 _MOJIBAKE_LEAD = "[\u00c2-\u00f4]"
@@ -75,8 +74,8 @@ def normalize_whitespace(text: str, special: bool | None = None) -> str:
         text = _LINE_END_RE.sub("\n", text)
     if special or "  " in text:
         text = _SPACE_RE.sub(" ", text)
-    if " \n" in text or "\n " in text:
-        text = _EDGE_SPACE_RE.sub("\n", text)
+    if " \n" in text or "\n " in text:  # spaces around newlines (~10x faster than re.sub(" +\n *|\n +", "\n"))
+        text = "\n".join([line.strip(" ") for line in text.split("\n")])
     if "\n\n\n" in text:
         text = _BLANKS_RE.sub("\n\n", text)
     return text.strip()
@@ -142,50 +141,69 @@ def _ws_table():
     return _WS_TABLE[0]
 
 
-def _codepoints(texts: list[str]):
-    """The code points of ``"\n".join(texts) + "\n"`` (uint32; BMP-clipped copy) and each text's start."""
+def _candidates(texts: list[str]):
+    """The characters of ``texts`` that any batch test below may care about: C0 controls but
+    ``\\n``, and everything from DEL up (control, special whitespace, mojibake hints all lie
+    there). Returns their code points clipped to the BMP, their positions in
+    ``"\\n".join(texts) + "\\n"``, and the document each is in."""
     import numpy as np
 
     cp = np.frombuffer(("\n".join(texts) + "\n").encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    pos = np.flatnonzero(((cp < 0x20) & (cp != 10)) | (cp >= 0x7F))
     lens = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + 1
     starts = np.zeros(len(texts), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
-    return np.minimum(cp, 0xFFFF), starts
+    return np.minimum(cp[pos], 0xFFFF), pos, cp, np.searchsorted(starts, pos, side="right") - 1
+
+
+def _docs_where(mask, doc, n: int):
+    """Bool per document: some candidate of it has ``mask``."""
+    import numpy as np
+
+    out = np.zeros(n, dtype=bool)
+    out[doc[mask]] = True
+    return out
 
 
 def normalize_batch(texts: list[str], cfg: DataConfig, repaired: Counter) -> list[str]:
     """``[normalize(t, cfg, repaired) for t in texts]``; mojibake hints, control characters and
-    special whitespace are looked for in the whole batch at once (numpy), so that documents
-    without any skip the per-document regexes (removing control characters never adds special
-    whitespace)."""
+    special whitespace are looked for in the whole batch at once (numpy, on the few characters
+    that can be any of them), so that documents without any skip the per-document regexes
+    (removing control characters never adds special whitespace)."""
     import numpy as np
 
     if not texts:
         return []
-    out = list(texts)
-    bmp, starts = _codepoints(out)
+    out, n = list(texts), len(texts)
+    c, pos, cp, doc = _candidates(out)
     changed = False
-    if cfg.fix_unicode:
+    if cfg.fix_unicode and len(c):
         lead, cont = _mojibake_tables()
-        hint = np.zeros(len(bmp), dtype=bool)
-        np.logical_and(lead.take(bmp[:-1]), cont.take(bmp[1:]), out=hint[:-1])  # (a text's last character meets "\n")
-        hint |= bmp == 0xFFFD
-        for i in np.flatnonzero(np.logical_or.reduceat(hint, starts)).tolist():
+        nxt = np.minimum(cp[np.minimum(pos + 1, len(cp) - 1)], 0xFFFF)  # (a text's last character meets "\n")
+        hint = (lead.take(c) & cont.take(nxt)) | (c == 0xFFFD)
+        for i in np.flatnonzero(_docs_where(hint, doc, n)).tolist():
             fixed = _repair(out[i], repaired)
             changed |= fixed != out[i]
             out[i] = fixed
-    if cfg.unicode_form != "none":
-        for i, text in enumerate(out):
-            if not text.isascii():
-                done = unicodedata.normalize(cfg.unicode_form, text)
-                if done != text:
-                    out[i], changed = done, True
+    if cfg.unicode_form != "none" and len(c):
+        for i in np.flatnonzero(_docs_where(c >= 0x80, doc, n)).tolist():
+            done = unicodedata.normalize(cfg.unicode_form, out[i])
+            if done != out[i]:
+                out[i], changed = done, True
     if changed:
-        bmp, starts = _codepoints(out)
-    maybe = np.logical_or.reduceat(_control_table().take(bmp), starts)
-    for i in np.flatnonzero(maybe).tolist():
+        c, pos, cp, doc = _candidates(out)
+    special = _docs_where(_ws_table().take(c), doc, n)
+    # what normalize_whitespace's substring tests look for ("  ", " \n", "\n ", "\n\n\n"), for
+    # the whole batch at once (a pattern across the "\n" between two texts only costs a no-op)
+    sp, nl = cp == 32, cp == 10
+    runs = (sp[:-1] & (sp[1:] | nl[1:])) | (nl[:-1] & sp[1:])
+    runs[:-1] |= nl[:-2] & nl[1:-1] & nl[2:]
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, out), dtype=np.int64, count=n) + 1, out=starts[1:])
+    plain = ~(special | np.logical_or.reduceat(np.append(runs, False), starts[:-1]))
+    for i in np.flatnonzero(_docs_where(_control_table().take(c), doc, n)).tolist():
         if _CONTROL_RE.search(out[i]):
             out[i] = _CONTROL_RE.sub("", out[i])
             repaired["control_chars_removed"] += 1
-    special = np.logical_or.reduceat(_ws_table().take(bmp), starts).tolist()
-    return [normalize_whitespace(t, sp) for t, sp in zip(out, special)]
+            plain[i] = False  # (removing a character may join two spaces)
+    return [t.strip() if p else normalize_whitespace(t, s) for t, p, s in zip(out, plain.tolist(), special.tolist())]
