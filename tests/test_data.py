@@ -471,6 +471,32 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert sum(t.startswith("Good document") for t in texts) == 3
 
 
+def test_line_splitter_matches_a_whole_file_split():
+    """Chunked line reading: same lines, numbers and too-long skips as splitting the whole file."""
+    import io
+    import random
+
+    from text2llm.data.readers import _lines
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        data = bytes(rng.choice(b"ab\n\n") for _ in range(rng.randint(0, 40)))
+        limit, chunk = rng.randint(0, 8), rng.randint(1, 9)
+        want, want_skipped = [], 0
+        pieces = data.split(b"\n")
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if last and not piece:
+                break
+            if len(piece) > limit:
+                want_skipped += 1
+            else:
+                want.append((i + 1, piece if last else piece + b"\n"))
+        skipped = Counter()
+        assert list(_lines(io.BytesIO(data), limit, skipped, chunk)) == want, (data, limit, chunk)
+        assert skipped["line_too_large"] == want_skipped
+
+
 def test_jsonl_lines_parse_as_the_standard_library_does():
     """orjson parses nearly every line; what it refuses goes to the lenient standard parser, so
     that what is accepted, and the text and id it gives, match ``json.loads(strict=False)``."""

@@ -121,32 +121,30 @@ class Deduplicator:
     """Order-dependent dedup state, used in one process: first seen wins.
 
     ``check(key, bands, sig)`` returns None for a new document (and remembers it), or
-    ``"dedup:exact"`` / ``"dedup:near"``. Memory per kept document: one set entry, ``bands`` dict
-    entries and a ``bands x rows`` uint32 signature row.
+    ``"dedup:exact"`` / ``"dedup:near"``. ``sig`` is the signature's uint32 bytes, as the workers
+    send it (it is only looked at when a band matches). Memory per kept document: one set
+    entry, ``bands`` dict entries and the signature's bytes.
     """
 
     def __init__(self, cfg: DataConfig):
         self.bands, self.threshold = cfg.minhash_bands, cfg.minhash_threshold
         self.seen: set[int] = set()
         self.index: list[dict[int, int]] = [dict() for _ in range(self.bands)]
-        self.sigs = np.zeros((1024, cfg.num_perm), dtype=np.uint32)
-        self.n = 0
+        self.sigs: list[bytes] = []
 
-    def check(self, key: int, bands: list[int] | None, sig: np.ndarray | None) -> str | None:
+    def check(self, key: int, bands: list[int] | None, sig: bytes | None) -> str | None:
         if key in self.seen:
             return "dedup:exact"
         self.seen.add(key)
         if sig is None:
             return None
         if any(map(dict.__contains__, self.index, bands)):  # (a loop in C: most documents share no band)
-            need = self.threshold * len(sig)
+            mine = np.frombuffer(sig, dtype=np.uint32)
+            need = self.threshold * len(mine)
             for idx, bk in zip(self.index, bands):
                 j = idx.get(bk)
-                if j is not None and np.count_nonzero(self.sigs[j] == sig) >= need:
+                if j is not None and np.count_nonzero(np.frombuffer(self.sigs[j], dtype=np.uint32) == mine) >= need:
                     return "dedup:near"
-        if self.n == len(self.sigs):
-            self.sigs = np.concatenate([self.sigs, np.zeros_like(self.sigs)])
-        self.sigs[self.n] = sig
-        deque(map(dict.setdefault, self.index, bands, repeat(self.n, len(bands))), maxlen=0)
-        self.n += 1
+        deque(map(dict.setdefault, self.index, bands, repeat(len(self.sigs), len(bands))), maxlen=0)
+        self.sigs.append(sig)
         return None

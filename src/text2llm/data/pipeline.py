@@ -31,7 +31,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
@@ -386,8 +385,6 @@ def run_clean(
     from text2llm.data.dedup import Deduplicator
     from text2llm.data.readers import iter_raw, resolve_inputs
 
-    import numpy as np
-
     cfg = cfg or DataConfig()
     if workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
@@ -438,7 +435,7 @@ def run_clean(
             dup: dict[int, str] = {}
             for i, (reason, key, bands, sig, _n_line, n) in enumerate(rows):
                 if reason is None and dedup is not None:
-                    reason = dedup.check(key, bands, np.frombuffer(sig, dtype=np.uint32))
+                    reason = dedup.check(key, bands, sig)
                     if reason is not None:
                         dup[i] = reason
                 if reason is None:
