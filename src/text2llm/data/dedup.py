@@ -99,11 +99,14 @@ class MinHasher:
         return sig
 
     def band_keys(self, sigs: np.ndarray, bands: int) -> np.ndarray:
-        """``(N, bands)`` uint64 keys, one per band of each signature (equal band -> equal key)."""
+        """``(N, bands)`` uint64 keys, one per band of each signature: equal band at the same band
+        index -> equal key; each band index has its own salt, so that one dict holds them all."""
         rows = sigs.shape[1] // bands
-        coef = (np.random.default_rng(12345).integers(0, 2**63, size=rows, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
+        rng = np.random.default_rng(12345)
+        coef = (rng.integers(0, 2**63, size=rows, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
+        salt = rng.integers(0, 2**63, size=bands, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            return (sigs.reshape(len(sigs), bands, rows).astype(np.uint64) * coef).sum(axis=2, dtype=np.uint64)
+            return (sigs.reshape(len(sigs), bands, rows).astype(np.uint64) * coef).sum(axis=2, dtype=np.uint64) ^ salt
 
     def signature(self, text: str, batch: BatchStats | None = None, index: int = 0) -> np.ndarray:
         """Signature of ``text`` (or of document ``index`` of an already computed ``batch``)."""
@@ -121,15 +124,16 @@ class Deduplicator:
     """Order-dependent dedup state, used in one process: first seen wins.
 
     ``check(key, bands, sig)`` returns None for a new document (and remembers it), or
-    ``"dedup:exact"`` / ``"dedup:near"``. ``sig`` is the signature's uint32 bytes, as the workers
-    send it (it is only looked at when a band matches). Memory per kept document: one set
-    entry, ``bands`` dict entries and the signature's bytes.
+    ``"dedup:exact"`` / ``"dedup:near"``. ``bands`` are the signature's band keys (salted per
+    band index, :meth:`MinHasher.band_keys`), ``sig`` its uint32 bytes as the workers send them
+    (looked at only when a band matches). Memory per kept document: one set entry, ``bands``
+    dict entries and the signature's bytes.
     """
 
     def __init__(self, cfg: DataConfig):
-        self.bands, self.threshold = cfg.minhash_bands, cfg.minhash_threshold
+        self.threshold = cfg.minhash_threshold
         self.seen: set[int] = set()
-        self.index: list[dict[int, int]] = [dict() for _ in range(self.bands)]
+        self.index: dict[int, int] = {}  # band key -> first kept document with that band
         self.sigs: list[bytes] = []
 
     def check(self, key: int, bands: list[int] | None, sig: bytes | None) -> str | None:
@@ -138,13 +142,16 @@ class Deduplicator:
         self.seen.add(key)
         if sig is None:
             return None
-        if any(map(dict.__contains__, self.index, bands)):  # (a loop in C: most documents share no band)
+        n = len(self.sigs)
+        if self.index.keys().isdisjoint(bands):  # (a loop in C: most documents share no band)
+            self.index.update(zip(bands, repeat(n)))
+        else:
             mine = np.frombuffer(sig, dtype=np.uint32)
             need = self.threshold * len(mine)
-            for idx, bk in zip(self.index, bands):
-                j = idx.get(bk)
+            for bk in bands:
+                j = self.index.get(bk)
                 if j is not None and np.count_nonzero(np.frombuffer(self.sigs[j], dtype=np.uint32) == mine) >= need:
                     return "dedup:near"
-        deque(map(dict.setdefault, self.index, bands, repeat(len(self.sigs), len(bands))), maxlen=0)
+            deque(map(self.index.setdefault, bands, repeat(n, len(bands))), maxlen=0)
         self.sigs.append(sig)
         return None
