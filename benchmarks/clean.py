@@ -15,7 +15,9 @@ Cases:
 Targets (issue 3): >= 5 MB/s per core for English text through the full filter set with dedup;
 2 workers >= 1.7x one; peak RSS flat as input grows; F1 >= 0.85 English, >= 0.80 Chinese.
 The first lines (``machine_scaling``, benchmarks/scaling.py) give what two processes of perfectly
-independent work reach on this machine at the time: the ceiling for the 2-worker ratio.
+independent work reach on this machine at the time. ``workload_ceiling`` is sharper: the same
+1-worker clean job twice at once, in two processes that share nothing; ``scaling`` then reports
+the pipeline's 2-worker ratio as a share of it (``of_ceiling``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -77,6 +80,44 @@ def throughput(name: str, inputs: list[Path], preset: str, tmp: Path, repeats: i
         )
         emit(**recs[workers])
     return recs
+
+
+def workload_ceiling(name: str, inputs: list[Path], preset: str, tmp: Path, repeats: int) -> dict:
+    """The same 1-worker clean job run alone, and twice at once in two forked processes (no
+    pipeline, nothing shared): ``2 x alone / pair`` is what this very workload can reach with 2
+    processes on this machine, the ceiling for ``speedup_2_workers`` (memory traffic and the
+    host's load count here as they do for the workers). Best of ``repeats`` interleaved rounds."""
+    from text2llm.data import DataConfig, run_clean
+
+    cfg = DataConfig(preset=preset)
+
+    def job(tag: str) -> None:
+        run_clean(inputs, tmp / f"ceiling-{name}-{tag}", cfg, workers=1, overwrite=True, progress=False)
+
+    alone = pair = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        job("alone")
+        alone = min(alone, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pids = []
+        for k in range(2):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 0
+                try:
+                    job(f"pair{k}")
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            pids.append(pid)
+        if any(os.waitpid(p, 0)[1] for p in pids):
+            raise RuntimeError("workload_ceiling: a child run failed")
+        pair = min(pair, time.perf_counter() - t0)
+    rec = dict(case="workload_ceiling", corpus=name, preset=preset, alone_s=round(alone, 3), two_at_once_s=round(pair, 3),
+               speedup_2_procs=round(2 * alone / pair, 2), repeats=repeats)
+    emit(**rec)
+    return rec
 
 
 _RSS_CHILD = """
@@ -137,8 +178,11 @@ def main() -> None:
         for name, inputs, preset in cases:
             recs = throughput(name, inputs, preset, tmp, args.repeats)
             one, two = recs[1], recs[2]
+            ceiling = workload_ceiling(name, inputs, preset, tmp, args.repeats) if hasattr(os, "fork") else None
             emit(case="scaling", corpus=name, preset=preset, speedup_2_workers=round(one["wall_s"] / two["wall_s"], 2),
-                 cpu_speedup=round(one["cpu_s"] / two["cpu_s"], 2))
+                 cpu_speedup=round(one["cpu_s"] / two["cpu_s"], 2),
+                 workload_ceiling=ceiling and ceiling["speedup_2_procs"],
+                 of_ceiling=ceiling and round(one["wall_s"] / two["wall_s"] / ceiling["speedup_2_procs"], 2))
         if not args.quick:
             for w in (1, 2):
                 a = peak_rss("1x", [DATA / "zh" / "novels-000.jsonl.gz"], tmp, w)

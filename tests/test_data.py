@@ -476,7 +476,7 @@ def test_line_splitter_matches_a_whole_file_split():
     import io
     import random
 
-    from text2llm.data.readers import _lines
+    from text2llm.data.readers import _line_chunks
 
     rng = random.Random(3)
     for _ in range(3000):
@@ -491,10 +491,38 @@ def test_line_splitter_matches_a_whole_file_split():
             if len(piece) > limit:
                 want_skipped += 1
             else:
-                want.append((i + 1, piece if last else piece + b"\n"))
+                want.append((i + 1, piece))
         skipped = Counter()
-        assert list(_lines(io.BytesIO(data), limit, skipped, chunk)) == want, (data, limit, chunk)
+        got = [(first + i, line) for first, lines in _line_chunks(io.BytesIO(data), limit, skipped, chunk)
+               for i, line in enumerate(lines) if line is not None]
+        assert got == want, (data, limit, chunk)
         assert skipped["line_too_large"] == want_skipped
+
+
+def test_jsonl_blocks_cut_like_batched_whatever_the_reads():
+    """The reader's batch-sized blocks of JSON lines are the batches ``batched`` would cut from
+    the lines one by one (count, and estimated characters: bytes, a third for non-ASCII), and do
+    not depend on the read size."""
+    import io
+    import random
+
+    from text2llm.data.readers import _est_chars, _jsonl_blocks, _line_chunks
+    from text2llm.parallel import batched
+
+    rng = random.Random(5)
+    words = [b"a", b"bb", b"\xe4\xb8\xad\xe6\x96\x87", b"cccc", b""]
+    for _ in range(400):
+        lines = [b" ".join(rng.choice(words) for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(0, 30))]
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
+        max_lines, max_chars = rng.randint(1, 6), rng.randint(1, 25)
+        numbered = [(i + 1, line) for i, line in enumerate(data.split(b"\n"))]
+        if data.endswith(b"\n") or not data:
+            numbered.pop()
+        want = [(b[0][0], [line for _, line in b])
+                for b in batched(numbered, max_lines, max_chars, lambda p: _est_chars([p[1]])[0])]
+        for chunk in (1, 3, 7, 1 << 14):
+            got = list(_jsonl_blocks(_line_chunks(io.BytesIO(data), 100, Counter(), chunk), max_lines, max_chars))
+            assert got == want, (data, max_lines, max_chars, chunk)
 
 
 def test_jsonl_lines_parse_as_the_standard_library_does():

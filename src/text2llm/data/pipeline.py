@@ -30,7 +30,9 @@ import shutil
 import sys
 import time
 from collections import Counter
+from itertools import groupby
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
@@ -85,7 +87,7 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], bytes, bytes, dict, 
     from text2llm.data.extract import html_to_text
     from text2llm.data.filters import DocStats
     from text2llm.data.normalize import normalize_batch
-    from text2llm.data.readers import parse_jsonl_line
+    from text2llm.data.readers import parse_jsonl_block
     from text2llm.data.textstats import BatchStats
 
     import numpy as np
@@ -95,11 +97,9 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], bytes, bytes, dict, 
     skipped: Counter = Counter()
     docs = []
     bytes_in = 0
+    if len(batch) == 1 and batch[0][2] == "jsonl_block":
+        batch = list(parse_jsonl_block(batch[0], cfg, skipped, repaired))
     for rec in batch:
-        if rec[2] == "jsonl":
-            rec = parse_jsonl_line(rec[0], rec[1], rec[3], cfg, skipped, repaired)
-            if rec is None:
-                continue
         rid, src, kind, payload, charset = rec
         bytes_in += _payload_bytes(payload)
         text = html_to_text(payload, charset, repaired) if kind == "html" else payload
@@ -357,12 +357,19 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 
 
 def _size(rec: tuple) -> int:
-    """A record's size for the batch cut: characters of text; bytes of HTML; for an unparsed JSON
-    line its bytes, a third of them when not ASCII (~ characters of CJK text)."""
-    payload = rec[3]
-    if rec[2] == "jsonl" and not payload.isascii():
-        return len(payload) // 3
-    return len(payload)
+    """A record's size for the batch cut: characters of text; bytes of HTML."""
+    return len(rec[3])
+
+
+def _batches(records: Iterable[tuple], cfg: DataConfig) -> Iterator[list[tuple]]:
+    """Work units: a ``"jsonl_block"`` record (JSON lines the reader already cut to a batch) is one
+    alone; runs of other records are grouped by :func:`~text2llm.parallel.batched`. The cuts
+    depend only on the input, never on the number of workers."""
+    for block, run in groupby(records, key=lambda rec: rec[2] == "jsonl_block"):
+        if block:
+            yield from ([rec] for rec in run)
+        else:
+            yield from batched(run, cfg.batch_docs, cfg.batch_chars, _size)
 
 
 def _payload_bytes(payload) -> int:
@@ -404,7 +411,7 @@ def run_clean(
 
     # JSON lines are parsed in the workers; they count documents, input bytes and skipped lines
     raw_iter = iter_raw(files, cfg, skipped, repaired, defer_json=True)
-    batches = batched(raw_iter, cfg.batch_docs, cfg.batch_chars, _size)
+    batches = _batches(raw_iter, cfg)
     cfg_json = cfg.model_dump_json()
     display = _Progress(input_bytes, enabled=progress)
     t0 = time.perf_counter()

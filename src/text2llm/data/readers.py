@@ -16,6 +16,8 @@ a :class:`~text2llm.errors.UserError`, raised before any work starts.
 from __future__ import annotations
 
 import codecs
+from bisect import bisect_left
+from itertools import accumulate
 import os
 import re
 from collections import Counter
@@ -30,9 +32,10 @@ from text2llm.data.fastio import GZIP_CORRUPT, GZIP_ERRORS, GzipFile, gzip_decom
 from text2llm.data.fastio import loads as fast_loads
 from text2llm.errors import UserError
 
-Raw = tuple  # (id: str, source: str, kind: "text" | "html" | "jsonl", payload: str | bytes, charset: str | None)
-# kind "jsonl" (only with ``iter_raw(..., defer_json=True)``): payload is the line's bytes, id the
-# default id ``file:line`` and source the path; :func:`parse_jsonl_line` makes it a "text" record
+Raw = tuple  # (id: str, source: str, kind: "text" | "html" | "jsonl_block", payload: str | bytes | list, charset: str | None)
+# kind "jsonl_block" (only with ``iter_raw(..., defer_json=True)``): a batch of unparsed JSON lines,
+# ``(file name, path, "jsonl_block", [line bytes | None], number of the first line)``;
+# :func:`parse_jsonl_block` makes them "text" records
 
 _CHUNK = 1 << 20
 
@@ -192,8 +195,8 @@ def iter_raw(
 ) -> Iterator[Raw]:
     """Raw records from every file in order; problems are counted, never raised.
 
-    ``defer_json``: JSON lines come as unparsed ``"jsonl"`` records (parsed later, in the workers,
-    by :func:`parse_jsonl_line`, which counts their problems there).
+    ``defer_json``: JSON lines come unparsed, a batch at a time, as ``"jsonl_block"`` records
+    (parsed later, in the workers, by :func:`parse_jsonl_block`, which counts their problems there).
     """
     for path, kind in files:
         reader = {"jsonl": read_jsonl, "txt": read_txt, "html": read_html, "warc": read_warc}[kind]
@@ -208,25 +211,36 @@ def iter_raw(
             skipped["unreadable_file"] += 1  # vanished or failed mid-run; the run goes on
 
 
-def _lines(f: IO[bytes], limit: int, skipped: Counter, chunk: int = 1 << 14) -> Iterator[tuple[int, bytes]]:
-    """``(line_no, line)`` pairs (a line keeps its ``\\n``); a line of more than ``limit`` bytes is
-    skipped whole, in bounded memory. Reads ``chunk`` bytes at a time and splits them (one
+def _line_chunks(f: IO[bytes], limit: int, skipped: Counter, chunk: int = 1 << 14) -> Iterator[tuple[int, list]]:
+    """The lines of ``f`` (without their ``\\n``) a read at a time: ``(number of the first, lines)``;
+    a line of more than ``limit`` bytes is skipped whole, in bounded memory, and stands as None.
+
+    Reads ``chunk`` bytes at a time and splits them: per line, no Python work at all (one
     ``readline`` per line costs ~3x more on gzip input). Small reads keep what a damaged gzip
-    stream gives before the damage: its reader raises without returning a read's partial output."""
-    n = 0
+    stream gives before the damage: its reader raises without returning a read's partial output.
+    """
+    n = 1  # number of the next line
     part: list[bytes] = []  # the start of the current line, from earlier chunks
     size = 0  # its length; -1 once it is known to be too long (its bytes are dropped)
-    read = getattr(f, "read1", f.read)  # (read1: what a damaged gzip stream gave before the damage still comes out)
+    read = getattr(f, "read1", f.read)
     while data := read(chunk):
         lines = data.split(b"\n")
-        for i in range(len(lines) - 1):
-            n += 1
-            if size < 0 or size + len(lines[i]) > limit:
+        tail = lines.pop()
+        if lines:
+            first = lines[0]
+            if size < 0 or size + len(first) > limit:
                 skipped["line_too_large"] += 1
-            else:
-                yield n, (b"".join(part) + lines[i] if part else lines[i]) + b"\n"
+                lines[0] = None
+            elif part:
+                lines[0] = b"".join(part) + first
+            if max(map(len, lines[1:]), default=0) > limit:
+                for i in range(1, len(lines)):
+                    if len(lines[i]) > limit:
+                        skipped["line_too_large"] += 1
+                        lines[i] = None
+            yield n, lines
+            n += len(lines)
             part, size = [], 0
-        tail = lines[-1]
         if size >= 0 and size + len(tail) <= limit:
             if tail:
                 part.append(tail)
@@ -236,29 +250,81 @@ def _lines(f: IO[bytes], limit: int, skipped: Counter, chunk: int = 1 << 14) -> 
     if size < 0:
         skipped["line_too_large"] += 1
     elif part:
-        yield n + 1, b"".join(part)
+        yield n, [b"".join(part)]
+
+
+def _est_chars(lines: list) -> list[int]:
+    """Per line, the characters it will have as text (for the batch cut): its bytes, a third of
+    them when not ASCII (~ characters of CJK text); 0 for a skipped line."""
+    if None not in lines and all(map(bytes.isascii, lines)):
+        return list(map(len, lines))
+    return [0 if b is None else len(b) if b.isascii() else len(b) // 3 for b in lines]
+
+
+def _jsonl_blocks(chunks: Iterator[tuple[int, list]], max_lines: int, max_chars: int) -> Iterator[tuple[int, list]]:
+    """Regroup line chunks into blocks cut as :func:`text2llm.parallel.batched` cuts records:
+    at ``max_lines`` lines, or once the estimated characters reach ``max_chars``. The cut depends
+    only on the lines, never on how they were read."""
+    block: list = []
+    first_no, chars = 1, 0
+    for n, lines in chunks:
+        sizes = _est_chars(lines)
+        i = 0
+        while i < len(lines):
+            if not block:
+                first_no = n + i
+            room = min(max_lines - len(block), len(lines) - i)
+            run = list(accumulate(sizes[i : i + room]))
+            k = bisect_left(run, max_chars - chars) + 1  # lines up to and including the one that reaches max_chars
+            if k > room:
+                k = room
+            block.extend(lines[i : i + k])
+            chars += run[k - 1]
+            i += k
+            if len(block) >= max_lines or chars >= max_chars:
+                yield first_no, block
+                block, chars = [], 0
+    if block:
+        yield first_no, block
 
 
 def read_jsonl(path: Path, cfg: DataConfig, skipped: Counter, repaired: Counter, defer: bool = False) -> Iterator[Raw]:
     """One record per line; text from ``cfg.text_field``, id from ``cfg.id_field`` (else ``path:line``).
 
-    ``defer``: yield each non-blank line unparsed, as a ``"jsonl"`` record (see :func:`parse_jsonl_line`).
+    ``defer``: yield the lines unparsed, in blocks of a batch each (``cfg.batch_docs`` lines,
+    ``cfg.batch_chars`` characters), as ``(name, path, "jsonl_block", lines, first line number)``
+    records (see :func:`parse_jsonl_block`); a blank or too-long line holds its place in a block.
     """
     with _open(path) as f:
         any_line = False
         name, src = path.name, str(path)
-        for n, line in _lines(f, cfg.max_doc_bytes * 2, skipped):
-            if not line.strip():
-                continue
-            any_line = True
-            if defer:
-                yield (f"{name}:{n}", src, "jsonl", line, None)
-                continue
-            rec = parse_jsonl_line(f"{name}:{n}", src, line, cfg, skipped, repaired)
-            if rec is not None:
-                yield rec
+        chunks = _line_chunks(f, cfg.max_doc_bytes * 2, skipped)
+        if defer:
+            for first, block in _jsonl_blocks(chunks, cfg.batch_docs, cfg.batch_chars):
+                any_line = any_line or any(map(bytes.strip, filter(None, block)))
+                yield (name, src, "jsonl_block", block, first)
+        else:
+            for first, lines in chunks:
+                for i, line in enumerate(lines):
+                    if line is None or not line.strip():
+                        continue
+                    any_line = True
+                    rec = parse_jsonl_line(f"{name}:{first + i}", src, line, cfg, skipped, repaired)
+                    if rec is not None:
+                        yield rec
         if not any_line:
             skipped["empty_file"] += 1
+
+
+def parse_jsonl_block(rec: Raw, cfg: DataConfig, skipped: Counter, repaired: Counter) -> Iterator[Raw]:
+    """The documents of a ``"jsonl_block"`` record of :func:`read_jsonl` (problems counted)."""
+    name, src, _, lines, first = rec
+    for i, line in enumerate(lines):
+        if line is None or not line.strip():
+            continue
+        doc = parse_jsonl_line(f"{name}:{first + i}", src, line, cfg, skipped, repaired)
+        if doc is not None:
+            yield doc
 
 
 def parse_jsonl_line(rid: str, src: str, line: bytes, cfg: DataConfig, skipped: Counter, repaired: Counter) -> Raw | None:
