@@ -10,7 +10,7 @@ CONSTRAINTS := -c constraints.txt
 TORCH_SPEC  ?= torch==2.13.0
 DEMO_OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: venv install install-test demo test bench clean-venv
+.PHONY: venv install install-test demo test bench bench-quick clean-venv
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
+
+bench-quick: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py --quick
 
 clean-venv:
 	rm -rf $(VENV)
