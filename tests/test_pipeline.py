@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,18 @@ def test_process_scaling_reports_both_kinds_of_work():
     for r in recs:
         assert r["case"] == "machine_scaling" and r["one_process_s"] > 0 and r["two_processes_s"] > 0
         assert 0 < r["speedup_2_procs"] < 10  # 2 x one alone / two at once
+
+
+def test_run_all_plans_every_cpu_benchmark():
+    """`make bench` (benchmarks/run_all.py) runs every CPU benchmark script, in full and quick form,
+    and each one it names exists (a new benchmark cannot be left out silently)."""
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("run_all", bench / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    scripts = {p.stem for p in bench.glob("*.py")} - {"run_all", "gpu_checks"}  # gpu_checks: benchmarks/gpu.sh
+    for quick in (False, True):
+        assert set(run_all.plan(quick, None)) == scripts
+    assert "--ckpt" in run_all.plan(True, "runs/x/train")["generate"]
