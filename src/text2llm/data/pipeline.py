@@ -6,8 +6,7 @@
     ------------                          ------------------------------
     readers.iter_raw  -- batches -->      process_batch: JSON parsing, HTML extraction,
     (JSON lines unparsed, in              normalisation, quality filters, exact key, MinHash,
-    batch-sized blocks)
-                                          output lines encoded and gzipped (one member a batch)
+    batch-sized blocks)                   output lines encoded and gzipped (one member a batch)
     Deduplicator (input order)  <-- results, in order (imap)
     ShardWriter: clean-*.jsonl.gz, rejected-*.jsonl.gz (members appended), stats.json
 
