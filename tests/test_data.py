@@ -610,6 +610,14 @@ def _ref_dup_frac(words: list[str], n: int) -> float:
     return sum(len(w) for w, c in zip(words, covered) if c) / max(1, sum(map(len, words)))
 
 
+def _ref_top_frac(words: list[str], n: int) -> float:
+    """Characters covered by the repeated n-gram that covers the most (count x its characters,
+    the characters capped at 255 as the packed keys hold them) / word characters."""
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    best = max((c * min(sum(map(len, g)), 255) for g, c in counts.items() if c > 1), default=0)
+    return best / max(1, sum(map(len, words)))
+
+
 def test_batch_stats_match_per_word_reference():
     """The vectorised word statistics equal a per-word Python reference (words, hashes, counts, n-grams)."""
     import random
@@ -641,6 +649,8 @@ def test_batch_stats_match_per_word_reference():
         for n in (5, 6, 7):
             frac = b.cached(("dup", n), b.dup_ngram_frac, n)[d]  # in order: 6 and 7 reuse the 5-gram result
             assert np.isclose(frac, _ref_dup_frac(words, n)), (d, n)
+        for n in (2, 3, 4):
+            assert np.isclose(b.cached(("top", n), b.top_ngram_frac, n)[d], _ref_top_frac(words, n)), (d, n)
 
 
 def test_filter_batch_fast_paths_are_sound():

@@ -62,11 +62,13 @@ def _init_worker(cfg_json: str, warm: bool = False) -> None:
     if warm:
         import trafilatura  # noqa: F401
 
-        from text2llm.data.normalize import _control_table
+        from text2llm.data.normalize import _control_table, _mojibake_tables, _ws_table
         from text2llm.data.textstats import _tables
 
         _tables()
         _control_table()
+        _mojibake_tables()
+        _ws_table()
         if any(isinstance(f, LanguageFilter) for f in _STATE["filters"]):
             LanguageFilter.identifier()
 

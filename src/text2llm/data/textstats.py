@@ -329,7 +329,9 @@ class BatchStats:
         return self._cache[key]
 
     def top_ngram_frac(self, n: int) -> np.ndarray:
-        """Per doc: characters covered by its most frequent n-gram (if repeated) / word characters."""
+        """Per doc: characters covered by one repeated n-gram / word characters, for the n-gram
+        that covers the most (its count x its characters, capped at 255). Gopher takes the most
+        frequent n-gram; this is the same or larger, so the rule is never laxer."""
         g, idx = self.ngrams(n)
         top = np.zeros(self.n_docs)
         if len(g):
