@@ -385,6 +385,24 @@ def test_no_filter_no_dedup(tmp_path):
     assert [d.text for d in iter_cleaned(tmp_path / "o")][2] == "Café au lait, mon ami."
 
 
+def test_dataset_docs_in_a_dir_are_not_corpus_text(tmp_path):
+    """A corpus dir's README.md / LICENSE.txt are not documents (clean and tokenizer training);
+    named explicitly, a file is read whatever its name."""
+    from text2llm.data.readers import resolve_inputs
+    from text2llm.tokenizer import iter_training_texts
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    write_jsonl(corpus / "a.jsonl", [{"text": "A story about a cat."}])
+    (corpus / "sub" / "b.txt").write_text("Another story.\n", encoding="utf-8")
+    for name in ("README.md", "LICENSE.txt", "readme.txt", "CHANGELOG.md", "Citation.md"):
+        (corpus / name).write_text("not corpus text\n", encoding="utf-8")
+    assert [f.name for f, _ in resolve_inputs([corpus])] == ["a.jsonl", "b.txt"]
+    assert [f.name for f, _ in resolve_inputs([corpus / "README.md"])] == ["README.md"]
+    assert "not corpus text\n" not in list(iter_training_texts([corpus]))
+    assert list(iter_training_texts([corpus / "LICENSE.txt"])) == ["not corpus text\n"]
+
+
 def test_txt_separators(tmp_path):
     p = tmp_path / "s.txt"
     p.write_text("One story here.<|endoftext|>\nTwo stories.\n\nStill two.<|endoftext|>Three.", encoding="utf-8")

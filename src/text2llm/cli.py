@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     s = verb("clean", "raw text (txt / jsonl[.gz] / html / warc) -> cleaned, filtered, deduplicated shards", cmd_clean)
-    s.add_argument("inputs", nargs="+", metavar="INPUT", help="files or dirs; KEY=VALUE items override data.* config")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="files or dirs (a dir's README*, LICENSE* and the like are not read); "
+                   "KEY=VALUE items override data.* config")
     s.add_argument("--out", required=True, metavar="DIR", help="output dir for clean-*.jsonl.gz and stats.json")
     s.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (output is identical for any N)")
     s.add_argument("--preset", choices=["stories", "web-en", "zh"], help="filter set (default: data.preset)")

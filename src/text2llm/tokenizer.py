@@ -457,10 +457,11 @@ def iter_training_texts(inputs: Sequence[str | Path]) -> Iterator[str]:
     """Documents for tokenizer training from cleaned shard dirs, .jsonl(.gz) files or dirs, or .txt files.
 
     A .txt file gives one document per paragraph block (split after each blank line, the blank
-    line kept); a .jsonl(.gz) file gives the ``text`` field of each line.
+    line kept); a .jsonl(.gz) file gives the ``text`` field of each line. In a dir, a dataset's
+    documentation (``README.txt``, ``LICENSE.txt``, ...) is not read.
     """
     from text2llm.data.fastio import GZIP_ERRORS, gzip_decompress
-    from text2llm.data.readers import iter_cleaned
+    from text2llm.data.readers import is_metadata_file, iter_cleaned
 
     for item in inputs:
         p = Path(item)
@@ -469,7 +470,8 @@ def iter_training_texts(inputs: Sequence[str | Path]) -> Iterator[str]:
         if p.is_dir() and (any(p.glob("clean-*.jsonl.gz")) or any(p.glob("clean-*.jsonl"))):
             files = [p]  # a cleaned-shard dir: its clean-* shards only (not rejected-*)
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(_TEXT_ENDINGS))
+            files = sorted(f for f in p.rglob("*")
+                           if f.is_file() and f.name.endswith(_TEXT_ENDINGS) and not is_metadata_file(f))
             if not files:
                 raise UserError(f"{p}: holds no .jsonl, .jsonl.gz, .txt or .txt.gz files")
         else:

@@ -48,6 +48,19 @@ _KINDS = (
 )
 
 
+# a corpus dir's own documentation, not corpus text (Hugging Face datasets reads README.md as the
+# dataset card, not as data): skipped when a dir is walked, read when named explicitly
+_METADATA_STEMS = frozenset(
+    {"README", "LICENSE", "LICENCE", "COPYING", "NOTICE", "CHANGELOG", "CHANGES", "CITATION", "AUTHORS", "CONTRIBUTING"}
+)
+
+
+def is_metadata_file(path: Path) -> bool:
+    """``README.md``, ``LICENSE.txt``, ``CHANGELOG.md``...: a dataset's documentation (by the
+    name before its first dot, in any case)."""
+    return path.name.split(".", 1)[0].upper() in _METADATA_STEMS
+
+
 def file_kind(path: Path) -> str | None:
     """The reader for ``path`` by its name ending, or None when the ending is unknown."""
     name = path.name.lower()
@@ -61,7 +74,9 @@ def resolve_inputs(inputs: list[str | Path]) -> list[tuple[Path, str]]:
     """Expand dirs (sorted, recursive) into ``(file, kind)`` pairs; fail early on bad paths.
 
     A file given explicitly with an unknown ending is sniffed (``{`` -> jsonl, ``<`` -> html,
-    ``WARC/`` -> warc, else txt). Files of unknown type inside a dir are ignored.
+    ``WARC/`` -> warc, else txt). Files of unknown type inside a dir are ignored, and so are a
+    dataset's own documentation files (:func:`is_metadata_file`: ``README.md``, ``LICENSE.txt``,
+    ...); name one explicitly to read it.
     """
     if not inputs:
         raise UserError("clean: no input paths given")
@@ -74,7 +89,7 @@ def resolve_inputs(inputs: list[str | Path]) -> list[tuple[Path, str]]:
             if not os.access(p, os.R_OK | os.X_OK):
                 raise UserError(f"{p}: directory is not readable")
             files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            found = [(f, k) for f in files if (k := file_kind(f))]
+            found = [(f, k) for f in files if (k := file_kind(f)) and not is_metadata_file(f)]
             if not found:
                 raise UserError(f"{p}: directory holds no .txt, .jsonl[.gz], .html[.gz] or .warc[.gz] files")
             out.extend(found)
