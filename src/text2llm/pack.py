@@ -366,7 +366,14 @@ def pack(docs: Iterable | str | Path, tokenizer_dir: str | Path, out_dir: str | 
     def encoded() -> Iterator[dict]:
         _set_state(tok, job)
         if cfg.workers <= 1:
-            yield from map(_encode_chunk, _line_chunks(docs) if from_files else _chunks(docs, skipped))
+            if from_files:
+                yield from map(_encode_chunk, _line_chunks(docs))
+            elif isinstance(docs, (list, tuple)):  # by position: no per-document pairs made here
+                units = _ranges(docs, skipped, 1)
+                _set_state(tok, job, docs)
+                yield from map(_encode_chunk, units)
+            else:
+                yield from map(_encode_chunk, _chunks(docs, skipped))
             return
         # fork starts a worker in milliseconds (spawn re-imports numpy and the backend, ~0.3 s of
         # CPU each, a third of the work on a 5 MB corpus); workers touch neither torch nor threads
