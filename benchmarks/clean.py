@@ -9,6 +9,8 @@ Cases:
   Each is the best of ``--repeats`` rounds (default 3), 1 and 2 workers interleaved.
 * memory: peak RSS (max over the main process and its workers) at 1x and ~4x input, each run in
   a fresh process.
+* dedup_index_memory: bytes the dedup index holds per kept document (100,000 distinct
+  documents through ``Deduplicator``), the part of memory that grows with the corpus.
 * extraction: mean word-level F1 (English) and character-level F1 (Chinese) of HTML -> main text
   against the gold text of the shared pages.
 
@@ -88,36 +90,47 @@ def workload_ceiling(name: str, inputs: list[Path], preset: str, tmp: Path, repe
     processes on this machine, the ceiling for ``speedup_2_workers`` (memory traffic and the
     host's load count here as they do for the workers). Best of ``repeats`` interleaved rounds."""
     from text2llm.data import DataConfig, run_clean
+    from text2llm.parallel import alone_and_two_at_once
 
     cfg = DataConfig(preset=preset)
 
-    def job(tag: str) -> None:
-        run_clean(inputs, tmp / f"ceiling-{name}-{tag}", cfg, workers=1, overwrite=True, progress=False)
+    def job() -> None:  # (each forked copy writes its own dir)
+        run_clean(inputs, tmp / f"ceiling-{name}-{os.getpid()}", cfg, workers=1, overwrite=True, progress=False)
 
-    alone = pair = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        job("alone")
-        alone = min(alone, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        pids = []
-        for k in range(2):
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - child
-                code = 0
-                try:
-                    job(f"pair{k}")
-                except BaseException:
-                    code = 1
-                os._exit(code)
-            pids.append(pid)
-        if any(os.waitpid(p, 0)[1] for p in pids):
-            raise RuntimeError("workload_ceiling: a child run failed")
-        pair = min(pair, time.perf_counter() - t0)
+    alone, pair = alone_and_two_at_once(job, repeats)
     rec = dict(case="workload_ceiling", corpus=name, preset=preset, alone_s=round(alone, 3), two_at_once_s=round(pair, 3),
                speedup_2_procs=round(2 * alone / pair, 2), repeats=repeats)
     emit(**rec)
     return rec
+
+
+def dedup_index_memory(n_docs: int) -> None:
+    """Bytes the dedup index holds per kept document (Python memory traced while ``n_docs``
+    distinct documents go through ``Deduplicator.check``, their keys, band keys and signatures
+    made as the workers' results arrive): the one part of the pipeline that grows with the corpus."""
+    import tracemalloc
+
+    import numpy as np
+
+    from text2llm.data import DataConfig
+    from text2llm.data.dedup import Deduplicator
+
+    cfg = DataConfig()
+    rng = np.random.default_rng(0)
+    dedup = Deduplicator(cfg)
+    tracemalloc.start()
+    for start in range(0, n_docs, 256):
+        n = min(256, n_docs - start)
+        keys = rng.integers(0, 2**63, n, dtype=np.uint64).tolist()
+        bands = rng.integers(0, 2**63, (n, cfg.minhash_bands), dtype=np.uint64).tolist()
+        sigs = rng.integers(0, 2**32, (n, cfg.num_perm), dtype=np.uint32)
+        for key, band, sig in zip(keys, bands, sigs):
+            dedup.check(key, band, sig.tobytes())
+    del keys, bands, sigs
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    emit(case="dedup_index_memory", docs=n_docs, mb=round(held / 1e6, 1), bytes_per_doc=round(held / n_docs),
+         bands=cfg.minhash_bands, num_perm=cfg.num_perm)
 
 
 _RSS_CHILD = """
@@ -189,6 +202,7 @@ def main() -> None:
                 b = peak_rss("4x", [*sorted((DATA / "zh").glob("novels-*.jsonl.gz")), *ts, *c4], tmp, w)
                 emit(case="rss_growth", workers=w, input_ratio=round(b["mb"] / a["mb"], 2),
                      rss_ratio=round(b["peak_rss_mb"] / a["peak_rss_mb"], 3))
+            dedup_index_memory(100_000)
     extraction_f1_case()
     for rec in process_scaling(repeats=3):  # and again at the end: the machine drifts
         emit(**rec)

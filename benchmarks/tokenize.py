@@ -163,12 +163,16 @@ def main() -> int:
         # the corpus repeated until the raw one-thread encode takes >= --min-seconds, so that the
         # ratios are of steady throughput: in a 0.3 s run the pool start (~15 ms), the last unit
         # and the process start-up weigh as much as the encoding (copies get their own ids)
-        one_pass = [d.text for d in docs]
-        t0 = time.perf_counter()
-        if tok.backend == "sentencepiece":  # the raw_1thread call below
-            tok._sp.encode(one_pass, num_threads=1)
+        if tok.backend == "sentencepiece":
+            def raw_encode(texts, threads=1):
+                return tok._sp.encode(texts, num_threads=threads)
         else:
-            tok._hf.encode_batch_fast(one_pass, add_special_tokens=False)
+            # the fastest batch call the backend has, ids extracted (what any user of it needs);
+            # one thread: TOKENIZERS_PARALLELISM=false
+            def raw_encode(texts, threads=1):
+                return [e.ids for e in tok._hf.encode_batch_fast(texts, add_special_tokens=False)]
+        t0 = time.perf_counter()
+        raw_encode([d.text for d in docs])
         copies = max(1, math.ceil(a.min_seconds / (time.perf_counter() - t0)))
         if copies > 1:
             docs = [Document(f"{d.id}#{k}", d.text, d.source) for k in range(copies) for d in docs]
@@ -176,12 +180,7 @@ def main() -> int:
         mb_run = mb[lang] * copies
         fns = {}
         for threads in ([1, 2] if tok.backend == "sentencepiece" else [1]):
-            if tok.backend == "sentencepiece":
-                fns[f"raw_{threads}thread"] = lambda n=threads: tok._sp.encode(texts, num_threads=n)
-            else:
-                # the fastest batch call the backend has, ids extracted (what any user of it needs);
-                # one thread: TOKENIZERS_PARALLELISM=false
-                fns["raw_1thread"] = lambda: [e.ids for e in tok._hf.encode_batch_fast(texts, add_special_tokens=False)]
+            fns[f"raw_{threads}thread"] = lambda n=threads: raw_encode(texts, n)
         for workers in (1, 2):
             cfg = PackConfig(workers=workers, val_fraction=0.01)
             fns[f"pack_{workers}worker"] = lambda c=cfg: pack(docs, path, tmp / "tokens", c, overwrite=True, progress=False)

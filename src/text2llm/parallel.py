@@ -78,23 +78,32 @@ def process_scaling(repeats: int = 3, scale: float = 1.0) -> list[dict]:
     a busy host, give less, and no pipeline of worker processes (``clean``, ``pack``) can scale
     better on that machine. ``benchmarks/scaling.py`` prints it; the clean and pack benchmarks
     print it beside their 2-worker ratios. (Linux/macOS: the two processes are forked.)"""
-    ctx = mp.get_context("fork")
     out = []
     for name, fn in SCALING_WORK.items():
-        one = two = float("inf")
         fn(scale)  # warm-up: imports, first page faults
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(scale)
-            one = min(one, time.perf_counter() - t)
-            procs = [ctx.Process(target=fn, args=(scale,)) for _ in range(2)]
-            t = time.perf_counter()
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
-            two = min(two, time.perf_counter() - t)
+        one, two = alone_and_two_at_once(lambda: fn(scale), repeats)
         out.append({"case": "machine_scaling", "work": name, "one_process_s": round(one, 3),
                     "two_processes_s": round(two, 3), "speedup_2_procs": round(2 * one / two, 2),
                     "repeats": repeats, "cpus": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2)})
     return out
+
+
+def alone_and_two_at_once(work: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Best seconds of ``work()`` run in this process, and of two forked processes running it at
+    once (interleaved rounds). Raises if a forked run fails. Linux/macOS (fork)."""
+    ctx = mp.get_context("fork")
+    one = two = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        work()
+        one = min(one, time.perf_counter() - t)
+        procs = [ctx.Process(target=work) for _ in range(2)]
+        t = time.perf_counter()
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        two = min(two, time.perf_counter() - t)
+        if any(p.exitcode for p in procs):
+            raise RuntimeError("a forked run failed")
+    return one, two

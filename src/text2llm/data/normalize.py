@@ -145,15 +145,15 @@ def _candidates(texts: list[str]):
     """The characters of ``texts`` that any batch test below may care about: C0 controls but
     ``\\n``, and everything from DEL up (control, special whitespace, mojibake hints all lie
     there). Returns their code points clipped to the BMP, their positions in
-    ``"\\n".join(texts) + "\\n"``, and the document each is in."""
+    ``"\\n".join(texts) + "\\n"``, the document each is in, that string's code points, and where
+    each text starts in it."""
     import numpy as np
 
     cp = np.frombuffer(("\n".join(texts) + "\n").encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     pos = np.flatnonzero(((cp < 0x20) & (cp != 10)) | (cp >= 0x7F))
-    lens = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + 1
     starts = np.zeros(len(texts), dtype=np.int64)
-    np.cumsum(lens[:-1], out=starts[1:])
-    return np.minimum(cp[pos], 0xFFFF), pos, cp, np.searchsorted(starts, pos, side="right") - 1
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))[:-1] + 1, out=starts[1:])
+    return np.minimum(cp[pos], 0xFFFF), pos, np.searchsorted(starts, pos, side="right") - 1, cp, starts
 
 
 def _docs_where(mask, doc, n: int):
@@ -175,7 +175,7 @@ def normalize_batch(texts: list[str], cfg: DataConfig, repaired: Counter) -> lis
     if not texts:
         return []
     out, n = list(texts), len(texts)
-    c, pos, cp, doc = _candidates(out)
+    c, pos, doc, cp, starts = _candidates(out)
     changed = False
     if cfg.fix_unicode and len(c):
         lead, cont = _mojibake_tables()
@@ -191,16 +191,14 @@ def normalize_batch(texts: list[str], cfg: DataConfig, repaired: Counter) -> lis
             if done != out[i]:
                 out[i], changed = done, True
     if changed:
-        c, pos, cp, doc = _candidates(out)
+        c, pos, doc, cp, starts = _candidates(out)
     special = _docs_where(_ws_table().take(c), doc, n)
     # what normalize_whitespace's substring tests look for ("  ", " \n", "\n ", "\n\n\n"), for
     # the whole batch at once (a pattern across the "\n" between two texts only costs a no-op)
     sp, nl = cp == 32, cp == 10
     runs = (sp[:-1] & (sp[1:] | nl[1:])) | (nl[:-1] & sp[1:])
     runs[:-1] |= nl[:-2] & nl[1:-1] & nl[2:]
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, out), dtype=np.int64, count=n) + 1, out=starts[1:])
-    plain = ~(special | np.logical_or.reduceat(np.append(runs, False), starts[:-1]))
+    plain = ~(special | np.logical_or.reduceat(np.append(runs, False), starts))
     for i in np.flatnonzero(_docs_where(_control_table().take(c), doc, n)).tolist():
         if _CONTROL_RE.search(out[i]):
             out[i] = _CONTROL_RE.sub("", out[i])

@@ -178,8 +178,9 @@ class TorchEngine:
         cache_len = self.model.cfg.max_seq_len if self.aot is not None else L
         self.cache = KVCache(self.model.cfg, B, cache_len, self.device, self.dtype) if self.use_cache else None
         # the eager decode step (text2llm.infer.fast_step), built per generation: weights may change
-        # between generations (samples during training)
-        self.fast_step = FastDecodeStep.build(self.model) if self.use_cache and self.fast else None
+        # between generations (samples during training); not with torch.compile, which runs every step
+        eager_steps = self.use_cache and self.fast and self.compiled is None
+        self.fast_step = FastDecodeStep.build(self.model) if eager_steps else None
         return self._forward(0, T)
 
     def _step(self, next_B: np.ndarray) -> np.ndarray:
