@@ -13,6 +13,8 @@ Models:
 
 Cases and targets (issue 7):
   quantize      int8 decode >= 1.5x faster than fp32, val bits-per-byte +<= 2% relative
+  int8-bound    (not in the default --cases) the decode step's time without its matmuls: the most
+                any int8 kernel could gain on this CPU (see case_int8_bound)
   prune-ffn     30% of the FFN channels removed + --finetune-steps: bits-per-byte within 5% of the original
   prune-heads   a quarter/third of the heads removed + fine-tune (reported, no target)
   magnitude     50% unstructured sparsity + fine-tune (reported, no target)
@@ -102,6 +104,78 @@ def case_quantize(name, ckpt, data, work):
             "bpb_fp32": b["val_bits_per_byte"], "bpb_int8": a["val_bits_per_byte"], "bpb_rel_change": bpb_rel,
             "target": "decode_speedup >= 1.5 and bpb_rel_change <= 0.02",
             "pass": bool(speed >= 1.5 and bpb_rel <= 0.02)}
+
+
+def case_int8_bound(name, ckpt, data, work):
+    """How much faster could int8 make this model's decode step on this CPU, whatever the kernel?
+
+    Times, batch 1 at positions ``prefill_len`` .. ``+decode_tokens``, through infer/fast_step.py
+    (the path generation takes), the models taking turns, best of ``repeats``:
+    * ``fp32``: the float model's step;
+    * ``int8``: the int8 model's step as ``compress quantize`` makes it (the kernels torch has);
+    * ``no_matmul``: the float step with every matmul replaced by a ready-made output (the
+      norms, RoPE, cache writes, attention and residual adds stay): what is left when matmuls cost
+      nothing.
+    ``bound_free_matmul`` = fp32 / no_matmul is the most any int8 kernel could give;
+    ``bound_quarter_matmul`` = fp32 / (no_matmul + matmul / 4) is what a kernel as fast as reading a
+    quarter of the bytes (int8 instead of fp32 weights, no fixed cost per call) would give.
+    """
+    import torch.nn.functional as F
+
+    import text2llm
+    from text2llm.compress.common import load_fp32
+    from text2llm.compress.quantize import quantize_model
+    from text2llm.infer.fast_step import FastDecodeStep
+    from text2llm.model.transformer import KVCache
+
+    fp, _ = text2llm.load(ckpt)
+    q8 = quantize_model(load_fp32(ckpt).fresh_model())
+    cfg = fp.cfg
+    for m in (fp, q8):
+        m.eval().fast_inference()
+    step_fp, step_q8 = FastDecodeStep.build(fp), FastDecodeStep.build(q8)
+    mlp = fp.blocks[0].mlp
+    hidden = mlp.up_proj.out_features
+    qkv_out = torch.randn(1, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim)
+    up_out = torch.randn(1, 2 * hidden if mlp.swiglu else hidden)
+    logits = torch.randn(1, cfg.vocab_size)
+
+    def mlp_in(h):  # the activation stays, the matmul goes
+        if mlp.swiglu:
+            gate, up = up_out.chunk(2, dim=-1)
+            return F.silu(gate).mul_(up)
+        return F.gelu(up_out, approximate="tanh")
+
+    step_null = FastDecodeStep.__new__(FastDecodeStep)
+    step_null.__dict__.update(step_fp.__dict__)
+    step_null.layers = [(n1, lambda h: qkv_out, lambda r, y: r, n2, mlp_in, lambda r, h: r)
+                        for n1, _, _, n2, _, _ in step_fp.layers]
+    step_null.head = lambda h: logits
+    start, n = LATENCY["prefill_len"], LATENCY["decode_tokens"]
+    ids = torch.randint(0, cfg.vocab_size, (n, 1), generator=torch.Generator().manual_seed(0))
+    caches = {k: KVCache(cfg, 1, start + n) for k in ("fp32", "int8", "no_matmul")}
+    steps = {"fp32": step_fp, "int8": step_q8, "no_matmul": step_null}
+
+    def ms(key):
+        cache, step = caches[key], steps[key]
+        t0 = time.perf_counter()
+        for i in range(n):
+            step(ids[i], start + i, cache)
+        return (time.perf_counter() - t0) * 1e3 / n
+
+    best = {k: float("inf") for k in steps}
+    with torch.inference_mode():
+        for k in steps:
+            ms(k)  # warm-up
+        for _ in range(LATENCY["repeats"]):
+            for k in steps:
+                best[k] = min(best[k], ms(k))
+    mm = best["fp32"] - best["no_matmul"]
+    quarter = best["fp32"] / (best["no_matmul"] + mm / 4)
+    return {"case": "int8-bound", "model": name, "decode_ms_fp32": best["fp32"], "decode_ms_int8": best["int8"],
+            "decode_ms_no_matmul": best["no_matmul"], "matmul_share": mm / best["fp32"],
+            "int8_speedup": best["fp32"] / best["int8"], "bound_free_matmul": best["fp32"] / best["no_matmul"],
+            "bound_quarter_matmul": quarter, "target_speedup": 1.5, "reachable_with_quarter_matmul": bool(quarter >= 1.5)}
 
 
 def case_prune(name, ckpt, data, work, method, sparsity, steps):
@@ -205,6 +279,8 @@ def main() -> int:
         jobs = []
         if "quantize" in cases:
             jobs.append(lambda: case_quantize(name, ckpt, data, work))
+        if "int8-bound" in cases:
+            jobs.append(lambda: case_int8_bound(name, ckpt, data, work))
         if "prune-ffn" in cases:
             jobs.append(lambda: case_prune(name, ckpt, data, work, "ffn", 0.3, a.finetune_steps))
         if "prune-heads" in cases:

@@ -2,9 +2,11 @@
 
 Scheme (chosen by measurement on the 2-core CPU, see benchmarks/compress.py): *dynamic* int8 —
 weights are int8 with one symmetric scale per output channel; each forward quantizes its
-activations to int8 on the fly and runs fbgemm's int8 GEMM (``torch.ao`` ``quantize_dynamic``).
+activations to int8 on the fly. Prefill runs fbgemm's int8 GEMM (``torch.ao`` ``quantize_dynamic``);
+decode steps (a few rows) run the native AVX-512 VNNI kernel of :mod:`text2llm.compress.native`
+where it builds, because fbgemm's fixed cost per call (~20 us) ate the gain on small models.
 Weight-only int8 (``aten._weight_int8pack_mm``) and torchao's int8 paths were slower than fp32
-here; dynamic int8 is the one that speeds up decode.
+here.
 
 What is quantized::
 
@@ -62,16 +64,28 @@ def _engine() -> str:
 # fbgemm, while an fp32 matrix under ~1 MB sits in the core's L2 cache and multiplies in a few us.
 # (2-core Xeon, 1 thread, one row, weights in cache: 192x576 fp32 6 us vs int8 24 us; 384x2048
 # fp32 123 us vs int8 30 us; a one-off timing of torch.mm against quantized::linear_dynamic. The
-# end-to-end effect is what benchmarks/compress.py measures.)
+# end-to-end effect is what benchmarks/compress.py measures.) This decides the rows that the
+# native kernel does not take (prefill; every row where it is not available).
 INT8_MIN_WEIGHTS = 1 << 18
+
+
+def _native():
+    from text2llm.compress import native
+
+    return native
 
 
 class Int8Packer:
     """:func:`text2llm.model.transformer.packed_linear` for dynamic-int8 Linears: the int8 weights
-    and per-channel scales of q/k/v (or gate/up) are concatenated into one fbgemm matrix and called
-    through the quantized op directly (no module overhead). A stack smaller than
-    :data:`INT8_MIN_WEIGHTS` is dequantized once and multiplied in fp32 instead: the same int8
-    weights, just not the int8 kernel."""
+    and per-channel scales of q/k/v (or gate/up) are concatenated into one matrix.
+
+    * Decode rows (up to ``native.MAX_ROWS``) go to the native AVX-512 VNNI kernel
+      (:mod:`text2llm.compress.native`) where it can be built: int8 weights, activations quantized
+      per row, no fixed cost worth the name.
+    * Other rows, and every row where the kernel is not available, go to fbgemm through the
+      quantized op directly (no module overhead); a stack smaller than :data:`INT8_MIN_WEIGHTS` is
+      dequantized once and multiplied in fp32 instead: the same int8 weights, not the int8 kernel.
+    """
 
     @staticmethod
     def build(linears, tracing: bool = False):
@@ -83,9 +97,14 @@ class Int8Packer:
         bias = torch.cat(biases).float() if biases[0] is not None else None
         if q.numel() < INT8_MIN_WEIGHTS:
             w_IO = ((q.float() - zp[:, None].float()) * scale[:, None].float()).t().contiguous()
-            return (lambda x: torch.addmm(bias, x, w_IO)) if bias is not None else (lambda x: torch.mm(x, w_IO))
-        packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(q, scale, zp, 0), bias)
-        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)  # as DynLinear.forward calls it
+            torch_mm = (lambda x: torch.addmm(bias, x, w_IO)) if bias is not None else (lambda x: torch.mm(x, w_IO))
+        else:
+            packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(q, scale, zp, 0), bias)
+            torch_mm = lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)  # noqa: E731  (as DynLinear.forward calls it)
+        lib = None if tracing else _native().load()
+        if lib is None or bool(zp.any()):  # (the kernel takes symmetric weights, as quantize_model makes them)
+            return torch_mm
+        return _native().Int8Gemv(lib, q, scale.float(), bias, fallback=torch_mm)
 
 
 def register_packer() -> None:
@@ -242,6 +261,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, data: str | Path | No
         retime([before, after], [src.model, qmodel], latency_kwargs)
         rep = compare({"before": before, "after": after})
     rep.update(method="quantize", settings={"scheme": "dynamic int8, per-channel weights", "source": str(src.ckpt),
+                                            "decode_kernel": _native().describe(),
                                             "data": str(data) if data else None})
     if report:
         write_report(rep, out, f"int8 quantization: {src.ckpt} -> {out}")

@@ -1,0 +1,212 @@
+"""A native int8 matrix-vector kernel for CPU decoding, compiled on first use (``int8_gemv.c``).
+
+Why: decoding one token multiplies each weight matrix by one row. For the small models this
+toolkit trains on a laptop, torch's int8 kernels do not pay off there: ``quantized::linear_dynamic``
+(fbgemm) costs ~18-20 us per call whatever the size, ``aten._weight_int8pack_mm`` was 5-8x slower
+than the fp32 matmul on the 2-core AVX-512 Xeon this was written on, and the fp32 matmul itself
+streams 4 bytes per weight. ``int8_gemv.c`` quantizes the row to int8 and runs the product with
+AVX-512 VNNI (64 multiply-adds per instruction), reading 1 byte per weight: the demo model's
+192x4096 output layer went from 134 us (fp32) to 41 us, its 192x576 q/k/v stack from 13 to 5 us
+(one-off timings, 1 thread; ``benchmarks/compress.py`` measures the decode step end to end).
+
+How it is built: with the C compiler found as ``$CC``, ``cc``, ``gcc`` or ``clang``, flags
+``-O3 -march=native``, into ``$XDG_CACHE_HOME/text2llm/native/<key>/`` (default ``~/.cache``),
+where the key hashes the source, the compiler and flags, and the CPU's model and feature flags, so
+that a cache shared between machines never hands a library to a CPU it was not built for. The
+build goes to a temporary file renamed into place (concurrent processes are safe). It takes
+~0.3 s, once.
+
+When it is not used, and nothing breaks: no compiler, a CPU without AVX-512 VNNI (the source
+refuses to compile), a platform other than x86-64, or ``TEXT2LLM_NATIVE=0``. :func:`load` then
+returns None, :func:`reason` says why, and the int8 model runs through torch's kernels as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int8_gemv.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+ABI_VERSION = 2
+# Rows handled by the kernel per call; more rows (prefill) go to torch's int8 GEMM, which reuses
+# each weight across rows where this kernel streams the weights once per row.
+MAX_ROWS = 4
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def _cpu_id() -> str:
+    """The CPU's model name and feature flags (Linux), or what ``platform`` knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "text2llm" / "native"
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    out = cache_dir() / key / "int8_gemv.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            err = (r.stderr.strip().splitlines() or ["(no message)"])
+            msg = next((ln for ln in err if "#error" in ln or "error:" in ln), err[0])
+            raise RuntimeError(f"{Path(cc).name} failed: {msg.strip()[:200]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load():
+    """The loaded kernel library (ctypes), or None when it cannot be used here (see :func:`reason`).
+    Built and loaded once per process."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, why = None, None
+        try:
+            if os.environ.get("TEXT2LLM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+                why = "switched off (TEXT2LLM_NATIVE=0)"
+            elif platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+                why = f"no kernel for {sys.platform}/{platform.machine()} (x86-64 Linux/macOS with AVX-512 VNNI only)"
+            elif (cc := _compiler()) is None:
+                why = "no C compiler found ($CC, cc, gcc, clang)"
+            else:
+                lib = ctypes.CDLL(str(_build(cc)))
+                if lib.t2l_abi_version() != ABI_VERSION:
+                    lib, why = None, "stale library (ABI version)"
+                else:
+                    P, I = ctypes.c_void_p, ctypes.c_int64
+                    lib.t2l_pack_i8.argtypes = [P, I, I, P, P]
+                    lib.t2l_pack_i8.restype = None
+                    lib.t2l_gemv_i8.argtypes = [P, P, I, P, P]
+                    lib.t2l_gemv_i8.restype = None
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            lib, why = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def reason() -> str | None:
+    """Why :func:`load` returned None (None when the kernel is in use)."""
+    load()
+    return _state.get("why")
+
+
+def describe() -> str:
+    """One line for reports: which kernel int8 decode steps use here."""
+    lib = load()
+    if lib is not None:
+        return "native int8 GEMV (AVX-512 VNNI, text2llm/compress/native/int8_gemv.c)"
+    return f"torch quantized::linear_dynamic (native kernel not used: {reason()})"
+
+
+def reset() -> None:
+    """Forget the loaded state (tests; a changed ``TEXT2LLM_NATIVE``)."""
+    with _lock:
+        _state.clear()
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("K", ctypes.c_int64), ("N", ctypes.c_int64), ("wp", ctypes.c_void_p), ("colsum", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class Int8Gemv:
+    """``y = x @ W.T * scale (+ bias)`` for a few fp32 rows ``x`` (N, in) and int8 ``W`` (out, in)
+    with one scale per output channel; ``add_to(r, x)`` = ``r + x @ ...`` (the residual add fused).
+    The weights are repacked once for the kernel (another int8 copy: 1 byte per weight).
+
+    ``fallback`` (optional): the matmul for inputs the kernel should not take, more than
+    ``max_rows`` rows (prefill, where a GEMM that reuses each weight across rows wins) or a dtype
+    other than fp32.
+
+    A decode step makes ~20 of these calls, and a ctypes call costs ~0.15 us per argument, a
+    ``torch.empty`` ~2 us: so the matrix is described once in a C struct (one argument instead of
+    six), and a call is one check, one ``torch.empty`` and the ctypes call."""
+
+    __slots__ = ("wp", "colsum", "scale", "bias", "n_out", "n_in", "fallback", "max_rows", "_fn", "_mat", "_addr")
+
+    def __init__(self, lib, q_OI: torch.Tensor, scale_O: torch.Tensor, bias_O: torch.Tensor | None = None,
+                 fallback=None, max_rows: int = MAX_ROWS):
+        if q_OI.dtype != torch.int8 or q_OI.dim() != 2:
+            raise ValueError(f"Int8Gemv: expected a 2-D int8 weight, got {q_OI.dtype} {tuple(q_OI.shape)}")
+        self.n_out, self.n_in = q_OI.shape
+        if scale_O.shape != (self.n_out,) or (bias_O is not None and bias_O.shape != (self.n_out,)):
+            raise ValueError(f"Int8Gemv: scale/bias must have {self.n_out} values")
+        n_pad, groups = (self.n_out + 63) // 64 * 64, (self.n_in + 3) // 4
+        q = q_OI.contiguous()
+        self.wp = torch.empty(n_pad // 64 * groups * 256, dtype=torch.int8)
+        self.colsum = torch.empty(n_pad, dtype=torch.int32)
+        lib.t2l_pack_i8(q.data_ptr(), self.n_out, self.n_in, self.wp.data_ptr(), self.colsum.data_ptr())
+        self.scale = scale_O.detach().to(torch.float32).contiguous()
+        self.bias = None if bias_O is None else bias_O.detach().to(torch.float32).contiguous()
+        self.fallback, self.max_rows = fallback, max_rows if fallback is not None else 1 << 62
+        self._fn = lib.t2l_gemv_i8
+        self._mat = _Mat(self.n_in, self.n_out, self.wp.data_ptr(), self.colsum.data_ptr(), self.scale.data_ptr(),
+                         None if self.bias is None else self.bias.data_ptr())
+        self._addr = ctypes.addressof(self._mat)  # (the tensors above and the struct live as long as self)
+
+    def __call__(self, x_NI: torch.Tensor, r_NO: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fallback is not None and (x_NI.shape[0] > self.max_rows or x_NI.dtype != torch.float32):
+            y = self.fallback(x_NI)
+            return y if r_NO is None else y.add_(r_NO)
+        # (a contiguous copy is held in a local: it must outlive the call that reads it)
+        x = x_NI if x_NI.is_contiguous() else x_NI.contiguous()
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.n_in:
+            raise ValueError(f"Int8Gemv: expected fp32 rows of {self.n_in}, got {x.dtype} {tuple(x.shape)}")
+        m = x.shape[0]
+        y = torch.empty(m, self.n_out)
+        if r_NO is None:
+            self._fn(self._addr, x.data_ptr(), m, None, y.data_ptr())
+            return y
+        r = r_NO if r_NO.is_contiguous() else r_NO.contiguous()
+        if r.dtype != torch.float32 or r.shape != y.shape:
+            raise ValueError(f"Int8Gemv: residual {r.dtype} {tuple(r.shape)}, expected float32 {tuple(y.shape)}")
+        self._fn(self._addr, x.data_ptr(), m, r.data_ptr(), y.data_ptr())
+        return y
+
+    def add_to(self, r_NO: torch.Tensor, x_NI: torch.Tensor) -> torch.Tensor:
+        return self(x_NI, r_NO)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Can the kernel take these rows? (fp32 on the CPU, 2-D, at most :data:`MAX_ROWS` rows)"""
+    return x.dim() == 2 and x.size(0) <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"

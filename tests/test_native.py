@@ -1,0 +1,166 @@
+"""The native int8 decode kernel (text2llm.compress.native): exact against a torch emulation of the
+same arithmetic, its fallbacks, its build cache, and an int8 model decoding through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from text2llm.compress import native
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The kernel state forgotten before and after, the build cache in a temp dir."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.reset()
+    yield native
+    native.reset()
+
+
+def _lib():
+    lib = native.load()
+    if lib is None:
+        pytest.skip(f"native int8 kernel not available here: {native.reason()}")
+    return lib
+
+
+def _emulate(x, q, scale, bias=None, res=None):
+    """The kernel's arithmetic in torch: each row quantized to int8 (symmetric, round half to even),
+    an exact integer product, then the two scales."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(x * inv)
+    acc = (xq.double() @ q.double().t())  # exact: integers far below 2^53
+    y = (acc.float() * ((amax / 127.0) * scale[None, :]))
+    if bias is not None:
+        y = y + bias
+    if res is not None:
+        y = y + res
+    return y
+
+
+@pytest.mark.parametrize("n_out,n_in", [(576, 192), (1, 1), (63, 5), (65, 190), (200, 7), (4096, 64)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_kernel_matches_its_arithmetic_and_fp32(n_out, n_in, rows):
+    lib = _lib()
+    g = torch.Generator().manual_seed(n_out * 1000 + n_in + rows)
+    w = torch.randn(n_out, n_in, generator=g) * 0.05
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    bias, res = torch.randn(n_out, generator=g), torch.randn(rows, n_out, generator=g)
+    x = torch.randn(rows, n_in, generator=g)
+    mm = native.Int8Gemv(lib, q, scale, bias)
+    y = mm(x)
+    torch.testing.assert_close(y, _emulate(x, q, scale, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mm.add_to(res, x), _emulate(x, q, scale, bias, res), rtol=1e-5, atol=1e-5)
+    # and close to the fp32 product of the dequantized weights (activation quantization: ~1%)
+    ref = x @ (q.float() * scale[:, None]).t() + bias
+    assert ((y - ref).norm() / ref.norm()) < 0.02
+    # a non-contiguous input gives the same numbers
+    wide = torch.zeros(rows, 2 * n_in)
+    wide[:, ::2] = x
+    torch.testing.assert_close(mm(wide[:, ::2]), y)
+
+
+def test_zero_row_and_bad_input():
+    lib = _lib()
+    q = torch.randint(-127, 128, (70, 9), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    scale, bias = torch.rand(70) + 0.1, torch.randn(70)
+    mm = native.Int8Gemv(lib, q, scale, bias)
+    torch.testing.assert_close(mm(torch.zeros(2, 9)), bias.expand(2, 70))  # max|x| = 0: no division by zero
+    with pytest.raises(ValueError, match="fp32 rows of 9"):
+        mm(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="fp32 rows of 9"):
+        mm(torch.zeros(1, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual"):
+        mm.add_to(torch.zeros(1, 69), torch.zeros(1, 9))
+    with pytest.raises(ValueError, match="2-D int8"):
+        native.Int8Gemv(lib, q.float(), scale)
+
+
+def test_fallback_takes_the_other_rows():
+    lib = _lib()
+    q = torch.randint(-127, 128, (16, 8), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def fallback(x):
+        calls.append(x.shape[0])
+        return torch.full((x.shape[0], 16), 7.0)
+
+    mm = native.Int8Gemv(lib, q, torch.ones(16), fallback=fallback, max_rows=2)
+    mm(torch.randn(2, 8))
+    assert calls == []
+    assert torch.equal(mm(torch.randn(3, 8)), torch.full((3, 16), 7.0))
+    assert torch.equal(mm.add_to(torch.ones(5, 16), torch.randn(5, 8)), torch.full((5, 16), 8.0))
+    mm(torch.randn(1, 8, dtype=torch.float64))
+    assert calls == [3, 5, 1]
+
+
+def test_switched_off_and_failed_build_fall_back(fresh_native, monkeypatch, tmp_path):
+    monkeypatch.setenv("TEXT2LLM_NATIVE", "0")
+    assert native.load() is None and "TEXT2LLM_NATIVE=0" in native.reason()
+    monkeypatch.delenv("TEXT2LLM_NATIVE")
+    native.reset()
+    if native._compiler() is None or native.load() is None:
+        pytest.skip(f"no kernel build possible here: {native.reason()}")
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    native.reset()
+    assert native.load() is None  # a compiler error is a reason, not a crash
+    assert "failed" in native.reason()
+    files = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert files == ["int8_gemv.so"]  # the good build of before; the failed one left no temp file
+
+
+def test_build_is_cached(fresh_native, tmp_path):
+    _lib()
+    built = list((tmp_path / "cache" / "text2llm" / "native").glob("*/int8_gemv.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native.reset()
+    _lib()
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not compiled again
+    assert [p.name for p in built[0].parent.iterdir()] == ["int8_gemv.so"]  # no temp files left
+
+
+def test_int8_model_decodes_the_same_with_and_without_the_kernel(monkeypatch):
+    """An int8 model's greedy decode through the eager engine, native kernel on and off (torch's
+    int8 kernels): the same int8 weights, activation quantization per row in both."""
+    import numpy as np
+
+    from text2llm.compress import quantize as Q
+    from text2llm.infer.generate import TorchEngine
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer, packed_matmul
+
+    _lib()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64)
+    q = Q.quantize_model(Transformer(cfg).eval())
+    ids = np.random.default_rng(0).integers(3, 300, size=(2, 9))
+
+    def run():
+        eng = TorchEngine(q)
+        logits = [eng.prefill(ids, np.ones_like(ids), 20)]
+        for _ in range(8):
+            logits.append(eng.step(logits[-1].argmax(-1)))
+        return np.stack(logits), eng
+
+    def qkv():
+        return packed_matmul(q.blocks[0].attn, ("q_proj", "k_proj", "v_proj"))
+
+    with_kernel, _ = run()
+    assert isinstance(qkv(), native.Int8Gemv)
+    monkeypatch.setenv("TEXT2LLM_NATIVE", "0")
+    native.reset()
+    try:
+        without, _ = run()
+        assert not isinstance(qkv(), native.Int8Gemv)
+    finally:
+        monkeypatch.delenv("TEXT2LLM_NATIVE")
+        native.reset()
+    rel = np.linalg.norm(with_kernel - without) / np.linalg.norm(without)
+    assert rel < 0.02
+    assert (with_kernel.argmax(-1) == without.argmax(-1)).mean() > 0.9
