@@ -186,6 +186,20 @@ def test_fast_inference_follows_weight_updates_and_leaves_training_alone():
     assert model.blocks[0].attn.q_proj.weight.grad is not None and model.lm_head.weight.grad is not None
 
 
+def test_model_built_under_inference_mode_decodes():
+    """A model made inside ``torch.inference_mode`` (serving code loads it there) has parameters
+    without a version counter: the packed-weights check must not trip on them."""
+    from text2llm.infer.generate import generate_ids
+
+    cfg = tiny()
+    ref = build(cfg)
+    with torch.inference_mode():
+        model = build(cfg)
+        model.load_state_dict(ref.state_dict())
+        got = list(generate_ids(model, [1, 5, 6], 6, temperature=0))
+    assert got == list(generate_ids(ref, [1, 5, 6], 6, temperature=0))
+
+
 def test_kv_cache_overflow_is_an_error():
     cfg = tiny()
     model = build(cfg)

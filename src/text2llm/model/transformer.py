@@ -430,7 +430,9 @@ class Transformer(nn.Module):
         """Drop every packed stack if a weight changed since they were built: updated in place
         (``_version``: an optimizer step, ``load_state_dict``) or moved (``data_ptr``: ``.to()``).
         One check per forward, instead of one per packed matmul."""
-        key = [(p._version, p.data_ptr()) for p in self._fast_params]
+        # (tensors made under torch.inference_mode, e.g. a model loaded there, have no version
+        # counter: for them only a move is seen)
+        key = [(0 if p.is_inference() else p._version, p.data_ptr()) for p in self._fast_params]
         if key != self._fast_key:
             for m in self.modules():
                 m.__dict__.pop("_packed", None)
