@@ -67,7 +67,8 @@ def test_quantize_close_to_fp32_and_small(tiny):
     fp_bytes = sum(4 * m.weight.numel() for m in fp.modules() if isinstance(m, torch.nn.Linear))
     assert fp_bytes / q_bytes >= 3.0
     assert rep["after"]["size_bytes"] * 2.5 < rep["before"]["size_bytes"]
-    assert rep["after"]["params"] == rep["before"]["params"] + fp.cfg.vocab_size * fp.cfg.d_model  # head untied
+    assert meta["embedding"]["tied_to"] == "lm_head"  # the tied embedding is stored once, as the int8 head
+    assert rep["after"]["params"] == rep["before"]["params"]
     assert abs(rep["after"]["val_bits_per_byte"] / rep["before"]["val_bits_per_byte"] - 1) < 0.02
     assert json.loads((out / "report.json").read_text())["delta"]["size_bytes"]["ratio"] > 2.5
     assert tok is not None and (out / "config.toml").is_file()
@@ -84,6 +85,36 @@ def test_quantize_close_to_fp32_and_small(tiny):
         inc = torch.cat([q(ids[:1, :6], cache=cache).logits, q(ids[:1, 6:10], cache=cache).logits], 1)
     assert torch.allclose(inc, step, atol=0.05)  # dynamic int8: activation scales depend on the chunk
     assert len(list(generate_ids(q, [1, 5, 6], 5, temperature=0))) <= 5
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_int8_embedding_stored_once_when_tied(tie, tmp_path):
+    """A tied embedding is not written a second time: the int8 output head stands for it (and a
+    model whose embedding is its own keeps its own int8 copy); both reload to the same logits."""
+    from safetensors import safe_open
+
+    from text2llm.compress import quantize as Q
+    from text2llm.config import Config
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(vocab_size=300, d_model=64, n_layer=2, n_head=4, max_seq_len=64,
+                                   tie_embeddings=tie), train={"seq_len": 64})
+    q = Q.quantize_model(Transformer(cfg.model).eval())
+    Q.save_quantized(q, tmp_path, cfg.to_toml(), None)
+    meta = json.loads((tmp_path / "quant.json").read_text())
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert ("embed.weight_int8" in keys) == (not tie) and "embed.weight" not in keys
+    assert meta["embedding"].get("tied_to") == ("lm_head" if tie else None)
+    q2, _ = Q.load_quantized(tmp_path, with_tokenizer=False)
+    head = q2.lm_head.weight().dequantize()
+    assert torch.equal(q2.embed.weight, head) == tie
+    assert torch.allclose(q2.embed.weight, q.embed.weight, atol=float(head.abs().max()) / 127)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    a, b = _logits(q, ids), _logits(q2, ids)
+    assert ((a - b).norm() / a.norm()) < 0.05  # only the embedding's rounding differs
 
 
 @pytest.mark.parametrize("min_weights", [0, 1 << 30])  # every stack int8 / every stack dequantized to fp32

@@ -11,7 +11,9 @@ here.
 What is quantized::
 
     blocks[i].attn.{q,k,v,o}_proj, blocks[i].mlp.{gate,up,down}_proj, lm_head   int8 compute
-    embed                       int8 on disk (one scale per row); dequantized to fp32 when loaded
+    embed                       int8 on disk (one scale per row); dequantized to fp32 when loaded.
+                                With tie_embeddings (the default) it is not stored at all: the
+                                output head's int8 weights stand for it (quant.json "tied_to")
     norms, biases, RoPE tables  fp32
 
 A quantized checkpoint dir holds::
@@ -19,6 +21,7 @@ A quantized checkpoint dir holds::
     model.safetensors   fp32 tensors under their usual names; for every int8 Linear NAME:
                         NAME.weight_int8 (out, in) int8, NAME.weight_scale (out,) fp32,
                         NAME.bias (fp32, when the layer has one); embed.weight_int8 + embed.weight_scale
+                        unless the embedding is tied to lm_head
     quant.json          format, scheme, and per layer: tensor names, shape, axis of the scales
     config.toml         the source checkpoint's config (the model shape)
     tokenizer/          a copy of the tokenizer
@@ -39,7 +42,7 @@ import torch.nn as nn
 from text2llm.errors import UserError
 
 FORMAT = "text2llm-int8"
-VERSION = 1
+VERSION = 2  # 2: a tied embedding is stored once, as the output head's int8 weights (1 still loads)
 
 
 def _ao():
@@ -169,6 +172,23 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, layers
 
 
+def _dequantize(tensors: dict, entry: dict) -> torch.Tensor:
+    """fp32 (out, in) weights of one int8 layer entry of quant.json."""
+    q = tensors[entry["weight"]].float()
+    if entry.get("zero_point"):
+        q = q - tensors[entry["zero_point"]].float()[:, None]
+    return q * tensors[entry["scale"]].float()[:, None]
+
+
+def _is_tied_head(emb: torch.Tensor, tensors: dict, head: dict | None) -> bool:
+    """Is the fp32 embedding the output head's weight (tie_embeddings), so that the head's int8
+    weights can stand for both? (Equal within half a quantization step, row by row.)"""
+    if head is None or list(emb.shape) != head["shape"]:
+        return False
+    step = tensors[head["scale"]].float()[:, None]
+    return bool(((emb - _dequantize(tensors, head)).abs() <= 0.5001 * step + 1e-7).all())
+
+
 def save_quantized(model: nn.Module, out_dir: Path, config_toml: str, tokenizer_dir: Path | None,
                    source: str | None = None, int8_embedding: bool = True) -> Path:
     """Write a quantized model as safetensors + quant.json + config.toml (+ tokenizer/)."""
@@ -177,10 +197,15 @@ def save_quantized(model: nn.Module, out_dir: Path, config_toml: str, tokenizer_
     tensors, layers = quantized_state(model)
     embedding = None
     if int8_embedding and "embed.weight" in tensors:
-        q, scale = _quantize_rows(tensors.pop("embed.weight").float())
-        tensors["embed.weight_int8"], tensors["embed.weight_scale"] = q, scale
-        embedding = {"weight": "embed.weight_int8", "scale": "embed.weight_scale", "axis": 0,
-                     "shape": list(q.shape), "note": "int8 on disk, dequantized to fp32 when loaded"}
+        emb = tensors.pop("embed.weight").float()
+        if _is_tied_head(emb, tensors, layers.get("lm_head")):
+            embedding = {"tied_to": "lm_head", "axis": 0, "shape": list(emb.shape),
+                         "note": "tie_embeddings: the output head's int8 weights and scales, dequantized to fp32 when loaded"}
+        else:
+            q, scale = _quantize_rows(emb)
+            tensors["embed.weight_int8"], tensors["embed.weight_scale"] = q, scale
+            embedding = {"weight": "embed.weight_int8", "scale": "embed.weight_scale", "axis": 0,
+                         "shape": list(q.shape), "note": "int8 on disk, dequantized to fp32 when loaded"}
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": FORMAT})
@@ -214,7 +239,11 @@ def load_quantized(ckpt_dir: str | Path, with_tokenizer: bool = True):
     cfg = read_checkpoint_config(ckpt)
     tensors = load_file(str(ckpt / meta.get("weights_file", "model.safetensors")))
     emb = meta.get("embedding")
-    if emb:
+    if emb and emb.get("tied_to"):
+        if emb["tied_to"] not in meta["layers"]:
+            raise UserError(f"{ckpt / 'quant.json'}: the embedding is tied to {emb['tied_to']!r}, which is not an int8 layer")
+        tensors["embed.weight"] = _dequantize(tensors, meta["layers"][emb["tied_to"]])
+    elif emb:
         tensors["embed.weight"] = tensors.pop(emb["weight"]).float() * tensors.pop(emb["scale"])[:, None]
 
     model = Transformer(cfg.model).eval()
@@ -238,6 +267,7 @@ def load_quantized(ckpt_dir: str | Path, with_tokenizer: bool = True):
         w = torch._make_per_channel_quantized_tensor(q, scale, zp, entry.get("axis", 0))
         bias = tensors[entry["bias"]] if entry.get("bias") else None
         linears[name].set_weight_bias(w, bias)
+    model.int8_tied_embedding = bool(emb and emb.get("tied_to"))  # (report.count_params counts it once)
     tok = Tokenizer.load(ckpt / "tokenizer") if with_tokenizer and (ckpt / "tokenizer").is_dir() else None
     return model, tok
 

@@ -51,6 +51,8 @@ def count_params(model: torch.nn.Module) -> int:
     for mod in model.modules():
         if hasattr(mod, "_packed_params") and callable(getattr(mod, "weight", None)):
             n += mod.weight().numel() + (mod.bias().numel() if mod.bias() is not None else 0)
+    if getattr(model, "int8_tied_embedding", False):  # stored once, as the int8 head
+        n -= model.embed.weight.numel()
     return n
 
 
