@@ -1,4 +1,4 @@
-"""Generation speed: PyTorch without / with KV cache, ONNX Runtime fp32 / int8, transformers' generate.
+"""Generation speed: PyTorch without / with KV cache, int8, ONNX Runtime fp32 / int8, transformers' generate.
 
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/generate.py                 # random default + ~10M models
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/generate.py --ckpt runs/demo/train --models ckpt,10m
@@ -10,7 +10,9 @@ Prints one JSON object per line:
   {"case": "step", "model", "engine", "batch", "cached": 16 | 270, "ms"}   one decode step (no
       sampling) with that many tokens already cached, PyTorch eager / compiled / AOT and ORT fp32;
       ``torch-forward`` is the eager engine with ``fast_step=False`` (the model's ``forward`` for
-      each step instead of ``infer/fast_step.py``), for comparison
+      each step instead of ``infer/fast_step.py``), for comparison; ``torch-int8`` is the eager
+      engine on the model quantized as ``compress quantize`` does it (decode steps through the
+      native int8 kernel where it builds, text2llm/compress/native)
   {"case": "prefill", "model", "engine", "tokens": 512, "tok_s"}   one 512-token prompt, batch 1
   {"case": "summary", "model", ...ratios..., "targets": {...: true/false}}
 Targets (issue 8): KV cache >= 5x no cache at 256 new tokens; our PyTorch path >= 1.5x
@@ -230,9 +232,15 @@ def bench_model(name: str, args) -> None:
     compile_step(model, work / "aot", max_batch=max(args.batches))
     emit({"case": "aot_compile", "model": name, "seconds": round(time.perf_counter() - t, 1)})
     emit({"case": "aot_load", "model": name, "seconds_new_process": aot_load_seconds(work / "aot")})
+    import copy
+
+    from text2llm.compress.quantize import quantize_model
+
+    int8_model = quantize_model(copy.deepcopy(model))  # as `compress quantize` makes it (in memory)
     engines = {
         "torch-nocache": TorchEngine(model, use_cache=False),
         "torch-cache": TorchEngine(model),
+        "torch-int8": TorchEngine(int8_model),
         "torch-compiled": TorchEngine(model, compile=True),
         "torch-aot": TorchEngine(model, aot_dir=work / "aot"),
         # onnxruntime as deployed (an onnxruntime-only process): spinning worker threads. The
@@ -274,7 +282,7 @@ def bench_model(name: str, args) -> None:
             if cached + 1 + STEP_REPEATS > cfg.max_seq_len:
                 continue
             prompts = rng.integers(4, cfg.vocab_size, size=(B, cached))
-            for k in ("torch-cache", "torch-forward", "torch-compiled", "torch-aot", "ort-fp32"):
+            for k in ("torch-cache", "torch-forward", "torch-int8", "torch-compiled", "torch-aot", "ort-fp32"):
                 ms = step_ms(engines[k] if k != "torch-forward" else forward_engine, prompts)
                 emit({"case": "step", "model": name, "engine": k, "batch": B, "cached": cached, "ms": round(ms, 3)})
     # prefill: one prompt of --prefill-tokens tokens
@@ -306,6 +314,8 @@ def bench_model(name: str, args) -> None:
         r = lambda a, b: tps[(a, B)] / tps[(b, B)] if (a, B) in tps and (b, B) in tps else None
         i8 = r("ort-int8", "ort-fp32")
         summary[f"b{B}_ortint8_vs_ortfp32"] = None if i8 is None else round(i8, 2)
+        i8 = r("torch-int8", "torch-cache")
+        summary[f"b{B}_torchint8_vs_eager"] = None if i8 is None else round(i8, 2)
         for path, eng in (("compiled", "torch-compiled"), ("aot", "torch-aot")):  # what each gains over eager
             gain = r(eng, "torch-cache")
             summary[f"{path}_b{B}_vs_eager"] = None if gain is None else round(gain, 2)

@@ -41,7 +41,7 @@ def _emulate(x, q, scale, bias=None, res=None):
 
 
 @pytest.mark.parametrize("n_out,n_in", [(576, 192), (1, 1), (63, 5), (65, 190), (200, 7), (4096, 64)])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # tiles of 4 rows: 1, 3, 4, 4+4+1
 def test_kernel_matches_its_arithmetic_and_fp32(n_out, n_in, rows):
     lib = _lib()
     g = torch.Generator().manual_seed(n_out * 1000 + n_in + rows)

@@ -24,7 +24,7 @@
 #error "int8_gemv.c needs AVX-512 F, BW and VNNI (compiled with -march=native on such a CPU)"
 #endif
 
-int t2l_abi_version(void) { return 2; }
+int t2l_abi_version(void) { return 3; }
 
 /* wp: (N_pad / 64) * (K_pad / 4) * 256 bytes; colsum: N_pad int32. */
 void t2l_pack_i8(const int8_t *w, int64_t N, int64_t K, int8_t *wp, int32_t *colsum) {
@@ -51,49 +51,74 @@ typedef struct {
     const float *scale, *bias;
 } t2l_mat;
 
-/* Writes y (M, N) = x (M, K) times the matrix (+ res, which may be NULL). Each row's quantized
- * activations live on the stack. */
-void t2l_gemv_i8(const t2l_mat *mat, const float *x, int64_t M, const float *res, float *y) {
+/* Quantizes row x (K values) into xu (4 * G bytes: x * 127 / max|x| rounded, + 128, padded with
+ * 128); returns the row's scale max|x| / 127. */
+static float quantize_row(const float *x, int64_t K, int64_t G, uint8_t *xu) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t k = 0; k < K; k++) xu[k] = (uint8_t)(lrintf(x[k] * inv) + 128);
+    for (int64_t k = K; k < 4 * G; k++) xu[k] = 128;
+    return amax / 127.f;
+}
+
+/* R rows (1..4, a constant where it is inlined) against every column block: each 256-byte group of
+ * weights is loaded once and used for all R rows (4 x R accumulators, at most 16 zmm registers). */
+static inline __attribute__((always_inline)) void rows_tile(
+        const t2l_mat *mat, int R, const uint8_t *xu, int64_t xstride, const float *sx,
+        const float *res, float *y) {
     const int64_t K = mat->K, N = mat->N, G = (K + 3) / 4, NB = (N + 63) / 64;
-    const int8_t *wp = mat->wp;
-    const int32_t *colsum = mat->colsum;
-    const float *scale = mat->scale, *bias = mat->bias;
-    uint8_t xu[4 * G] __attribute__((aligned(64)));
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xm[k]));
-        const float sx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int64_t k = 0; k < K; k++) xu[k] = (uint8_t)(lrintf(xm[k] * inv) + 128);
-        for (int64_t k = K; k < 4 * G; k++) xu[k] = 128;
-        const int32_t *xg = (const int32_t *)xu;
-        float *ym = y + m * N;
-        const float *rm = res ? res + m * N : 0;
-        for (int64_t b = 0; b < NB; b++) {
-            const int8_t *blk = wp + b * G * 256;
-            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t g = 0; g < G; g++) {
-                const __m512i xb = _mm512_set1_epi32(xg[g]);
-                const int8_t *p = blk + g * 256;
-                a0 = _mm512_dpbusd_epi32(a0, xb, _mm512_loadu_si512((const void *)p));
-                a1 = _mm512_dpbusd_epi32(a1, xb, _mm512_loadu_si512((const void *)(p + 64)));
-                a2 = _mm512_dpbusd_epi32(a2, xb, _mm512_loadu_si512((const void *)(p + 128)));
-                a3 = _mm512_dpbusd_epi32(a3, xb, _mm512_loadu_si512((const void *)(p + 192)));
+    for (int64_t b = 0; b < NB; b++) {
+        const int8_t *blk = mat->wp + b * G * 256;
+        __m512i acc[4][4];
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm512_setzero_si512();
+        for (int64_t g = 0; g < G; g++) {
+            const int8_t *p = blk + g * 256;
+            const __m512i w0 = _mm512_loadu_si512((const void *)p), w1 = _mm512_loadu_si512((const void *)(p + 64)),
+                          w2 = _mm512_loadu_si512((const void *)(p + 128)), w3 = _mm512_loadu_si512((const void *)(p + 192));
+            for (int r = 0; r < R; r++) {
+                const __m512i xb = _mm512_set1_epi32(((const int32_t *)(xu + r * xstride))[g]);
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], xb, w0);
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], xb, w1);
+                acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], xb, w2);
+                acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], xb, w3);
             }
-            __m512i acc[4] = {a0, a1, a2, a3};
-            for (int q = 0; q < 4; q++) {
-                const int64_t n0 = b * 64 + q * 16;
-                if (n0 >= N) break;
-                const int64_t left = N - n0;
-                const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-                const __m512i cs = _mm512_loadu_si512((const void *)(colsum + n0));
-                const __m512i v = _mm512_sub_epi32(acc[q], _mm512_slli_epi32(cs, 7));
-                __m512 out = _mm512_mul_ps(_mm512_cvtepi32_ps(v),
-                                           _mm512_mul_ps(_mm512_set1_ps(sx), _mm512_maskz_loadu_ps(mk, scale + n0)));
-                if (bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mk, bias + n0));
-                if (rm) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mk, rm + n0));
-                _mm512_mask_storeu_ps(ym + n0, mk, out);
+        }
+        for (int q = 0; q < 4; q++) {
+            const int64_t n0 = b * 64 + q * 16;
+            if (n0 >= N) break;
+            const int64_t left = N - n0;
+            const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            const __m512i cs128 = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(mat->colsum + n0)), 7);
+            const __m512 sc = _mm512_maskz_loadu_ps(mk, mat->scale + n0);
+            const __m512 bias = mat->bias ? _mm512_maskz_loadu_ps(mk, mat->bias + n0) : _mm512_setzero_ps();
+            for (int r = 0; r < R; r++) {
+                const __m512i v = _mm512_sub_epi32(acc[r][q], cs128);
+                __m512 out = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(_mm512_set1_ps(sx[r]), sc)), bias);
+                if (res) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mk, res + r * N + n0));
+                _mm512_mask_storeu_ps(y + r * N + n0, mk, out);
             }
+        }
+    }
+}
+
+/* Writes y (M, N) = x (M, K) times the matrix (+ res, which may be NULL), rows in tiles of 4. The
+ * quantized activations of a tile live on the stack. */
+void t2l_gemv_i8(const t2l_mat *mat, const float *x, int64_t M, const float *res, float *y) {
+    const int64_t K = mat->K, N = mat->N, G = (K + 3) / 4;
+    uint8_t xu[4][4 * G] __attribute__((aligned(64)));
+    float sx[4];
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int R = M - m0 < 4 ? (int)(M - m0) : 4;
+        for (int r = 0; r < R; r++) sx[r] = quantize_row(x + (m0 + r) * K, K, G, xu[r]);
+        const float *rm = res ? res + m0 * N : 0;
+        float *ym = y + m0 * N;
+        switch (R) {  /* one specialised copy of the tile per row count */
+            case 1: rows_tile(mat, 1, xu[0], 4 * G, sx, rm, ym); break;
+            case 2: rows_tile(mat, 2, xu[0], 4 * G, sx, rm, ym); break;
+            case 3: rows_tile(mat, 3, xu[0], 4 * G, sx, rm, ym); break;
+            default: rows_tile(mat, 4, xu[0], 4 * G, sx, rm, ym); break;
         }
     }
 }
