@@ -3,6 +3,10 @@ same arithmetic, its fallbacks, its build cache, and an int8 model decoding thro
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -123,6 +127,13 @@ def test_build_is_cached(fresh_native, tmp_path):
     _lib()
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not compiled again
     assert [p.name for p in built[0].parent.iterdir()] == ["int8_gemv.so"]  # no temp files left
+    # a damaged cache entry is built again (in a new process: this one has the library mapped)
+    built[0].unlink()
+    built[0].write_bytes(b"not a shared library")
+    code = "from text2llm.compress import native; assert native.load() is not None, native.reason()"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert built[0].stat().st_size > 1000
 
 
 def test_int8_model_decodes_the_same_with_and_without_the_kernel(monkeypatch):

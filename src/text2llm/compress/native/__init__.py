@@ -110,7 +110,12 @@ def load():
             elif (cc := _compiler()) is None:
                 why = "no C compiler found ($CC, cc, gcc, clang)"
             else:
-                lib = ctypes.CDLL(str(_build(cc)))
+                path = _build(cc)
+                try:
+                    lib = ctypes.CDLL(str(path))
+                except OSError:  # a damaged cache entry (a full disk, a copied home dir): build it again, once
+                    path.unlink(missing_ok=True)
+                    lib = ctypes.CDLL(str(_build(cc)))
                 if lib.t2l_abi_version() != ABI_VERSION:
                     lib, why = None, "stale library (ABI version)"
                 else:
