@@ -175,3 +175,47 @@ def test_int8_model_decodes_the_same_with_and_without_the_kernel(monkeypatch):
     rel = np.linalg.norm(with_kernel - without) / np.linalg.norm(without)
     assert rel < 0.02
     assert (with_kernel.argmax(-1) == without.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12])  # 12 > MAX_ROWS: torch's norm, then the fallback
+def test_rmsnorm_fused_into_the_kernel(rows):
+    lib = _lib()
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (100, 48), dtype=torch.int8, generator=g)
+    scale, bias = torch.rand(100, generator=g) * 0.01 + 1e-3, torch.randn(100, generator=g)
+    weight = torch.rand(48, generator=g) + 0.5
+    x = torch.randn(rows, 48, generator=g) * 3
+    mm = native.Int8Gemv(lib, q, scale, bias, fallback=lambda h: _emulate(h, q, scale, bias))
+    fused = mm.with_rmsnorm(weight, 1e-5)
+    h = torch.nn.functional.rms_norm(x, (48,), weight, 1e-5)
+    # the same numbers as norm-then-kernel, up to the float rounding of the norm (which may move a
+    # quantized activation by one step at a rounding boundary)
+    ref = mm(h) if rows <= native.MAX_ROWS else _emulate(h, q, scale, bias)
+    assert ((fused(x) - ref).norm() / ref.norm()) < 1e-3
+    with pytest.raises(ValueError, match="expected \\(48,\\)"):
+        mm.with_rmsnorm(torch.ones(47), 1e-5)
+
+
+def test_fast_decode_step_moves_the_norms_into_the_int8_kernel():
+    """With the native kernel the int8 decode step calls no norm before q/k/v, the MLP and the
+    head (the kernel applies them); its logits stay those of the model's forward."""
+    from text2llm.compress import quantize as Q
+    from text2llm.infer.fast_step import FastDecodeStep
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import KVCache, Transformer
+
+    _lib()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64)
+    q = Q.quantize_model(Transformer(cfg).eval()).fast_inference()
+    step = FastDecodeStep.build(q)
+    assert step.final_norm is None and all(layer[0] is None and layer[3] is None for layer in step.layers)
+    ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        c1, c2 = KVCache(cfg, 2), KVCache(cfg, 2)
+        q(ids[:, :5], cache=c1)
+        q(ids[:, :5], cache=c2)
+        for t in range(5, 8):
+            a = step(ids[:, t], c1.pos, c1)
+            b = q(ids[:, t : t + 1], cache=c2).logits[:, -1]
+            assert ((a - b).norm() / b.norm()) < 1e-3

@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--data", metavar="TOKENS_DIR", help="token shards (default: the teacher's)")
     cd.add_argument("--out", required=True, metavar="DIR")
     cd.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on cross-entropy)")
-    cd.add_argument("--temperature", type=float, default=2.0, help="softening temperature")
+    cd.add_argument("--temperature", type=float, default=1.0,
+                    help="softening temperature (default 1: at 2 a randomly initialised student ended worse than "
+                         "one trained without the teacher; docs/compress.md)")
     cd.add_argument("--init", choices=["teacher", "random"], default="teacher",
                     help="start the student from the teacher's embeddings and every k-th block (same width), or random")
     cd.add_argument("--overwrite", action="store_true")

@@ -38,7 +38,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("int8_gemv.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 # Rows handled by the kernel per call (it loads each weight once per tile of 4 rows); more rows
 # (prefill) go to torch's int8 GEMM. Measured with the demo model's 17 matrices of a decode step,
 # 1 thread: native / fbgemm 165 / 438 us at 1 row, 239 / 431 at 4, 354 / 498 at 8, 761 / 649 at 16.
@@ -122,7 +122,7 @@ def load():
                     P, I = ctypes.c_void_p, ctypes.c_int64
                     lib.t2l_pack_i8.argtypes = [P, I, I, P, P]
                     lib.t2l_pack_i8.restype = None
-                    lib.t2l_gemv_i8.argtypes = [P, P, I, P, P]
+                    lib.t2l_gemv_i8.argtypes = [P, P, I, P, P, P]
                     lib.t2l_gemv_i8.restype = None
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             lib, why = None, str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -153,6 +153,10 @@ def reset() -> None:
 class _Mat(ctypes.Structure):
     _fields_ = [("K", ctypes.c_int64), ("N", ctypes.c_int64), ("wp", ctypes.c_void_p), ("colsum", ctypes.c_void_p),
                 ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Norm(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("eps", ctypes.c_float)]
 
 
 class Int8Gemv:
@@ -201,13 +205,44 @@ class Int8Gemv:
         m = x.shape[0]
         y = torch.empty(m, self.n_out)
         if r_NO is None:
-            self._fn(self._addr, x.data_ptr(), m, None, y.data_ptr())
+            self._fn(self._addr, x.data_ptr(), m, None, y.data_ptr(), None)
             return y
         r = r_NO if r_NO.is_contiguous() else r_NO.contiguous()
         if r.dtype != torch.float32 or r.shape != y.shape:
             raise ValueError(f"Int8Gemv: residual {r.dtype} {tuple(r.shape)}, expected float32 {tuple(y.shape)}")
-        self._fn(self._addr, x.data_ptr(), m, r.data_ptr(), y.data_ptr())
+        self._fn(self._addr, x.data_ptr(), m, r.data_ptr(), y.data_ptr(), None)
         return y
 
     def add_to(self, r_NO: torch.Tensor, x_NI: torch.Tensor) -> torch.Tensor:
         return self(x_NI, r_NO)
+
+    def with_rmsnorm(self, weight: torch.Tensor, eps: float) -> "NormedInt8Gemv":
+        """``x -> self(rms_norm(x) * weight)`` in one kernel call: the norm is applied to each row
+        as the kernel reads it for quantization (the decode step's norms before q/k/v, the MLP
+        and the head cost no torch call then)."""
+        return NormedInt8Gemv(self, weight, eps)
+
+
+class NormedInt8Gemv:
+    """:meth:`Int8Gemv.with_rmsnorm`: ``y = (x / rms(x) * weight) @ W.T * scale (+ bias)``."""
+
+    __slots__ = ("mm", "weight", "eps", "_norm", "_naddr")
+
+    def __init__(self, mm: Int8Gemv, weight: torch.Tensor, eps: float):
+        if weight.shape != (mm.n_in,):
+            raise ValueError(f"with_rmsnorm: weight of shape {tuple(weight.shape)}, expected ({mm.n_in},)")
+        self.mm, self.eps = mm, float(eps)
+        self.weight = weight.detach().to(torch.float32).contiguous()
+        self._norm = _Norm(self.weight.data_ptr(), self.eps)
+        self._naddr = ctypes.addressof(self._norm)
+
+    def __call__(self, x_NI: torch.Tensor) -> torch.Tensor:
+        mm = self.mm
+        if x_NI.shape[0] > mm.max_rows or x_NI.dtype != torch.float32:
+            return mm(torch.nn.functional.rms_norm(x_NI, (mm.n_in,), self.weight.to(x_NI.dtype), self.eps))
+        x = x_NI if x_NI.is_contiguous() else x_NI.contiguous()
+        if x.dim() != 2 or x.shape[1] != mm.n_in:
+            raise ValueError(f"Int8Gemv: expected fp32 rows of {mm.n_in}, got {x.dtype} {tuple(x.shape)}")
+        y = torch.empty(x.shape[0], mm.n_out)
+        mm._fn(mm._addr, x.data_ptr(), x.shape[0], None, y.data_ptr(), self._naddr)
+        return y

@@ -2,6 +2,9 @@
  *
  * y[m, n] = sx[m] * scale[n] * sum_k xq[m, k] * w[n, k]  (+ bias[n]) (+ res[m, n])
  *
+ * optionally with an RMSNorm applied to each row x first (the row is read to be quantized anyway,
+ * so the norm costs no extra pass or call).
+ *
  * w: int8 weights, symmetric, one scale per output channel n (the quantized checkpoint's own).
  * x: fp32 activations, quantized here per row m to int8 (symmetric, sx = max|x| / 127): the same
  *    "dynamic int8" scheme as torch's quantized::linear_dynamic, without its fixed cost per call.
@@ -24,7 +27,7 @@
 #error "int8_gemv.c needs AVX-512 F, BW and VNNI (compiled with -march=native on such a CPU)"
 #endif
 
-int t2l_abi_version(void) { return 3; }
+int t2l_abi_version(void) { return 4; }
 
 /* wp: (N_pad / 64) * (K_pad / 4) * 256 bytes; colsum: N_pad int32. */
 void t2l_pack_i8(const int8_t *w, int64_t N, int64_t K, int8_t *wp, int32_t *colsum) {
@@ -51,13 +54,28 @@ typedef struct {
     const float *scale, *bias;
 } t2l_mat;
 
-/* Quantizes row x (K values) into xu (4 * G bytes: x * 127 / max|x| rounded, + 128, padded with
- * 128); returns the row's scale max|x| / 127. */
-static float quantize_row(const float *x, int64_t K, int64_t G, uint8_t *xu) {
+/* An RMSNorm to apply to each row before quantizing it (fused: the row is read once anyway). */
+typedef struct {
+    const float *w;
+    float eps;
+} t2l_norm;
+
+/* Quantizes row x (K values; RMS-normalised first when nrm is not NULL) into xu (4 * G bytes:
+ * h * 127 / max|h| rounded, + 128, padded with 128); returns the row's scale max|h| / 127. */
+static float quantize_row(const float *x, int64_t K, int64_t G, const t2l_norm *nrm, uint8_t *xu) {
+    float h[K];
+    if (nrm) {
+        float ss = 0.f;
+        for (int64_t k = 0; k < K; k++) ss += x[k] * x[k];
+        const float r = 1.f / sqrtf(ss / (float)K + nrm->eps);
+        for (int64_t k = 0; k < K; k++) h[k] = x[k] * r * nrm->w[k];
+    } else {
+        for (int64_t k = 0; k < K; k++) h[k] = x[k];
+    }
     float amax = 0.f;
-    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(h[k]));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    for (int64_t k = 0; k < K; k++) xu[k] = (uint8_t)(lrintf(x[k] * inv) + 128);
+    for (int64_t k = 0; k < K; k++) xu[k] = (uint8_t)(lrintf(h[k] * inv) + 128);
     for (int64_t k = K; k < 4 * G; k++) xu[k] = 128;
     return amax / 127.f;
 }
@@ -103,15 +121,15 @@ static inline __attribute__((always_inline)) void rows_tile(
     }
 }
 
-/* Writes y (M, N) = x (M, K) times the matrix (+ res, which may be NULL), rows in tiles of 4. The
- * quantized activations of a tile live on the stack. */
-void t2l_gemv_i8(const t2l_mat *mat, const float *x, int64_t M, const float *res, float *y) {
+/* Writes y (M, N) = rmsnorm?(x) (M, K) times the matrix (+ res); res and nrm may be NULL. Rows go
+ * in tiles of 4; a tile's quantized activations live on the stack. */
+void t2l_gemv_i8(const t2l_mat *mat, const float *x, int64_t M, const float *res, float *y, const t2l_norm *nrm) {
     const int64_t K = mat->K, N = mat->N, G = (K + 3) / 4;
     uint8_t xu[4][4 * G] __attribute__((aligned(64)));
     float sx[4];
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int R = M - m0 < 4 ? (int)(M - m0) : 4;
-        for (int r = 0; r < R; r++) sx[r] = quantize_row(x + (m0 + r) * K, K, G, xu[r]);
+        for (int r = 0; r < R; r++) sx[r] = quantize_row(x + (m0 + r) * K, K, G, nrm, xu[r]);
         const float *rm = res ? res + m0 * N : 0;
         float *ym = y + m0 * N;
         switch (R) {  /* one specialised copy of the tile per row count */
