@@ -81,14 +81,14 @@ def _mlp_in(mlp: MLP, gate_up=None):
     """``h -> silu(h W_gate) * h W_up`` (gate and up one packed matmul, or ``gate_up`` when given),
     or ``gelu(h W_up)``: the MLP up to its down projection."""
     if mlp.swiglu:
-        gate_up = gate_up or packed_matmul(mlp, ("gate_proj", "up_proj"))
+        gate_up = gate_up if gate_up is not None else packed_matmul(mlp, ("gate_proj", "up_proj"))
 
         def swiglu(h):
             gate, up = gate_up(h).chunk(2, dim=-1)
             return F.silu(gate).mul_(up)
 
         return swiglu
-    up = gate_up or packed_matmul(mlp, ("up_proj",))
+    up = gate_up if gate_up is not None else packed_matmul(mlp, ("up_proj",))
     return lambda h: F.gelu(up(h), approximate="tanh")
 
 

@@ -232,7 +232,7 @@ class NormedInt8Gemv:
         if weight.shape != (mm.n_in,):
             raise ValueError(f"with_rmsnorm: weight of shape {tuple(weight.shape)}, expected ({mm.n_in},)")
         self.mm, self.eps = mm, float(eps)
-        self.weight = weight.detach().to(torch.float32).contiguous()
+        self.weight = weight.detach().to(torch.float32).clone()  # (a copy: the kernel holds its address)
         self._norm = _Norm(self.weight.data_ptr(), self.eps)
         self._naddr = ctypes.addressof(self._norm)
 
