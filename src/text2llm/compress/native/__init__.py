@@ -2,7 +2,7 @@
 
 Why: decoding one token multiplies each weight matrix by one row. For the small models this
 toolkit trains on a laptop, torch's int8 kernels do not pay off there: ``quantized::linear_dynamic``
-(fbgemm) costs ~18-20 us per call whatever the size, ``aten._weight_int8pack_mm`` was 5-8x slower
+(fbgemm) costs ~18-20 us per call whatever the size, ``aten._weight_int8pack_mm`` was 6-8x slower
 than the fp32 matmul on the 2-core AVX-512 Xeon this was written on, and the fp32 matmul itself
 streams 4 bytes per weight. ``int8_gemv.c`` quantizes the row to int8 and runs the product with
 AVX-512 VNNI (64 multiply-adds per instruction), reading 1 byte per weight: the demo model's
