@@ -15,6 +15,8 @@ Cases and targets (issue 7):
   quantize      int8 decode >= 1.5x faster than fp32, val bits-per-byte +<= 2% relative
   int8-bound    (not in the default --cases) the decode step's time without its matmuls: the most
                 any int8 kernel could gain on this CPU (see case_int8_bound)
+  int8-kernels  (not in the default --cases) us per call of fp32, fbgemm, _weight_int8pack_mm and
+                the native kernel on the decode step's matrices
   prune-ffn     30% of the FFN channels removed + --finetune-steps: bits-per-byte within 5% of the original
   prune-heads   a quarter/third of the heads removed + fine-tune (reported, no target)
   magnitude     50% unstructured sparsity + fine-tune (reported, no target)
@@ -183,6 +185,56 @@ def case_int8_bound(name, ckpt, data, work):
             "bound_quarter_matmul": quarter, "target_speedup": 1.5, "reachable_with_quarter_matmul": bool(quarter >= 1.5)}
 
 
+def case_int8_kernels(name, ckpt, data, work):
+    """Microseconds per call of each kernel on the matrices of this model's decode step (q/k/v,
+    o, gate/up, down of every layer, and the head), one row, the matrices taken in turn as a
+    step does (so weights come from memory, not from a cache warmed by the previous call):
+    fp32 ``torch.mm``, fbgemm ``quantized::linear_dynamic``, ``aten._weight_int8pack_mm``, and
+    the native kernel (text2llm/compress/native) where it builds."""
+    import warnings
+
+    import text2llm
+    from text2llm.compress import native
+    from text2llm.model.transformer import packed_matmul
+
+    fp, _ = text2llm.load(ckpt)
+    fp.eval().fast_inference()
+    groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+    ws = [packed_matmul(getattr(b, "attn" if g[0][0] in "qkvo" else "mlp"), g).w_IO.t().contiguous()
+          for b in fp.blocks for g in groups] + [packed_matmul(fp, ("lm_head",)).w_IO.t().contiguous()]
+    qs = []
+    for w in ws:
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        qs.append((torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale))
+    xs = [torch.randn(1, w.shape[1]) for w in ws]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fb = [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+            q, s.double(), torch.zeros(len(s), dtype=torch.long), 0), None) for q, s in qs]
+    kernels = {
+        "fp32": lambda: [torch.mm(x, w.t()) for x, w in zip(xs, ws)],
+        "fbgemm": lambda: [torch.ops.quantized.linear_dynamic(x, p, True) for x, p in zip(xs, fb)],
+        "weight_int8pack_mm": lambda: [torch.ops.aten._weight_int8pack_mm(x, q, s) for x, (q, s) in zip(xs, qs)],
+    }
+    lib = native.load()
+    if lib is not None:
+        nat = [native.Int8Gemv(lib, q, s) for q, s in qs]
+        kernels["native"] = lambda: [m(x) for m, x in zip(nat, xs)]
+    best = {k: float("inf") for k in kernels}
+    with torch.inference_mode():
+        for k, f in kernels.items():
+            f()
+        for _ in range(LATENCY["repeats"]):
+            for k, f in kernels.items():
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    f()
+                best[k] = min(best[k], (time.perf_counter() - t0) / 20 / len(ws) * 1e6)
+    return {"case": "int8-kernels", "model": name, "matrices": len(ws), "rows": 1,
+            "us_per_call": {k: round(v, 1) for k, v in best.items()},
+            "vs_fp32": {k: round(best["fp32"] / v, 2) for k, v in best.items()}, "native": native.describe()}
+
+
 def case_prune(name, ckpt, data, work, method, sparsity, steps):
     from text2llm.compress.prune import prune_checkpoint
 
@@ -294,6 +346,8 @@ def main() -> int:
             jobs.append(lambda: case_quantize(name, ckpt, data, work))
         if "int8-bound" in cases:
             jobs.append(lambda: case_int8_bound(name, ckpt, data, work))
+        if "int8-kernels" in cases:
+            jobs.append(lambda: case_int8_kernels(name, ckpt, data, work))
         if "prune-ffn" in cases:
             jobs.append(lambda: case_prune(name, ckpt, data, work, "ffn", 0.3, a.finetune_steps))
         if "prune-heads" in cases:

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from text2llm.compress import native
 from text2llm.errors import UserError
 
 FORMAT = "text2llm-int8"
@@ -72,12 +73,6 @@ def _engine() -> str:
 INT8_MIN_WEIGHTS = 1 << 18
 
 
-def _native():
-    from text2llm.compress import native
-
-    return native
-
-
 class Int8Packer:
     """:func:`text2llm.model.transformer.packed_linear` for dynamic-int8 Linears: the int8 weights
     and per-channel scales of q/k/v (or gate/up) are concatenated into one matrix.
@@ -104,10 +99,10 @@ class Int8Packer:
         else:
             packed = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(q, scale, zp, 0), bias)
             torch_mm = lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)  # noqa: E731  (as DynLinear.forward calls it)
-        lib = None if tracing else _native().load()
+        lib = None if tracing else native.load()
         if lib is None or bool(zp.any()):  # (the kernel takes symmetric weights, as quantize_model makes them)
             return torch_mm
-        return _native().Int8Gemv(lib, q, scale.float(), bias, fallback=torch_mm)
+        return native.Int8Gemv(lib, q, scale.float(), bias, fallback=torch_mm)
 
 
 def register_packer() -> None:
@@ -291,7 +286,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, data: str | Path | No
         retime([before, after], [src.model, qmodel], latency_kwargs)
         rep = compare({"before": before, "after": after})
     rep.update(method="quantize", settings={"scheme": "dynamic int8, per-channel weights", "source": str(src.ckpt),
-                                            "decode_kernel": _native().describe(),
+                                            "decode_kernel": native.describe(),
                                             "data": str(data) if data else None})
     if report:
         write_report(rep, out, f"int8 quantization: {src.ckpt} -> {out}")

@@ -68,13 +68,14 @@ def _norm(m: nn.Module):
 
 
 def _normed(norm_module: nn.Module, matmul):
-    """``(norm, matmul)`` for ``matmul(norm(x))``: where the matmul can apply an RMSNorm itself as it
-    reads its input (the native int8 kernel, ``with_rmsnorm``), the norm moves into it and
-    ``norm`` becomes None (no call)."""
+    """``(norm, matmul)`` for ``matmul(norm(x))``, or None for a norm the step does not cover: where
+    the matmul can apply an RMSNorm itself as it reads its input (the native int8 kernel,
+    ``with_rmsnorm``), the norm moves into it and ``norm`` becomes None (no call)."""
     fuse = getattr(matmul, "with_rmsnorm", None)
     if fuse is not None and isinstance(norm_module, RMSNorm):
         return None, fuse(norm_module.weight, norm_module.eps)
-    return _norm(norm_module), matmul
+    norm = _norm(norm_module)
+    return None if norm is None else (norm, matmul)
 
 
 def _mlp_in(mlp: MLP, gate_up=None):
@@ -127,16 +128,15 @@ class FastDecodeStep:
             attn, mlp = block.attn, block.mlp
             if not (isinstance(attn, Attention) and isinstance(mlp, MLP) and attn.fast and mlp.fast):
                 return None  # an MoE layer, or Linears without a packer
-            if _norm(block.attn_norm) is None or _norm(block.mlp_norm) is None:
+            first = _normed(block.attn_norm, packed_matmul(attn, ("q_proj", "k_proj", "v_proj")))
+            second = _normed(block.mlp_norm, packed_matmul(mlp, ("gate_proj", "up_proj") if mlp.swiglu else ("up_proj",)))
+            if first is None or second is None:
                 return None
-            norm1, qkv = _normed(block.attn_norm, packed_matmul(attn, ("q_proj", "k_proj", "v_proj")))
-            norm2, up = _normed(block.mlp_norm, packed_matmul(mlp, ("gate_proj", "up_proj") if mlp.swiglu else ("up_proj",)))
+            (norm1, qkv), (norm2, up) = first, second
             layers.append((norm1, qkv, _add_to(packed_matmul(attn, ("o_proj",))), norm2, _mlp_in(mlp, up),
                            _add_to(packed_matmul(mlp, ("down_proj",)))))
-        if _norm(model.norm) is None:
-            return None
-        final_norm, head = _normed(model.norm, packed_matmul(model, ("lm_head",)))
-        return cls(model, layers, final_norm, head)
+        last = _normed(model.norm, packed_matmul(model, ("lm_head",)))
+        return None if last is None else cls(model, layers, *last)
 
     def __call__(self, ids_B: torch.Tensor, pos: int, cache: KVCache,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -198,19 +198,22 @@ class Int8Gemv:
         if self.fallback is not None and (x_NI.shape[0] > self.max_rows or x_NI.dtype != torch.float32):
             y = self.fallback(x_NI)
             return y if r_NO is None else y.add_(r_NO)
-        # (a contiguous copy is held in a local: it must outlive the call that reads it)
+        return self._kernel(x_NI, r_NO, None)
+
+    def _kernel(self, x_NI: torch.Tensor, r_NO: torch.Tensor | None, norm_addr: int | None) -> torch.Tensor:
+        # (contiguous copies are held in locals: they must outlive the call that reads them)
         x = x_NI if x_NI.is_contiguous() else x_NI.contiguous()
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"Int8Gemv: expected fp32 rows of {self.n_in}, got {x.dtype} {tuple(x.shape)}")
         m = x.shape[0]
         y = torch.empty(m, self.n_out)
         if r_NO is None:
-            self._fn(self._addr, x.data_ptr(), m, None, y.data_ptr(), None)
+            self._fn(self._addr, x.data_ptr(), m, None, y.data_ptr(), norm_addr)
             return y
         r = r_NO if r_NO.is_contiguous() else r_NO.contiguous()
         if r.dtype != torch.float32 or r.shape != y.shape:
             raise ValueError(f"Int8Gemv: residual {r.dtype} {tuple(r.shape)}, expected float32 {tuple(y.shape)}")
-        self._fn(self._addr, x.data_ptr(), m, r.data_ptr(), y.data_ptr(), None)
+        self._fn(self._addr, x.data_ptr(), m, r.data_ptr(), y.data_ptr(), norm_addr)
         return y
 
     def add_to(self, r_NO: torch.Tensor, x_NI: torch.Tensor) -> torch.Tensor:
@@ -240,9 +243,4 @@ class NormedInt8Gemv:
         mm = self.mm
         if x_NI.shape[0] > mm.max_rows or x_NI.dtype != torch.float32:
             return mm(torch.nn.functional.rms_norm(x_NI, (mm.n_in,), self.weight.to(x_NI.dtype), self.eps))
-        x = x_NI if x_NI.is_contiguous() else x_NI.contiguous()
-        if x.dim() != 2 or x.shape[1] != mm.n_in:
-            raise ValueError(f"Int8Gemv: expected fp32 rows of {mm.n_in}, got {x.dtype} {tuple(x.shape)}")
-        y = torch.empty(x.shape[0], mm.n_out)
-        mm._fn(mm._addr, x.data_ptr(), x.shape[0], None, y.data_ptr(), self._naddr)
-        return y
+        return mm._kernel(x_NI, None, self._naddr)
