@@ -34,7 +34,8 @@ def plan(quick: bool, ckpt: str | None) -> dict[str, list[str]]:
     gen = ["--ckpt", ckpt] if ckpt else []
     comp = ["--ckpt", ckpt] if ckpt else []
     if not quick:
-        return {"scaling": [], "clean": [], "tokenize": [], "model": [], "train": [], "generate": gen, "compress": comp}
+        return {"scaling": [], "clean": [], "tokenize": [], "model": [], "train": [], "generate": gen, "compress": comp,
+                "loss_compare": ["--work", str(Path("runs") / "bench-loss-compare")]}
     return {
         "scaling": ["--repeats", "2"],
         "clean": ["--quick", "--repeats", "1"],
@@ -45,6 +46,7 @@ def plan(quick: bool, ckpt: str | None) -> dict[str, list[str]]:
                      "--batches", "1", "--skip-nocache", "--no-hf"],
         "compress": [*comp, "--models", "demo", "--cases", "quantize", "--demo-steps", "50", "--batch-size", "8",
                      "--work", str(Path("runs") / "bench-compress-quick")],
+        "loss_compare": ["--steps", "5", "--work", str(Path("runs") / "bench-loss-compare")],
     }
 
 
