@@ -90,7 +90,7 @@ def workload_ceiling(name: str, inputs: list[Path], preset: str, tmp: Path, repe
     processes on this machine, the ceiling for ``speedup_2_workers`` (memory traffic and the
     host's load count here as they do for the workers). Best of ``repeats`` interleaved rounds."""
     from text2llm.data import DataConfig, run_clean
-    from text2llm.parallel import alone_and_two_at_once
+    from text2llm.workers import alone_and_two_at_once
 
     cfg = DataConfig(preset=preset)
 
@@ -179,7 +179,7 @@ def main() -> None:
     ts = sorted((DATA / "tinystories").glob("train-*.jsonl.gz"))
     c4 = [DATA / "web" / "c4-sample-000.jsonl.gz"]
     zh = sorted((DATA / "zh").glob("*.jsonl.gz"))
-    from text2llm.parallel import process_scaling
+    from text2llm.workers import process_scaling
 
     for rec in process_scaling(repeats=3):  # what 2 processes give here for independent work: the ceiling
         emit(**rec)

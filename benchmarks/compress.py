@@ -82,7 +82,7 @@ def build_data(work: Path) -> Path:
 
 def train_model(work: Path, name: str, overrides: list[str], data: Path) -> Path:
     from text2llm.config import load_config
-    from text2llm.train.checkpoint import list_checkpoints
+    from text2llm.checkpoint import list_checkpoints
     from text2llm.train.trainer import train
 
     run = work / name
@@ -263,7 +263,7 @@ def case_distill(name, ckpt, data, work, steps, alpha, temperature, init="teache
     from text2llm.compress.distill import distill_checkpoint, kl_to_teacher
     from text2llm.config import load_config
     from text2llm.evaluate import evaluate_tokens
-    from text2llm.train.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from text2llm.checkpoint import read_checkpoint_config, resolve_checkpoint
     from text2llm.train.trainer import train
 
     ckpt = resolve_checkpoint(ckpt)
@@ -324,7 +324,7 @@ def main() -> int:
     t_all = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         from text2llm.compress.common import run_data_dir
-        from text2llm.train.checkpoint import resolve_checkpoint
+        from text2llm.checkpoint import resolve_checkpoint
 
         models = {}
         data = Path(a.data) if a.data else (run_data_dir(resolve_checkpoint(a.ckpt)) if a.ckpt else None)

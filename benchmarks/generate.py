@@ -27,7 +27,7 @@ random weights; ``10m`` = d_model 384, 5 layers, vocab 4096 (~10.4M parameters),
 weights; ``ckpt`` = the model of ``--ckpt``. Speed does not depend on the weights' values. A
 rotary model whose ``max_seq_len`` is shorter than prompt + new tokens (or 512 for the prefill case)
 gets longer rotary tables (the weights are unchanged), reported as ``context_extended_from``.
-The HF model comes from ``text2llm.infer.hf.export_hf`` of the same weights; the first 32
+The HF model comes from ``text2llm.interop.hf.export_hf`` of the same weights; the first 32
 greedy tokens of every engine are checked against our PyTorch path (``same_tokens``). One
 near-tie flips the rest of a greedy row, so ``same_tokens`` is a smoke test; the fidelity figure is
   {"case": "agreement", "model", "engine", "text", "positions", "top1_agree"}
@@ -71,7 +71,7 @@ def build_model(name: str, ckpt: str | None, need_len: int):
     """(model, checkpoint dir for the HF export, context it was extended from or None)."""
     extended = None
     if name == "ckpt":
-        from text2llm.train.checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
+        from text2llm.checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
 
         src = resolve_checkpoint(ckpt)
         cfg = read_checkpoint_config(src).model
@@ -105,7 +105,7 @@ class HFEngine:
     def __init__(self, src: Path, workdir: Path):
         from transformers import AutoModelForCausalLM
 
-        from text2llm.infer.hf import export_hf
+        from text2llm.interop.hf import export_hf
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -213,7 +213,7 @@ def step_ms(engine, prompts: np.ndarray) -> float:
 
 
 def bench_model(name: str, args) -> None:
-    from text2llm.infer.onnx import export_model
+    from text2llm.interop.onnx import export_model
     from text2llm.infer.ort_runtime import OrtEngine
 
     need = max(args.prompt_tokens + args.new_tokens, args.prefill_tokens)

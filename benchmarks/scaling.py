@@ -3,7 +3,7 @@ the "2 workers >= 1.7x one" targets of `clean` (issue 3) and `pack` (issue 4) ar
 
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/scaling.py [--repeats 5]
 
-Cases (one JSON line each, from :func:`text2llm.parallel.process_scaling`): ``python_loop``
+Cases (one JSON line each, from :func:`text2llm.workers.process_scaling`): ``python_loop``
 (integer arithmetic in the interpreter: no memory traffic, nothing shared) and ``numpy_stream``
 (sums over a 64 MB array: memory bandwidth). Each runs alone in one process, then as two
 processes at once; ``speedup_2_procs`` = 2 x (one alone) / (two at once), from the best of
@@ -23,7 +23,7 @@ import sys
 
 
 def main() -> int:
-    from text2llm.parallel import process_scaling
+    from text2llm.workers import process_scaling
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)

@@ -100,7 +100,7 @@ def main() -> int:
     from text2llm.config import PackConfig, TokenizerConfig
     from text2llm.errors import UserError
     from text2llm.pack import pack
-    from text2llm.parallel import process_scaling
+    from text2llm.workers import process_scaling
     from text2llm.tokenizer import Tokenizer, train_tokenizer
 
     if not DATA.is_dir():

@@ -75,7 +75,7 @@ def _overrides(**train):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_matches_uninterrupted(tokens, tmp_path):
-    from text2llm.report import read_metrics
+    from text2llm.metrics import read_metrics
     from text2llm.train.trainer import train
 
     steps = 50
@@ -122,7 +122,7 @@ train(tiny_config(max_steps=8, checkpoint_every=4, eval_every=4), sys.argv[1], s
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tokens, reference, tmp_path):
     from text2llm.model.transformer import Transformer
-    from text2llm.train.checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
+    from text2llm.checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
     from text2llm.train.trainer import train
 
     run = tmp_path / "run"
@@ -169,7 +169,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tokens, tmp_path):
 def test_retention_keeps_last_k_and_the_best(tmp_path):
     from text2llm.model.config import ModelConfig
     from text2llm.model.transformer import Transformer
-    from text2llm.train.checkpoint import best_checkpoint, list_checkpoints, save_checkpoint
+    from text2llm.checkpoint import best_checkpoint, list_checkpoints
+    from text2llm.train.checkpoint import save_checkpoint
 
     model = Transformer(ModelConfig(vocab_size=20, d_model=16, n_layer=1, n_head=2, max_seq_len=8))
     for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, None)]:

@@ -525,7 +525,7 @@ def test_jsonl_blocks_cut_like_batched_whatever_the_reads():
     import random
 
     from text2llm.data.readers import _est_chars, _jsonl_blocks, _line_chunks
-    from text2llm.parallel import batched
+    from text2llm.workers import batched
 
     rng = random.Random(5)
     words = [b"a", b"bb", b"\xe4\xb8\xad\xe6\x96\x87", b"cccc", b""]

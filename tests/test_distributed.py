@@ -55,7 +55,7 @@ def _close(a: dict, b: dict, tol: float) -> float:
 
 
 def test_ddp_two_processes_match_one_process(tokens, single, tmp_path):
-    from text2llm.train.checkpoint import read_state
+    from text2llm.checkpoint import read_state
     from text2llm.train.trainer import train
 
     run = tmp_path / "ddp"
@@ -76,7 +76,7 @@ def test_fsdp2_trains_checkpoints_plain_weights_and_resumes(tokens, single, tmp_
     from safetensors.torch import load_file
 
     from text2llm.errors import UserError
-    from text2llm.train.checkpoint import read_state
+    from text2llm.checkpoint import read_state
     from text2llm.train.trainer import train
 
     run = tmp_path / "fsdp"

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from text2llm.config import Config, TokenizerConfig  # noqa: E402
 from text2llm.errors import UserError  # noqa: E402
-from text2llm.infer.hf import export_hf, hf_architecture, import_hf  # noqa: E402
+from text2llm.interop.hf import export_hf, hf_architecture, import_hf  # noqa: E402
 from text2llm.model import ModelConfig, Transformer  # noqa: E402
 from text2llm.model.transformer import causal_mask  # noqa: E402
 from text2llm.train.checkpoint import save_checkpoint  # noqa: E402
@@ -135,7 +135,7 @@ def test_mixtral_saved_by_transformers_imports_back(tmp_path, tok_dir):
         warnings.simplefilter("ignore")  # no text2llm tokenizer in a dir transformers wrote
         back = import_hf(tmp_path / "resaved", tmp_path / "back")
     from text2llm.model.transformer import Transformer as T
-    from text2llm.train.checkpoint import load_weights, read_checkpoint_config
+    from text2llm.checkpoint import load_weights, read_checkpoint_config
 
     model2 = T(read_checkpoint_config(back).model)
     load_weights(model2, back / "model.safetensors")
@@ -227,7 +227,7 @@ def test_import_reads_bin_sharded_and_bf16_weights(tmp_path, tok_dir, layout):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no tokenizer in these dirs
         back = import_hf(src, tmp_path / "back")
-    from text2llm.train.checkpoint import load_weights, read_checkpoint_config
+    from text2llm.checkpoint import load_weights, read_checkpoint_config
 
     model2 = Transformer(read_checkpoint_config(back).model)
     load_weights(model2, back / "model.safetensors")

@@ -201,7 +201,7 @@ def test_moe_model_exports_to_onnx_and_matches_torch(tmp_path):
     pytest.importorskip("onnxscript")
     import numpy as np
 
-    from text2llm.infer.onnx import export_model
+    from text2llm.interop.onnx import export_model
     from text2llm.infer.ort_runtime import OrtEngine
 
     torch.manual_seed(0)

@@ -79,7 +79,7 @@ def test_ort_gqa_positions_and_in_place_cache(tmp_path, kw):
     import torch
 
     from text2llm.infer.generate import TorchEngine
-    from text2llm.infer.onnx import export_model
+    from text2llm.interop.onnx import export_model
     from text2llm.infer.ort_runtime import OrtEngine
     from text2llm.model.config import ModelConfig
     from text2llm.model.transformer import Transformer

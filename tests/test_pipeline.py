@@ -104,7 +104,7 @@ def test_run_refuses_non_empty_out(tiny_run, capsys):
 def test_process_scaling_reports_both_kinds_of_work():
     """The 2-process ceiling probe the clean and pack benchmarks print (tiny work here: the
     numbers are not checked, only what is reported and that the two processes ran)."""
-    from text2llm.parallel import process_scaling
+    from text2llm.workers import process_scaling
 
     recs = process_scaling(repeats=1, scale=0.01)
     assert [r["work"] for r in recs] == ["python_loop", "numpy_stream"]

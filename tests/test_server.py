@@ -17,6 +17,8 @@ import pytest
 from test_generate import shared_checkpoint, shared_export
 from test_onnx import NO_TORCH
 
+from text2llm.artifacts import open_engine
+
 PROMPTS = ["Once upon a time", "Tom", "The little dog ran to the park and", "Lily"]
 
 
@@ -27,7 +29,7 @@ def server(tmp_path_factory):
     from text2llm.infer.server import make_server
 
     ckpt = shared_checkpoint(tmp_path_factory)
-    srv = make_server(ckpt, port=0, max_tokens_limit=32, quiet=True)
+    srv = make_server(open_engine(ckpt), port=0, max_tokens_limit=32, quiet=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     model, tok = text2llm.load(ckpt)
@@ -184,7 +186,8 @@ def test_serve_compile_flag(tmp_path_factory, server, monkeypatch):
 
     _, want = server
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    srv = make_server(shared_checkpoint(tmp_path_factory), port=0, max_tokens_limit=32, quiet=True, compile=True)
+    srv = make_server(open_engine(shared_checkpoint(tmp_path_factory), compile=True), port=0, max_tokens_limit=32,
+                      quiet=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         port = srv.server_address[1]
@@ -196,10 +199,10 @@ def test_serve_compile_flag(tmp_path_factory, server, monkeypatch):
         srv.shutdown()
         srv.server_close()
     with pytest.raises(UserError, match="--compile applies to PyTorch checkpoints"):
-        make_server(shared_export(tmp_path_factory), port=0, compile=True)
+        open_engine(shared_export(tmp_path_factory), compile=True)
     # an AOT export dir is compiled already
     from test_generate import _fake_aot_dir
 
     aot = _fake_aot_dir(tmp_path_factory.mktemp("aot"), shared_checkpoint(tmp_path_factory), None)
     with pytest.raises(UserError, match="compiled already"):
-        make_server(aot, port=0, compile=True)
+        open_engine(aot, compile=True)

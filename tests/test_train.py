@@ -67,7 +67,7 @@ def tiny_config(**train):
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    from text2llm.report import read_metrics
+    from text2llm.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
@@ -81,7 +81,7 @@ def tokens(tmp_path_factory) -> Path:
 
 
 def test_loss_falls_and_run_dir_is_complete(tokens, tmp_path):
-    from text2llm.report import read_metrics
+    from text2llm.metrics import read_metrics
     from text2llm.train.trainer import train
 
     cfg = tiny_config(max_steps=40, eval_every=20, log_every=5, checkpoint_every=20, plot=True, lr=1e-2)
@@ -189,7 +189,7 @@ def test_padding_is_ignored_and_document_mask_is_used(tmp_path):
 
 def test_moe_aux_loss_and_expert_load_are_logged(tokens, tmp_path):
     from text2llm.model.config import ModelConfig
-    from text2llm.report import read_metrics
+    from text2llm.metrics import read_metrics
     from text2llm.train.trainer import train
 
     if "n_experts" not in ModelConfig.model_fields:
@@ -219,7 +219,7 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 
 def test_metrics_helpers(tmp_path):
-    from text2llm.report import MetricsWriter, plot_curves, read_metrics, truncate_metrics
+    from text2llm.metrics import MetricsWriter, plot_curves, read_metrics, truncate_metrics
 
     w = MetricsWriter(tmp_path, tensorboard=False)
     for s in range(1, 6):

@@ -17,10 +17,11 @@ __all__ = ["load", "__version__"]
 
 
 def load(ckpt, device: str = "cpu"):
-    """Load ``(model, tokenizer)`` from a checkpoint dir or a run dir (its latest checkpoint).
+    """Load ``(model, tokenizer)`` from a checkpoint dir or a run dir (its latest checkpoint),
+    float or int8 (:func:`text2llm.artifacts.load`).
 
     The model is in eval mode; ``model(input_ids)`` returns logits of shape (B, T, vocab).
     """
-    from text2llm.train.checkpoint import load_for_inference
+    from text2llm.artifacts import load as load_artifact
 
-    return load_for_inference(ckpt, device=device)
+    return load_artifact(ckpt, device=device)

@@ -97,9 +97,11 @@ def cmd_train(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from text2llm.evaluate import run_eval
+    from text2llm.artifacts import load
+    from text2llm.evaluate import evaluate_text, evaluate_tokens
 
-    res = run_eval(a.ckpt, data=a.data, text=a.text)
+    model, tok = load(a.ckpt)
+    res = evaluate_tokens(model, a.data) if a.data else evaluate_text(model, tok, a.text)
     if a.json:
         _print_json(res)
     else:
@@ -113,17 +115,11 @@ COMPILE_HELP = ("PyTorch engine: decode through torch.compile (a first step that
 
 
 def cmd_generate(a) -> int:
-    if a.compile:
-        from text2llm.errors import UserError
-        from text2llm.infer.ort_runtime import is_export_dir
+    from text2llm.artifacts import open_engine
+    from text2llm.infer.decoding import cli_loop
 
-        if a.engine == "onnx" or is_export_dir(a.ckpt):
-            raise UserError(f"{a.ckpt}: --compile applies to the PyTorch engine, not to onnxruntime")
-    if a.engine == "onnx":
-        from text2llm.infer.ort_runtime import generate_cli
-    else:
-        from text2llm.infer.generate import generate_cli
-    return generate_cli(a)
+    served = open_engine(a.ckpt, a.engine or "auto", compile=a.compile)
+    return cli_loop(served.engine, served.tokenizer, a, learned_positions=served.learned_positions)
 
 
 def cmd_run(a) -> int:
@@ -138,7 +134,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_export_hf(a) -> int:
-    from text2llm.infer.hf import export_hf
+    from text2llm.interop.hf import export_hf
 
     out = export_hf(a.ckpt, a.out, overwrite=a.overwrite)
     print(f"exported a Hugging Face model -> {out}")
@@ -146,7 +142,7 @@ def cmd_export_hf(a) -> int:
 
 
 def cmd_import_hf(a) -> int:
-    from text2llm.infer.hf import import_hf
+    from text2llm.interop.hf import import_hf
 
     out = import_hf(a.hf_dir, a.out, overwrite=a.overwrite)
     print(f"imported {a.hf_dir} -> {out}")
@@ -154,7 +150,7 @@ def cmd_import_hf(a) -> int:
 
 
 def cmd_export_onnx(a) -> int:
-    from text2llm.infer.onnx import export_onnx
+    from text2llm.interop.onnx import export_onnx
 
     out = export_onnx(a.ckpt, a.out, int8=a.int8, overwrite=a.overwrite)
     print(f"exported ONNX -> {out}")
@@ -176,9 +172,10 @@ def cmd_compress(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    from text2llm.artifacts import open_engine
     from text2llm.infer.server import serve
 
-    serve(a.model, host=a.host, port=a.port, max_tokens_limit=a.max_tokens_limit, compile=a.compile)
+    serve(open_engine(a.model, compile=a.compile), host=a.host, port=a.port, max_tokens_limit=a.max_tokens_limit)
     return 0
 
 
@@ -266,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, metavar="S")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
-    s.add_argument("--engine", choices=["torch", "onnx"], default="torch")
+    s.add_argument("--engine", choices=["torch", "onnx"], default=None,
+                   help="default: by what CKPT holds (an ONNX export dir runs with onnxruntime)")
     s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     s = verb("run", "the whole pipeline on the bundled corpus (or the config's run.inputs)", cmd_run)

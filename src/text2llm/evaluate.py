@@ -128,15 +128,6 @@ def score_rows(model, ids: torch.Tensor, row_len: int, pad_id: int, batch_size: 
     return total, count
 
 
-def run_eval(ckpt, data: str | None = None, text: str | None = None) -> dict:
-    import text2llm
-
-    model, tok = text2llm.load(ckpt)
-    if data:
-        return evaluate_tokens(model, data)
-    return evaluate_text(model, tok, text)
-
-
 @torch.no_grad()
 def loader_nll(model, loader, n_batches: int, device, amp_dtype=None, pad_id: int | None = None,
                attn_mask_fn=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,8 +37,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from text2llm.errors import UserError, read_json_file
-from text2llm.parallel import QuietPool, batched, bounded_imap
+from text2llm.errors import UserError
+from text2llm.files import read_metadata
+from text2llm.workers import QuietPool, batched, bounded_imap
 
 META = "meta.json"
 # a work unit: this many documents or bytes of UTF-8 text (estimated, see _size), whichever comes
@@ -450,5 +451,5 @@ def pack(docs: Iterable | str | Path, tokenizer_dir: str | Path, out_dir: str | 
 
 
 def read_meta(tokens_dir: str | Path) -> dict:
-    return read_json_file(Path(tokens_dir) / META,
+    return read_metadata(Path(tokens_dir) / META,
                           f"{tokens_dir}: not a token dir (no {META}); make one with `text2llm pack`")

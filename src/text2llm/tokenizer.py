@@ -44,7 +44,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from text2llm.errors import UserError, read_json_file
+from text2llm.errors import UserError
+from text2llm.files import read_metadata
 
 META_FILE = "text2llm-tokenizer.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -83,7 +84,7 @@ class Tokenizer:
     def load(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         meta_path = path / META_FILE
-        meta = read_json_file(meta_path, f"{path}: not a tokenizer dir (no {META_FILE}); train one with `text2llm tokenizer train`")
+        meta = read_metadata(meta_path, f"{path}: not a tokenizer dir (no {META_FILE}); train one with `text2llm tokenizer train`")
         if "backend" not in meta:
             raise UserError(f"{meta_path}: missing key 'backend'")
         return cls(meta["backend"], path, meta)

@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from text2llm.checkpoint import load_model, model_state, read_checkpoint_config
+from text2llm.compress.common import report_data
+from text2llm.compress.report import compare, measure, retime, write_report
+from text2llm.config import load_config
 from text2llm.errors import UserError
+from text2llm.loader import TokenLoader
+from text2llm.train.trainer import train
 
 IGNORE_INDEX = -100
 
@@ -71,8 +77,6 @@ class DistillLoss:
 def kl_to_teacher(student, teacher, tokens_dir: str | Path, batches: int = 8, batch_size: int = 4,
                   seq_len: int | None = None) -> float:
     """Mean KL(teacher || student) per token (T = 1, nats) over the first val windows."""
-    from text2llm.loader import TokenLoader
-
     seq_len = min(seq_len or student.cfg.max_seq_len, student.cfg.max_seq_len, teacher.cfg.max_seq_len)
     loader = TokenLoader(tokens_dir, "val", batch_size, seq_len, "sequential")
     n_batches = max(1, min(batches, loader.num_windows() // batch_size))
@@ -88,8 +92,6 @@ def kl_to_teacher(student, teacher, tokens_dir: str | Path, batches: int = 8, ba
 
 def student_config(path: str | Path | None, overrides: list[str], teacher_cfg):
     """The student's Config: a TOML preset + KEY=VALUE overrides; its vocab is the teacher's."""
-    from text2llm.config import load_config
-
     cfg = load_config(path, overrides)
     vocab = teacher_cfg.model.vocab_size
     if cfg.model.vocab_size == 0:
@@ -103,8 +105,6 @@ def student_config(path: str | Path | None, overrides: list[str], teacher_cfg):
 def teacher_layer_init(teacher, student_cfg) -> dict[str, torch.Tensor] | None:
     """Student weights taken from the teacher (DistilBERT's recipe): embeddings, final norm and every
     (L_teacher / L_student)-th block. None when the shapes differ (then the student starts random)."""
-    from text2llm.train.checkpoint import model_state
-
     t, s = teacher.cfg, student_cfg.model
     same = ("d_model", "n_head", "kv_heads", "head_dim", "ffn_dim", "vocab_size", "positions", "norm", "activation",
             "bias", "tie_embeddings", "n_experts")
@@ -132,15 +132,8 @@ def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str
     widths match (:func:`teacher_layer_init`); ``"random"`` (or other widths) from a fresh init."""
     import tempfile
 
-    import text2llm
-    from text2llm.compress.common import report_data
-    from text2llm.compress.report import compare, measure, retime, write_report
-    from text2llm.train.checkpoint import read_checkpoint_config, resolve_checkpoint
-    from text2llm.train.trainer import train
-
-    t_ckpt = resolve_checkpoint(teacher)
+    t_model, t_ckpt = load_model(teacher)  # (a float teacher: an int8 one is a one-line error)
     t_cfg = read_checkpoint_config(t_ckpt)
-    t_model, _ = text2llm.load(t_ckpt)
     cfg = student_config(student, overrides or [], t_cfg)
     data = report_data(t_ckpt, data)
     if data is None:
@@ -160,7 +153,7 @@ def distill_checkpoint(teacher: str | Path, student: str | Path | None, out: str
             (Path(tmp) / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
             init_from = tmp
         res = train(cfg, data, out, overwrite=overwrite, progress=progress, loss_fn=loss_fn, init_from=init_from)
-    s_model, _ = text2llm.load(res.last_checkpoint)
+    s_model, _ = load_model(res.last_checkpoint)
     rep = {}
     if report:
         before = measure(t_model, t_ckpt, data, timing=False)

@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from text2llm.checkpoint import load_weights, save_weights, write_checkpoint_dir
+from text2llm.compress.common import load_fp32, report_data
+from text2llm.compress.report import LATENCY_KEYS, compare, measure, retime, write_report
 from text2llm.errors import UserError
+from text2llm.files import check_output_dir, staged_output
+from text2llm.loader import TokenLoader
+from text2llm.model.transformer import MLP, Transformer
+from text2llm.train.trainer import lm_loss, train
 
 PRUNABLE = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -92,8 +99,6 @@ class MaskedLoss:
         self.masks, self.hooked = masks, False
 
     def __call__(self, model, x, y):
-        from text2llm.train.trainer import lm_loss
-
         if not self.hooked:
             params = {n.replace("_orig_mod.", "").replace("module.", ""): p for n, p in model.named_parameters()}
             for name, mask in self.masks.items():
@@ -113,9 +118,6 @@ class MaskedLoss:
 def taylor_grads(model: nn.Module, data: Path, batches: int = 4, batch_size: int = 8, seq_len: int | None = None,
                  seed: int = 0) -> dict[str, torch.Tensor]:
     """Accumulated |w * grad| of every parameter over a few training batches."""
-    from text2llm.loader import TokenLoader
-    from text2llm.train.trainer import lm_loss
-
     seq_len = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
     loader = TokenLoader(data, "train", batch_size, seq_len, "random", seed=seed)
     seq_len = loader.T
@@ -156,8 +158,6 @@ def _unit_scores(score: dict[str, torch.Tensor] | None, params: dict[str, torch.
 
 
 def _check_dense(model: nn.Module) -> None:
-    from text2llm.model.transformer import MLP
-
     cfg = model.cfg
     if getattr(cfg, "n_experts", 0) or not all(isinstance(b.mlp, MLP) for b in model.blocks):
         raise UserError("prune --method heads/ffn: Mixture-of-Experts models are not supported by structured pruning "
@@ -176,8 +176,6 @@ def _expand(idx_units: torch.Tensor, width: int) -> torch.Tensor:
 def prune_ffn(model: nn.Module, sparsity: float, scores: dict[str, torch.Tensor] | None = None,
               multiple_of: int = 8) -> tuple[nn.Module, dict]:
     """A new, smaller model with ``ffn_hidden`` reduced by ``sparsity`` in every layer."""
-    from text2llm.model.transformer import Transformer
-
     _check_dense(model)
     cfg = model.cfg
     F_ = cfg.ffn_dim
@@ -214,8 +212,6 @@ def head_plan(n_head: int, n_kv: int, sparsity: float) -> tuple[int, int]:
 
 def prune_heads(model: nn.Module, sparsity: float, scores: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
     """A new, smaller model with fewer attention heads (the same count in every layer)."""
-    from text2llm.model.transformer import Transformer
-
     _check_dense(model)
     cfg = model.cfg
     H, K, Dh = cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -298,8 +294,6 @@ def prune_model(model: nn.Module, method: str, sparsity: float, scope: str = "gl
 def finetune(cfg, ckpt: Path, data: Path, run_dir: Path, steps: int, lr: float | None = None,
              loss_fn=None, progress: bool = True):
     """A short fine-tune of ``ckpt`` (a plain checkpoint dir) through the normal training loop."""
-    from text2llm.train.trainer import train
-
     tc = cfg.train
     lr = lr if lr is not None else tc.lr * 0.3
     overrides = {"max_steps": steps, "lr": lr, "min_lr": min(tc.min_lr, lr), "warmup_steps": min(tc.warmup_steps, steps // 10),
@@ -314,41 +308,45 @@ def prune_checkpoint(ckpt: str | Path, out: str | Path, method: str = "magnitude
                      overwrite: bool = False, lr: float | None = None, report: bool = True,
                      latency_kwargs: dict | None = None, progress: bool = True) -> dict:
     """``text2llm compress prune``: checkpoint -> pruned plain checkpoint dir (+ fine-tune) + report.json."""
-    from text2llm.compress.common import load_fp32, prepare_out, report_data, save_plain_checkpoint
-    from text2llm.compress.report import LATENCY_KEYS, compare, measure, retime, write_report
-    from text2llm.train.checkpoint import load_weights, save_weights
-
+    check_output_dir(out, overwrite)
     src = load_fp32(ckpt)
-    out = prepare_out(out, overwrite)
     data = report_data(src.ckpt, data)
     if finetune_steps and data is None:
         raise UserError("prune --finetune-steps: needs token shards (--data TOKENS_DIR)")
+    with staged_output(out, overwrite) as tmp:
+        rep = _prune_into(tmp, Path(out), src, data, method, sparsity, scope, finetune_steps, lr, report,
+                          latency_kwargs, progress)
+    return rep
+
+
+def _prune_into(tmp: Path, out: Path, src, data, method, sparsity, scope, finetune_steps, lr, report, latency_kwargs,
+                progress) -> dict:
+    """The work of :func:`prune_checkpoint`, written into the staging dir ``tmp`` that becomes ``out``."""
     before = measure(src.model, src.ckpt, data, timing=False) if report else {}
     model, info = prune_model(src.fresh_model(), method, sparsity, scope, data)
     masks = info.pop("masks", None)
     cfg = src.cfg.model_copy(update={"model": model.cfg})
     state = {"step": 0, "source": str(src.ckpt), "pruning": {"method": method, "requested_sparsity": sparsity, **info}}
-    save_plain_checkpoint(model, cfg, out, src.tokenizer_dir, state)
+    write_checkpoint_dir(tmp, model, cfg, src.tokenizer_dir, state)
     rows = {"before": before}
     if finetune_steps:
         if report:
-            rows["pruned"] = measure(model, out, data, timing=False)
-        run_dir = out / "finetune"
-        res = finetune(cfg, out, data, run_dir, finetune_steps, lr, MaskedLoss(masks) if masks else None, progress)
+            rows["pruned"] = measure(model, tmp, data, timing=False)
+        run_dir = tmp / "finetune"
+        res = finetune(cfg, tmp, data, run_dir, finetune_steps, lr, MaskedLoss(masks) if masks else None, progress)
         load_weights(model, res.last_checkpoint / "model.safetensors")
         if masks:
             apply_masks(model, masks)  # already exact (zero gradients keep zeros); a cheap guarantee
-        state["finetune"] = {"steps": res.step, "run_dir": str(run_dir), "lr": lr if lr is not None else cfg.train.lr * 0.3}
-        tmp = out / ".tmp-model.safetensors"
-        save_weights(model, tmp, {"step": res.step})
-        tmp.replace(out / "model.safetensors")
-        (out / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        state["finetune"] = {"steps": res.step, "run_dir": str(out / "finetune"),
+                             "lr": lr if lr is not None else cfg.train.lr * 0.3}
+        save_weights(model, tmp / "model.safetensors", {"step": res.step})
+        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the result is OUT itself; keep metrics.jsonl
     if method == "magnitude":
         state["pruning"]["sparsity"] = sparsity_of(model)
     rep = {}
     if report:
-        rows["after"] = measure(model, out, data, timing=False)
+        rows["after"] = measure(model, tmp, data, timing=False)
         retime([before, rows["after"]], [src.model, model], latency_kwargs)
         if "pruned" in rows:  # same shapes as the fine-tuned model: same speed
             rows["pruned"].update({k: rows["after"][k] for k in LATENCY_KEYS})
@@ -357,6 +355,6 @@ def prune_checkpoint(ckpt: str | Path, out: str | Path, method: str = "magnitude
                                                     if k not in ("kept_channels", "kept_heads")} |
                {"finetune_steps": finetune_steps, "source": str(src.ckpt), "data": str(data) if data else None})
     if report:
-        write_report(rep, out, f"pruning ({method}, sparsity {sparsity}): {src.ckpt} -> {out}")
+        write_report(rep, tmp, f"pruning ({method}, sparsity {sparsity}): {src.ckpt} -> {out}", final_dir=out)
     return rep
 

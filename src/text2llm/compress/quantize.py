@@ -39,8 +39,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from text2llm.checkpoint import read_checkpoint_config
 from text2llm.compress import native
 from text2llm.errors import UserError
+from text2llm.files import check_output_dir, staged_output
+from text2llm.model.transformer import Transformer
+from text2llm.tokenizer import Tokenizer
 
 FORMAT = "text2llm-int8"
 VERSION = 2  # 2: a tied embedding is stored once, as the output head's int8 weights (1 still loads)
@@ -219,10 +223,6 @@ def load_quantized(ckpt_dir: str | Path, with_tokenizer: bool = True):
     """(int8 model in eval mode, tokenizer) from a dir written by :func:`save_quantized`."""
     from safetensors.torch import load_file
 
-    from text2llm.model.transformer import Transformer
-    from text2llm.tokenizer import Tokenizer
-    from text2llm.train.checkpoint import read_checkpoint_config
-
     ckpt = Path(ckpt_dir)
     try:
         meta = json.loads((ckpt / "quant.json").read_text(encoding="utf-8"))
@@ -270,24 +270,25 @@ def load_quantized(ckpt_dir: str | Path, with_tokenizer: bool = True):
 def quantize_checkpoint(ckpt: str | Path, out: str | Path, data: str | Path | None = None, overwrite: bool = False,
                         report: bool = True, latency_kwargs: dict | None = None) -> dict:
     """``text2llm compress quantize``: fp32 checkpoint -> int8 checkpoint dir + report.json."""
-    from text2llm.compress.common import load_fp32, prepare_out, report_data
+    from text2llm.compress.common import load_fp32, report_data
     from text2llm.compress.report import compare, measure, retime, write_report
 
+    check_output_dir(out, overwrite)
     src = load_fp32(ckpt)
-    out = prepare_out(out, overwrite)
     data = report_data(src.ckpt, data)
-    qmodel = quantize_model(src.fresh_model())
-    save_quantized(qmodel, out, src.config_toml, src.tokenizer_dir, source=str(src.ckpt))
-    qmodel, _ = load_quantized(out, with_tokenizer=False)  # measure what was saved, not what is in memory
-    rep = {}
-    if report:
-        before = measure(src.model, src.ckpt, data, timing=False)
-        after = measure(qmodel, out, data, timing=False)
-        retime([before, after], [src.model, qmodel], latency_kwargs)
-        rep = compare({"before": before, "after": after})
-    rep.update(method="quantize", settings={"scheme": "dynamic int8, per-channel weights", "source": str(src.ckpt),
-                                            "decode_kernel": native.describe(),
-                                            "data": str(data) if data else None})
-    if report:
-        write_report(rep, out, f"int8 quantization: {src.ckpt} -> {out}")
+    with staged_output(out, overwrite) as tmp:
+        qmodel = quantize_model(src.fresh_model())
+        save_quantized(qmodel, tmp, src.config_toml, src.tokenizer_dir, source=str(src.ckpt))
+        qmodel, _ = load_quantized(tmp, with_tokenizer=False)  # measure what was saved, not what is in memory
+        rep = {}
+        if report:
+            before = measure(src.model, src.ckpt, data, timing=False)
+            after = measure(qmodel, tmp, data, timing=False)
+            retime([before, after], [src.model, qmodel], latency_kwargs)
+            rep = compare({"before": before, "after": after})
+        rep.update(method="quantize", settings={"scheme": "dynamic int8, per-channel weights", "source": str(src.ckpt),
+                                                "decode_kernel": native.describe(),
+                                                "data": str(data) if data else None})
+        if report:
+            write_report(rep, tmp, f"int8 quantization: {src.ckpt} -> {out}", final_dir=out)
     return rep

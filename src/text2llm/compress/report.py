@@ -175,11 +175,13 @@ def format_table(report: dict, title: str) -> str:
     return "\n".join(out)
 
 
-def write_report(report: dict, out_dir: str | Path, title: str, echo: bool = True) -> Path:
-    """Write ``report.json`` into ``out_dir`` and print the table."""
+def write_report(report: dict, out_dir: str | Path, title: str, echo: bool = True,
+                 final_dir: str | Path | None = None) -> Path:
+    """Write ``report.json`` into ``out_dir`` and print the table. ``final_dir``: where the file
+    will be once ``out_dir`` (a staging dir) is renamed into place, for the message."""
     path = Path(out_dir) / "report.json"
     path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     if echo:
         print(format_table(report, title))
-        print(f"report -> {path}")
+        print(f"report -> {Path(final_dir) / 'report.json' if final_dir else path}")
     return path

@@ -39,7 +39,7 @@ from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
 from text2llm.data.fastio import gzip_compress, gzip_decompress
 from text2llm.errors import UserError
-from text2llm.parallel import QuietPool, batched, bounded_imap
+from text2llm.workers import QuietPool, batched, bounded_imap
 
 # ---------------------------------------------------------------------------------------
 # worker side
@@ -366,7 +366,7 @@ def _size(rec: tuple) -> int:
 
 def _batches(records: Iterable[tuple], cfg: DataConfig) -> Iterator[list[tuple]]:
     """Work units: a ``"jsonl_block"`` record (JSON lines the reader already cut to a batch) is one
-    alone; runs of other records are grouped by :func:`~text2llm.parallel.batched`. The cuts
+    alone; runs of other records are grouped by :func:`~text2llm.workers.batched`. The cuts
     depend only on the input, never on the number of workers."""
     for block, run in groupby(records, key=lambda rec: rec[2] == "jsonl_block"):
         if block:

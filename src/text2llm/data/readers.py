@@ -277,7 +277,7 @@ def _est_chars(lines: list) -> list[int]:
 
 
 def _jsonl_blocks(chunks: Iterator[tuple[int, list]], max_lines: int, max_chars: int) -> Iterator[tuple[int, list]]:
-    """Regroup line chunks into blocks cut as :func:`text2llm.parallel.batched` cuts records:
+    """Regroup line chunks into blocks cut as :func:`text2llm.workers.batched` cuts records:
     at ``max_lines`` lines, or once the estimated characters reach ``max_chars``. The cut depends
     only on the lines, never on how they were read."""
     block: list = []

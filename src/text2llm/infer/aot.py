@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from text2llm.errors import UserError, read_json_file
+from text2llm.checkpoint import is_int8, load_model, resolve_checkpoint
+from text2llm.errors import UserError
+from text2llm.files import check_output_dir, read_metadata, staged_output
+from text2llm.model.transformer import KVCache
 
 META_FILE = "text2llm-aot.json"
 PACKAGE = "decode_step.pt2"
@@ -44,8 +47,6 @@ class DecodeStep(nn.Module):
         self.model = model
 
     def forward(self, ids_B1: torch.Tensor, mask_B11S: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
-        from text2llm.model.transformer import KVCache
-
         n = len(kv) // 2
         cache = KVCache.__new__(KVCache)  # a view over the caller's buffers, nothing allocated
         cache.k, cache.v, cache.max_len = list(kv[:n]), list(kv[n:]), kv[0].size(2)
@@ -56,47 +57,23 @@ def is_aot_dir(path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def aot_dir_of(path, compile: bool = False):
-    """``path`` if it is an AOT export dir (for ``TorchEngine(aot_dir=...)``), else None; an AOT
-    dir with ``--compile`` is a one-line error (it is compiled already)."""
-    if not is_aot_dir(path):
-        return None
-    if compile:
-        raise UserError(f"{path}: an AOT export is compiled already (drop --compile)")
-    return path
-
-
 def export_aot(ckpt, out_dir, max_batch: int = 64, overwrite: bool = False) -> Path:
     """Compile the decode step of the checkpoint (or a run dir's latest) into ``out_dir``, with a
     copy of the checkpoint beside it."""
-    import text2llm
-    from text2llm.train.checkpoint import resolve_checkpoint
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
+    check_output_dir(out_dir, overwrite)
     if max_batch < 1:
         raise UserError(f"--max-batch: must be >= 1, got {max_batch}")
     src = resolve_checkpoint(ckpt)
-    if (src / "quant.json").is_file():
+    if is_int8(src):
         raise UserError(f"{src}: an int8 checkpoint cannot be compiled ahead of time (export the float one)")
-    model, _ = text2llm.load(src)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    model, _ = load_model(src)
+    with staged_output(out_dir, overwrite) as tmp:
         for name in ("model.safetensors", "config.toml"):
             shutil.copy2(src / name, tmp / name)
         if (src / "tokenizer").is_dir():
             shutil.copytree(src / "tokenizer", tmp / "tokenizer")
         compile_step(model, tmp, max_batch, {"checkpoint": str(src)})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return Path(out_dir)
 
 
 def compile_step(model, out_dir, max_batch: int = 64, extra_meta: dict | None = None) -> Path:
@@ -126,7 +103,7 @@ def compile_step(model, out_dir, max_batch: int = 64, extra_meta: dict | None = 
 def load_step(aot_dir):
     """``(compiled step, meta)`` of an export dir; a clear error if this process cannot run it."""
     d = Path(aot_dir)
-    meta = read_json_file(d / META_FILE, f"{d}: not an AOT export dir (no {META_FILE})")
+    meta = read_metadata(d / META_FILE, f"{d}: not an AOT export dir (no {META_FILE})")
     if meta.get("torch") != torch.__version__:
         raise UserError(f"{d}: compiled with torch {meta.get('torch')}, this is torch {torch.__version__}; "
                         "export it again with `text2llm export aot`")

@@ -28,30 +28,6 @@ from text2llm.infer.fast_step import FastDecodeStep
 from text2llm.model.transformer import KVCache
 
 
-def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the smallest set with mass >= top_p."""
-    if top_k and top_k < logits_BV.size(-1):
-        kth = torch.topk(logits_BV, top_k, dim=-1).values[..., -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits_BV, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass *before* it already reaches top_p (the top token always stays)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, idx, drop_sorted)
-        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
-    return logits_BV
-
-
-def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B,) next ids with torch's RNG. temperature 0 = greedy (argmax)."""
-    if temperature <= 0:
-        return logits_BV.argmax(-1)
-    probs = filter_logits(logits_BV.float() / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 # ---- engines -------------------------------------------------------------------------------------
 
 
@@ -255,18 +231,3 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
             return
         yield int(tokens[0])
 
-
-def generate_cli(a) -> int:
-    """``text2llm generate CKPT ...`` with the PyTorch engine."""
-    import text2llm
-    from text2llm.infer import ort_runtime
-    from text2llm.infer.decoding import cli_loop
-
-    if ort_runtime.is_export_dir(a.ckpt):  # an ONNX export dir: run it with onnxruntime
-        return ort_runtime.generate_cli(a)
-    from text2llm.infer.aot import aot_dir_of
-
-    aot = aot_dir_of(a.ckpt, a.compile)  # a `text2llm export aot` dir: compiled already
-    model, tok = text2llm.load(a.ckpt)
-    engine = TorchEngine(model, compile=a.compile, aot_dir=aot)
-    return cli_loop(engine, tok, a, learned_positions=model.cfg.positions == "learned")

@@ -1,6 +1,6 @@
 """Generate with onnxruntime alone: numpy + onnxruntime + the tokenizer library, no torch.
 
-Reads an export dir of :mod:`text2llm.infer.onnx` (``model.onnx``, optional ``model.int8.onnx``,
+Reads an export dir of :mod:`text2llm.interop.onnx` (``model.onnx``, optional ``model.int8.onnx``,
 ``tokenizer/``, ``text2llm-onnx.json``) and plugs the graph into the decoding loop of
 :mod:`text2llm.infer.decoding` (left padding, sampling, stop strings, streaming)::
 
@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from text2llm.errors import UserError, read_json_file
+from text2llm.errors import UserError
+from text2llm.files import read_metadata
 
 META_FILE = "text2llm-onnx.json"
 
 
 def read_meta(export_dir: str | Path) -> dict:
-    return read_json_file(Path(export_dir) / META_FILE, f"{export_dir}: not an ONNX export dir (no {META_FILE}); "
+    return read_metadata(Path(export_dir) / META_FILE, f"{export_dir}: not an ONNX export dir (no {META_FILE}); "
                           "make one with `text2llm export onnx CKPT --out DIR`")
 
 
@@ -136,10 +137,3 @@ class OrtEngine:
         self.mask = np.concatenate([self.mask, np.ones((len(next_B), 1), np.int64)], axis=1)
         return self.run(next_B[:, None], self.mask, self.io)[:, -1]
 
-
-def generate_cli(a) -> int:
-    """``text2llm generate EXPORT_DIR --engine onnx ...``"""
-    from text2llm.infer.decoding import cli_loop
-
-    engine = OrtEngine.load(a.ckpt)
-    return cli_loop(engine, load_tokenizer(a.ckpt), a, learned_positions=engine.learned_positions)

@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 from text2llm.errors import UserError
 from text2llm.infer.decoding import SamplingParams, complete
@@ -64,27 +63,9 @@ class Backend:
         self.pending_lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, compile: bool = False) -> "Backend":
-        """``compile``: PyTorch checkpoints only, see :class:`~text2llm.infer.generate.TorchEngine`."""
-        from text2llm.infer.ort_runtime import is_export_dir
-
-        p = Path(path)
-        if is_export_dir(p):  # onnxruntime only: no torch import on this path
-            if compile:
-                raise UserError(f"{p}: --compile applies to PyTorch checkpoints, not to an ONNX export")
-            from text2llm.infer.ort_runtime import OrtEngine, load_tokenizer
-
-            engine = OrtEngine.load(p)
-            return cls(engine, load_tokenizer(p), p.resolve().name, "onnxruntime", engine.learned_positions)
-        import text2llm
-        from text2llm.infer.aot import aot_dir_of
-        from text2llm.infer.generate import TorchEngine
-
-        aot = aot_dir_of(p, compile)  # a `text2llm export aot` dir: compiled already
-        model, tok = text2llm.load(p)
-        kind = "torch, compiled ahead of time" if aot else "torch, compiled" if compile else "torch"
-        engine = TorchEngine(model, compile=compile, aot_dir=aot)
-        return cls(engine, tok, p.resolve().name, kind, model.cfg.positions == "learned")
+    def of(cls, served) -> "Backend":
+        """From what :func:`text2llm.artifacts.open_engine` returns for a dir."""
+        return cls(served.engine, served.tokenizer, served.name, served.kind, served.learned_positions)
 
     def run(self, prompt_ids, params, on_text=None):
         with self.pending_lock:
@@ -302,22 +283,22 @@ class CompletionServer(ThreadingHTTPServer):
         self.backend, self.max_tokens_limit, self.quiet = backend, max_tokens_limit, quiet
 
 
-def make_server(model, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024,
-                quiet: bool = False, compile: bool = False) -> CompletionServer:
-    """A bound (not yet serving) server; ``model`` is a path or a :class:`Backend`. Port 0 = any free port."""
+def make_server(served, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024,
+                quiet: bool = False) -> CompletionServer:
+    """A bound (not yet serving) server over ``served`` (:func:`text2llm.artifacts.open_engine`'s
+    result, or a :class:`Backend`). The server never chooses an engine. Port 0 = any free port."""
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit: must be >= 1, got {max_tokens_limit}")
-    backend = model if isinstance(model, Backend) else Backend.load(model, compile=compile)
+    backend = served if isinstance(served, Backend) else Backend.of(served)
     try:
         return CompletionServer((host, port), backend, max_tokens_limit, quiet)
     except OSError as e:
         raise UserError(f"{host}:{port}: cannot listen ({e.strerror or e})") from None
 
 
-def serve(path, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024,
-          compile: bool = False) -> None:
+def serve(served, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024) -> None:
     """``text2llm serve``: run until Ctrl-C."""
-    srv = make_server(path, host, port, max_tokens_limit, compile=compile)
+    srv = make_server(served, host, port, max_tokens_limit)
     h, p = srv.server_address[:2]
     b = srv.backend
     if host not in ("127.0.0.1", "localhost", "::1"):

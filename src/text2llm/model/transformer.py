@@ -1,6 +1,6 @@
 """A decoder-only Transformer, Llama-style: RoPE, RMSNorm, SwiGLU, grouped-query attention,
 optional Mixture-of-Experts MLPs (``moe.py``). With the default config it computes exactly what
-transformers' LlamaForCausalLM computes (MixtralForCausalLM with experts); see ``infer/hf.py``.
+transformers' LlamaForCausalLM computes (MixtralForCausalLM with experts); see ``interop/hf.py``.
 
 Shape legend (used in names and comments):
     B batch, T new tokens in this call, S tokens attended to (cache + new), D d_model,
@@ -14,7 +14,7 @@ Data flow of one forward pass::
 Inference state (the KV cache) lives in a :class:`KVCache` object that the caller creates and
 passes to ``forward``; layers never allocate or keep caches themselves. A cache object with an
 ``attend(layer, qkv, n_head, n_kv_head)`` method takes over each attention layer from the packed
-q/k/v projection to the attention output: the ONNX export's (``infer/onnx.py``), which hands that
+q/k/v projection to the attention output: the ONNX export's (``interop/onnx.py``), which hands that
 part to onnxruntime's fused attention op.
 
 Attention masks: without ``attn_mask`` attention is causal. An ``attn_mask`` *replaces* the causal

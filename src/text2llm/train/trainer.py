@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from text2llm.checkpoint import best_checkpoint, load_weights, read_checkpoint_config, read_state, resolve_checkpoint
 from text2llm.errors import UserError
 from text2llm.train import checkpoint as ckpt_mod
 from text2llm.train import distributed as D
@@ -183,7 +184,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, env: D.DistEn
     """Checks (every rank, read-only), then rank 0 clears / creates the dir. Returns the checkpoint to resume."""
     start_ckpt = None
     if resume:
-        start_ckpt = ckpt_mod.resolve_checkpoint(run_dir)
+        start_ckpt = resolve_checkpoint(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise UserError(f"{run_dir}: run dir is not empty (use --resume to continue it, or --overwrite)")
     D.barrier(env)
@@ -253,7 +254,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
     from text2llm.evaluate import loader_nll
     from text2llm.loader import TokenLoader
     from text2llm.model.transformer import Transformer
-    from text2llm.report import MetricsWriter, plot_curves, truncate_metrics
+    from text2llm.metrics import MetricsWriter, plot_curves, truncate_metrics
     from text2llm.train.mfu import device_peak_flops
 
     tc = cfg.train
@@ -274,12 +275,12 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
     torch.manual_seed(tc.seed)
     model = Transformer(cfg.model).to(device)
     if init_from is not None:
-        src = ckpt_mod.resolve_checkpoint(init_from)
+        src = resolve_checkpoint(init_from)
         if not (src / "model.safetensors").is_file():
             raise UserError(f"{src}: init_from needs a float checkpoint with model.safetensors")
-        ckpt_mod.load_weights(model, src / "model.safetensors")
+        load_weights(model, src / "model.safetensors")
     if start_ckpt is not None:
-        ckpt_mod.load_weights(model, start_ckpt / "model.safetensors")
+        load_weights(model, start_ckpt / "model.safetensors")
     if env.rank:
         torch.manual_seed(tc.seed + env.rank)  # dropout differs between ranks
     params = model.num_params()
@@ -311,7 +312,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
     # ---- resume ----
     step, tokens_seen, bad_steps = 0, 0, 0
     if start_ckpt is not None:
-        state = ckpt_mod.read_state(start_ckpt)
+        state = read_state(start_ckpt)
         saved_slots = state.get("loaders") or [state["loader"]]
         if len(saved_slots) != slots:
             raise UserError(
@@ -529,7 +530,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
         run_dir=run_dir, step=step,
         val_loss=last_eval.get("val_loss"), val_bits_per_byte=last_eval.get("val_bits_per_byte"),
         train_tokens_per_s=tps_all, params=params, seconds=seconds, last_checkpoint=last_ckpt, history=history,
-        best_checkpoint=ckpt_mod.best_checkpoint(run_dir) if env.is_main else None, mfu=mfu,
+        best_checkpoint=best_checkpoint(run_dir) if env.is_main else None, mfu=mfu,
         interrupted=interrupted, skipped_steps=bad_steps,
     )
     if progress and env.is_main:
@@ -540,7 +541,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
 def _config_changes(ckpt: Path, cfg) -> list[str]:
     """``key: old -> new`` for every config value that differs from the checkpoint's."""
     try:
-        saved = ckpt_mod.read_checkpoint_config(ckpt).to_dict()
+        saved = read_checkpoint_config(ckpt).to_dict()
     except UserError:
         return []
 
@@ -556,7 +557,7 @@ def _config_changes(ckpt: Path, cfg) -> list[str]:
 
 
 def _print_summary(r: TrainResult, env: D.DistEnv, k: int, peak, peak_src: str) -> None:
-    from text2llm.report import format_seconds, print_table
+    from text2llm.metrics import format_seconds, print_table
 
     rows = [("steps", f"{r.step:,}" + (f" (stopped by {r.interrupted})" if r.interrupted else "")),
             ("parameters", f"{r.params:,}"),

@@ -43,14 +43,15 @@ the file (``external_data=False``).
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from text2llm.checkpoint import is_int8, load_model, load_tokenizer, resolve_checkpoint, tokenizer_dir
 from text2llm.errors import UserError
+from text2llm.files import check_output_dir, staged_output
 from text2llm.model.transformer import apply_rope
 
 META_FILE = "text2llm-onnx.json"
@@ -136,20 +137,16 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
 
 def export_onnx(ckpt, out_dir, int8: bool = False, overwrite: bool = False) -> Path:
     """Export the checkpoint (or a run dir's latest) to ``out_dir``; return ``out_dir``."""
-    import text2llm
-    from text2llm.train.checkpoint import resolve_checkpoint
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    check_output_dir(out_dir, overwrite)
     ckpt_dir = resolve_checkpoint(ckpt)
-    model, tok = text2llm.load(ckpt_dir)
-    if not isinstance(model, nn.Module) or not hasattr(model, "blocks"):
+    if is_int8(ckpt_dir):
         raise UserError(f"{ckpt_dir}: only a float text2llm checkpoint can be exported to ONNX "
                         "(export the float model and pass --int8 for an int8 ONNX model)")
-    return export_model(model, out, tokenizer=tok, int8=int8, extra_meta={"checkpoint": str(ckpt_dir)})
+    model, _ = load_model(ckpt_dir)
+    tok = load_tokenizer(ckpt_dir) if tokenizer_dir(ckpt_dir) else None
+    with staged_output(out_dir, overwrite) as tmp:
+        export_model(model, tmp, tokenizer=tok, int8=int8, extra_meta={"checkpoint": str(ckpt_dir)})
+    return Path(out_dir)
 
 
 def export_model(model, out_dir, tokenizer=None, int8: bool = False, extra_meta: dict | None = None) -> Path:

@@ -43,14 +43,21 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
 
+from text2llm.checkpoint import (is_int8, load_model, load_tokenizer, read_checkpoint_config, resolve_checkpoint,
+                                 save_weights, tokenizer_dir)
+from text2llm.config import Config
 from text2llm.errors import UserError
+from text2llm.files import staged_output
 from text2llm.model.config import ModelConfig
+from text2llm.model.transformer import Transformer
+from text2llm.tokenizer import Tokenizer
 
 TOKENIZER_COPY = "text2llm-tokenizer"
 
@@ -177,8 +184,6 @@ def _to_gpt2_state(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, t
 
 def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
     """A transformers config.json (llama, mixtral, gpt2) -> our ModelConfig, or a UserError."""
-    from pydantic import ValidationError
-
     try:
         return _from_hf_config(hf, where)
     except ValidationError as e:
@@ -282,35 +287,10 @@ def from_hf_state(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str,
 # ---- export / import -------------------------------------------------------------------------
 
 
-def _prepare_out(out_dir: str | Path, overwrite: bool) -> tuple[Path, Path]:
-    """(final dir, temporary dir beside it): files go to the temporary dir, renamed when complete."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
-
-
-def _finish(tmp: Path, out: Path) -> Path:
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    tmp.rename(out)
-    return out
-
-
 def export_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a transformers model dir for CKPT (a checkpoint dir, or a run dir's latest checkpoint)."""
-    from safetensors.torch import save_file
-
-    from text2llm.model.transformer import Transformer
-    from text2llm.train.checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
-
     src = resolve_checkpoint(ckpt)
-    if not (src / "model.safetensors").is_file():
+    if is_int8(src):
         raise UserError(f"{src}: has no model.safetensors (a quantized checkpoint cannot be exported to "
                         "Hugging Face; export the float checkpoint it was made from)")
     cfg = read_checkpoint_config(src).model
@@ -318,19 +298,15 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) ->
         raise UserError(f"{src / 'config.toml'}: model.vocab_size is 0; not a trained checkpoint")
     hf_architecture(cfg)  # refuse early, before any file is written
     tok = None
-    if (src / "tokenizer").is_dir():
-        from text2llm.tokenizer import Tokenizer
-
-        tok = Tokenizer.load(src / "tokenizer")
+    if tokenizer_dir(src) is not None:
+        tok = load_tokenizer(src)
     else:
         warnings.warn(f"{src}: no tokenizer/ dir; exporting the model without a tokenizer")
     ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id) if tok else {}
 
-    model = Transformer(cfg)
-    load_weights(model, src / "model.safetensors")
+    model, _ = load_model(src)
     hf_sd = to_hf_state(cfg, model.state_dict())
-    out, tmp = _prepare_out(out_dir, overwrite)
-    try:
+    with staged_output(out_dir, overwrite) as tmp:
         config = hf_config(cfg, **ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -340,16 +316,11 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) ->
         if tok is not None:
             tok.save_hf(tmp, model_max_length=cfg.max_seq_len)
             tok.save(tmp / TOKENIZER_COPY)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish(tmp, out)
+    return Path(out_dir)
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, sharded safetensors (model.safetensors.index.json) or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
     if (hf_dir / "model.safetensors").is_file():
         return load_file(str(hf_dir / "model.safetensors"))
     index = hf_dir / "model.safetensors.index.json"
@@ -366,10 +337,6 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Turn a transformers Llama / Mixtral / GPT-2 dir into a text2llm checkpoint dir."""
-    from text2llm.config import Config
-    from text2llm.model.transformer import Transformer
-    from text2llm.train.checkpoint import save_weights
-
     src = Path(hf_dir)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: not a Hugging Face model dir (no config.json)")
@@ -393,20 +360,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) 
     if mcfg.tie_embeddings:  # load_state_dict may have put lm_head into the shared tensor last
         model.embed.weight.data.copy_(sd["embed.weight"])
     cfg = Config(model=mcfg, train={"seq_len": min(256, mcfg.max_seq_len)})
-    out, tmp = _prepare_out(out_dir, overwrite)
-    try:
+    with staged_output(out_dir, overwrite) as tmp:
         save_weights(model, tmp / "model.safetensors", {"source": str(src)})
         (tmp / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
         (tmp / "state.json").write_text(json.dumps({"step": 0, "tokens_seen": 0, "imported_from": str(src)},
                                                    indent=1) + "\n", encoding="utf-8")
         if (src / TOKENIZER_COPY).is_dir():
-            from text2llm.tokenizer import Tokenizer
-
             Tokenizer.load(src / TOKENIZER_COPY).save(tmp / "tokenizer")
         else:
             warnings.warn(f"{src}: carries no text2llm tokenizer ({TOKENIZER_COPY}/); the checkpoint has no "
                           "tokenizer/ (copy one in to generate text)")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish(tmp, out)
+    return Path(out_dir)
