@@ -166,9 +166,28 @@ def cmd_export_aot(a) -> int:
 
 
 def cmd_compress(a) -> int:
-    from text2llm.compress import cli_entry
+    from text2llm.errors import UserError
 
-    return cli_entry(a)
+    verb = getattr(a, "cverb", None)
+    progress = not getattr(a, "quiet", False)
+    if verb == "quantize":
+        from text2llm.compress.quantize import quantize_checkpoint
+
+        quantize_checkpoint(a.ckpt, a.out, data=a.data, overwrite=a.overwrite)
+    elif verb == "prune":
+        from text2llm.compress.prune import prune_checkpoint
+
+        prune_checkpoint(a.ckpt, a.out, method=a.method, sparsity=a.sparsity, scope=a.scope,
+                         finetune_steps=a.finetune_steps, data=a.data, overwrite=a.overwrite, progress=progress)
+    elif verb == "distill":
+        from text2llm.compress.distill import distill_checkpoint
+
+        distill_checkpoint(a.teacher, a.student, a.out, overrides=list(a.overrides or []), data=a.data,
+                           alpha=a.alpha, temperature=a.temperature, overwrite=a.overwrite, progress=progress,
+                           init=a.init)
+    else:
+        raise UserError("compress: give a METHOD: quantize, prune or distill")
+    return 0
 
 
 def cmd_serve(a) -> int:

@@ -45,6 +45,20 @@ def staged_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     clean exit swaps it in for ``path``; on an exception the staging dir is removed and ``path``
     is left as it was.
     """
+    out = Path(path)
+    staging = begin_staging(out, overwrite)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    swap_in(staging, out)
+
+
+def begin_staging(path: str | Path, overwrite: bool) -> Path:
+    """Check ``path`` (:func:`check_output_dir`) and return a fresh, empty staging dir beside it.
+    (:func:`staged_output` is the usual way in; a long job that manages its own cleanup calls this
+    and :func:`swap_in` itself.)"""
     out = check_output_dir(path, overwrite)
     parent = out.resolve().parent
     try:
@@ -54,12 +68,7 @@ def staged_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         staging.mkdir()
     except OSError as e:
         raise UserError(f"{out}: cannot create output dir ({e.strerror})") from None
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    swap_in(staging, out)
+    return staging
 
 
 def swap_in(staging: Path, out: Path) -> None:

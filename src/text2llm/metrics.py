@@ -12,6 +12,9 @@ import json
 import math
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 
@@ -130,9 +133,6 @@ def _finite(x) -> bool:
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     """A two-column summary table (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -9,7 +9,7 @@ needs it)::
   back; the loader cuts windows anywhere in the stream.
 * ``padded`` (the seed's fixed-length rows): each document becomes rows of ``seq_len + 1``
   tokens (``BOS ... EOS`` then ``<pad>``), so a row gives ``seq_len`` inputs and ``seq_len``
-  targets; the loader turns targets at padding into the ignore index (-100). A longer document
+  targets; the loader turns targets at padding into the ignore index. A longer document
   is truncated, or with ``pack.split_long`` cut into several rows that overlap by one token (so
   every token is a target exactly once). ``meta.json`` holds ``seq_len`` and ``row_len``.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from itertools import chain, compress, repeat
@@ -36,9 +35,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from text2llm.data.readers import cleaned_files, iter_cleaned_lines, parse_cleaned_line
 from text2llm.errors import UserError
-from text2llm.files import read_metadata
+from text2llm.files import read_metadata, staged_output
+from text2llm.tokenizer import Tokenizer
 from text2llm.workers import QuietPool, batched, bounded_imap
 
 META = "meta.json"
@@ -61,8 +63,6 @@ def _init_worker(tok_dir: str, job: dict) -> None:
         os.environ.setdefault(var, "1")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if _tok is None or str(_tok.path) != tok_dir:
-        from text2llm.tokenizer import Tokenizer
-
         _tok = Tokenizer.load(tok_dir)
     _job = job
 
@@ -122,8 +122,6 @@ def _encode_chunk(chunk: list[tuple[str, str]] | tuple[int, int] | list[tuple[st
         start, stop = chunk
         chunk = [p for p in map(_pair, range(start, stop), _docs[start:stop]) if p[1]]
     elif chunk and isinstance(chunk[0][1], int):  # raw lines: the JSON is parsed in the worker
-        from text2llm.data.readers import parse_cleaned_line
-
         docs = [parse_cleaned_line(*line) for line in chunk]
         chunk = [(d.id, d.text) for d in docs if d.text]
         skipped = len(docs) - len(chunk)
@@ -296,8 +294,6 @@ def _chunks(docs: Iterable, skipped: list[int]) -> Iterator[list[tuple[str, str]
 def _line_chunks(path: str | Path) -> Iterator[list[tuple[str, int, bytes]]]:
     """Raw JSON lines of a cleaned-shard dir (or file) in work units: this process only reads and
     splits lines, the workers parse them (JSON decoding was the parent's bottleneck)."""
-    from text2llm.data.readers import iter_cleaned_lines
-
     names: dict = {}  # one str per file: pickled once per unit
     lines = ((names.setdefault(f, str(f)), n, line) for f, n, line in iter_cleaned_lines(path))
     return batched(lines, CHUNK_DOCS, CHUNK_BYTES, lambda rec: len(rec[2]))
@@ -337,31 +333,24 @@ def pack(docs: Iterable | str | Path, tokenizer_dir: str | Path, out_dir: str | 
     ``cfg`` is a :class:`text2llm.config.PackConfig`. With ``cfg.workers`` > 1 the tokenising
     runs in that many processes (one thread each) while this one reads and writes.
     """
-    from text2llm.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tokenizer_dir)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staged_output(out_dir, overwrite) as tmp:
+        return _pack_into(tmp, docs, tok, cfg, progress)
+
+
+def _pack_into(tmp: Path, docs, tok, cfg, progress: bool) -> dict:
+    """The work of :func:`pack`, written into the staging dir ``tmp``."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     row_len = cfg.seq_len + 1
     job = {"dtype": np.dtype(dtype).name, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
            "mode": cfg.mode, "row_len": row_len, "split_long": cfg.split_long}
     writers = {s: ShardWriter(tmp, s, cfg.shard_tokens) for s in ("train", "val")}
     skipped = [0]
-
-    from tqdm import tqdm
-
     bar = tqdm(desc="pack", unit=" docs", disable=not progress, mininterval=0.5)
     t0 = time.perf_counter()
 
     from_files = isinstance(docs, (str, Path))
     if from_files:
-        from text2llm.data.readers import cleaned_files
-
         cleaned_files(docs)  # a missing or empty input is an error now, before any work
 
     def encoded() -> Iterator[dict]:
@@ -416,10 +405,8 @@ def pack(docs: Iterable | str | Path, tokenizer_dir: str | Path, out_dir: str | 
             splits[s]["rows"] = w.stored // row_len
             splits[s]["padding"] = w.stored - w.tokens - (w.stored // row_len - w.documents if cfg.split_long else 0)
     if splits["train"]["tokens"] == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError("pack: no documents to pack (is the input empty?)")
     if cfg.val_fraction > 0 and splits["val"]["documents"] < cfg.val_min_docs:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
             f"pack: only {splits['val']['documents']} validation documents (pack.val_min_docs={cfg.val_min_docs}); "
             f"raise pack.val_fraction or give more documents"
@@ -444,9 +431,6 @@ def pack(docs: Iterable | str | Path, tokenizer_dir: str | Path, out_dir: str | 
     if cfg.mode == "padded":
         meta.update({"seq_len": cfg.seq_len, "row_len": row_len, "split_long": cfg.split_long})
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return meta
 
 

@@ -15,7 +15,19 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from text2llm.artifacts import load
+from text2llm.data.pipeline import run_clean
+from text2llm.data.readers import iter_cleaned
 from text2llm.errors import UserError
+from text2llm.evaluate import evaluate_tokens
+from text2llm.files import check_output_dir
+from text2llm.infer.generate import generate
+from text2llm.pack import pack
+from text2llm.tokenizer import train_tokenizer
+from text2llm.train.trainer import train
 
 
 def bundled_corpus() -> list[Path]:
@@ -47,18 +59,7 @@ class StageTimer:
 
 def run_pipeline(cfg, out_dir: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Run clean -> tokenizer -> pack -> train -> eval -> generate; return the summary dict."""
-    import text2llm
-    from text2llm.data.pipeline import run_clean
-    from text2llm.data.readers import iter_cleaned
-    from text2llm.evaluate import evaluate_tokens
-    from text2llm.infer.generate import generate
-    from text2llm.pack import pack
-    from text2llm.tokenizer import train_tokenizer
-    from text2llm.train.trainer import train
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
+    out = check_output_dir(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out)
     inputs = [Path(p) for p in cfg.run.inputs] or bundled_corpus()
@@ -79,7 +80,7 @@ def run_pipeline(cfg, out_dir: str | Path, overwrite: bool = False, progress: bo
     with timer("train"):
         result = train(cfg, out / "tokens", out / "train", overwrite=overwrite, progress=progress)
     with timer("eval"):
-        model, tokenizer = text2llm.load(result.last_checkpoint)
+        model, tokenizer = load(result.last_checkpoint)
         ev = evaluate_tokens(model, out / "tokens", "val")
         print(f"val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}, bits/byte {ev['bits_per_byte']:.4f}")
     with timer("generate"):
@@ -109,9 +110,6 @@ def run_pipeline(cfg, out_dir: str | Path, overwrite: bool = False, progress: bo
 
 
 def print_summary(s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="text2llm run", show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")

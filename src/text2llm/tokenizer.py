@@ -44,8 +44,10 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from text2llm.data.fastio import GZIP_ERRORS, gzip_decompress
+from text2llm.data.readers import is_metadata_file, iter_cleaned
 from text2llm.errors import UserError
-from text2llm.files import read_metadata
+from text2llm.files import check_output_dir, read_metadata, staged_output
 
 META_FILE = "text2llm-tokenizer.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -341,9 +343,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, cfg, overwrite: b
     ``vocab_size`` is an upper bound: text too small or too uniform to fill it gives fewer tokens
     (the tokenizer's ``vocab_size`` says how many).
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: output dir is not empty (pass --overwrite to replace it)")
+    out = check_output_dir(out_dir, overwrite)
     extras = list(cfg.user_defined_symbols)
     for s in extras:
         if not s or s in SPECIALS:
@@ -353,9 +353,13 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, cfg, overwrite: b
     docs = sample_texts(texts, cfg.max_train_bytes, cfg.sample, cfg.seed)
     if not any(d.strip() for d in docs):
         raise UserError("tokenizer training: the input holds no text")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staged_output(out, overwrite) as tmp:
+        _train_into(tmp, docs, extras, cfg)
+    return Tokenizer.load(out)
+
+
+def _train_into(tmp: Path, docs: list[str], extras: list[str], cfg) -> None:
+    """The backend's training and the metadata file, written into the staging dir ``tmp``."""
     if cfg.type in ("bpe", "unigram"):
         meta = _train_sentencepiece(docs, tmp, cfg)
     elif cfg.type == "bytelevel":
@@ -372,10 +376,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, cfg, overwrite: b
         "trained_on_documents": len(docs),
     })
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return Tokenizer.load(out)
 
 
 def _train_sentencepiece(docs: list[str], out: Path, cfg) -> dict:
@@ -461,9 +461,6 @@ def iter_training_texts(inputs: Sequence[str | Path]) -> Iterator[str]:
     line kept); a .jsonl(.gz) file gives the ``text`` field of each line. In a dir, a dataset's
     documentation (``README.txt``, ``LICENSE.txt``, ...) is not read.
     """
-    from text2llm.data.fastio import GZIP_ERRORS, gzip_decompress
-    from text2llm.data.readers import is_metadata_file, iter_cleaned
-
     for item in inputs:
         p = Path(item)
         if not p.exists():

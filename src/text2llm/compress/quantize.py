@@ -38,9 +38,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from text2llm.checkpoint import read_checkpoint_config
 from text2llm.compress import native
+from text2llm.compress.common import load_fp32, report_data
+from text2llm.compress.report import compare, measure, retime, write_report
 from text2llm.errors import UserError
 from text2llm.files import check_output_dir, staged_output
 from text2llm.model.transformer import Transformer
@@ -191,8 +194,6 @@ def _is_tied_head(emb: torch.Tensor, tensors: dict, head: dict | None) -> bool:
 def save_quantized(model: nn.Module, out_dir: Path, config_toml: str, tokenizer_dir: Path | None,
                    source: str | None = None, int8_embedding: bool = True) -> Path:
     """Write a quantized model as safetensors + quant.json + config.toml (+ tokenizer/)."""
-    from safetensors.torch import save_file
-
     tensors, layers = quantized_state(model)
     embedding = None
     if int8_embedding and "embed.weight" in tensors:
@@ -221,8 +222,6 @@ def save_quantized(model: nn.Module, out_dir: Path, config_toml: str, tokenizer_
 
 def load_quantized(ckpt_dir: str | Path, with_tokenizer: bool = True):
     """(int8 model in eval mode, tokenizer) from a dir written by :func:`save_quantized`."""
-    from safetensors.torch import load_file
-
     ckpt = Path(ckpt_dir)
     try:
         meta = json.loads((ckpt / "quant.json").read_text(encoding="utf-8"))
@@ -270,9 +269,6 @@ def load_quantized(ckpt_dir: str | Path, with_tokenizer: bool = True):
 def quantize_checkpoint(ckpt: str | Path, out: str | Path, data: str | Path | None = None, overwrite: bool = False,
                         report: bool = True, latency_kwargs: dict | None = None) -> dict:
     """``text2llm compress quantize``: fp32 checkpoint -> int8 checkpoint dir + report.json."""
-    from text2llm.compress.common import load_fp32, report_data
-    from text2llm.compress.report import compare, measure, retime, write_report
-
     check_output_dir(out, overwrite)
     src = load_fp32(ckpt)
     data = report_data(src.ckpt, data)

@@ -21,6 +21,10 @@ from pathlib import Path
 
 import torch
 
+from text2llm.evaluate import evaluate_tokens
+from text2llm.infer.fast_step import FastDecodeStep
+from text2llm.model.transformer import KVCache
+
 METRICS = [  # key, label, format (lower is better for all)
     ("size_bytes", "size on disk (MB)", lambda v: f"{v / 1e6:.2f}"),
     ("params", "parameters", lambda v: f"{v:,}"),
@@ -61,8 +65,6 @@ def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, rep
     """Best-of-``repeats`` CPU latency per token of a prefill (1 x prefill_len) and of KV-cache decode
     steps, for each model. The models take turns within every repeat, so a change in the machine's
     load hits all of them alike and the before/after ratio stays fair."""
-    from text2llm.model.transformer import KVCache
-
     cfg = models[0].cfg
     prefill_len = max(1, min(prefill_len, min(m.cfg.max_seq_len for m in models) - decode_tokens - 1))
     decode_tokens = max(1, min(decode_tokens, cfg.max_seq_len - prefill_len))
@@ -88,8 +90,6 @@ def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, rep
 
     # time the path generation takes (TorchEngine): packed Linears, the last position's logits,
     # and each decode step through infer/fast_step.py where it covers the model
-    from text2llm.infer.fast_step import FastDecodeStep
-
     for m in models:
         m.eval()
         if hasattr(m, "fast_inference"):
@@ -116,8 +116,6 @@ def measure(model, ckpt_dir: str | Path | None, tokens_dir: str | Path | None, l
             timing: bool = True) -> dict:
     """All report metrics of one model (val metrics only when ``tokens_dir`` is given; latencies
     unless ``timing=False``, for :func:`retime` to add them side by side with another model)."""
-    from text2llm.evaluate import evaluate_tokens
-
     model.eval()
     row = {"size_bytes": weights_size(ckpt_dir) if ckpt_dir else None, "params": count_params(model)}
     if timing:

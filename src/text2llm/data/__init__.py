@@ -24,8 +24,12 @@ def __getattr__(name: str):
         from text2llm.data.pipeline import run_clean
 
         return run_clean
-    if name in ("iter_cleaned", "iter_documents"):
-        from text2llm.data import readers
+    if name == "iter_cleaned":
+        from text2llm.data.readers import iter_cleaned
 
-        return getattr(readers, name)
+        return iter_cleaned
+    if name == "iter_documents":  # (raw inputs with their HTML extracted)
+        from text2llm.data.extract import iter_documents
+
+        return iter_documents
     raise AttributeError(f"module 'text2llm.data' has no attribute {name!r}")

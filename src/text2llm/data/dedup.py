@@ -28,7 +28,7 @@ from itertools import repeat
 import numpy as np
 
 from text2llm.data.config import DataConfig
-from text2llm.data.textstats import BatchStats
+from text2llm.data.textstats import BatchStats, _mix
 
 
 _ASCII_OTHER_SPACE_RE = re.compile("[\t\x0b\x0c\r\x1c-\x1f]")
@@ -115,8 +115,6 @@ class MinHasher:
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
-    from text2llm.data.textstats import _mix
-
     return _mix(h)
 
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
+from typing import Iterator
 
-from text2llm.data.readers import decode_bytes
+from text2llm.data.config import DataConfig
+from text2llm.data.document import Document
+from text2llm.data.readers import decode_bytes, iter_raw, resolve_inputs
 
 _META_CHARSET_RE = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w\-]+)""", re.I)
 _WRAPPER_RE = re.compile(rb"""^\s*<text\b[^>]*\bencoding\s*=\s*["']?([\w\-]+)""", re.I)
@@ -84,3 +88,13 @@ def extraction_f1(pred: str, gold: str, zh: bool) -> float:
         return 0.0
     prec, rec = overlap / sum(p.values()), overlap / sum(g.values())
     return 2 * prec * rec / (prec + rec)
+
+
+def iter_documents(inputs: list[str | Path], cfg: DataConfig | None = None) -> Iterator[Document]:
+    """Raw inputs as Documents (HTML extracted, text not normalised or filtered), in input order."""
+    cfg = cfg or DataConfig()
+    skipped: Counter = Counter()
+    repaired: Counter = Counter()
+    for rid, src, kind, payload, charset in iter_raw(resolve_inputs(inputs), cfg, skipped, repaired):
+        text = html_to_text(payload, charset, repaired) if kind == "html" else payload
+        yield Document(rid, text, src)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import json
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import time
@@ -35,10 +34,22 @@ from itertools import groupby
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
 from text2llm.data.config import DataConfig
 from text2llm.data.document import Document
+from text2llm.data.dedup import Deduplicator, MinHasher, exact_key
+from text2llm.data.extract import html_to_text
 from text2llm.data.fastio import gzip_compress, gzip_decompress
+from text2llm.data.filters import DocStats, LanguageFilter, build_filters
+from text2llm.data.normalize import _control_table, _mojibake_tables, _ws_table, normalize_batch
+from text2llm.data.readers import iter_raw, parse_jsonl_block, resolve_inputs
+from text2llm.data.textstats import BatchStats, _tables
 from text2llm.errors import UserError
+from text2llm.files import begin_staging, swap_in
 from text2llm.workers import QuietPool, batched, bounded_imap
 
 # ---------------------------------------------------------------------------------------
@@ -53,8 +64,6 @@ def _init_worker(cfg_json: str, warm: bool = False) -> None:
     ``warm`` also loads everything that is otherwise loaded lazily (HTML extractor, lookup
     tables, the langid model), so that forked workers inherit it instead of each loading it.
     """
-    from text2llm.data.dedup import MinHasher
-    from text2llm.data.filters import LanguageFilter, build_filters
 
     cfg = DataConfig.model_validate_json(cfg_json)
     _STATE.clear()
@@ -62,8 +71,6 @@ def _init_worker(cfg_json: str, warm: bool = False) -> None:
     if warm:
         import trafilatura  # noqa: F401
 
-        from text2llm.data.normalize import _control_table, _mojibake_tables, _ws_table
-        from text2llm.data.textstats import _tables
 
         _tables()
         _control_table()
@@ -86,14 +93,6 @@ def process_batch(batch: list[tuple]) -> tuple[list[tuple], bytes, bytes, dict, 
     skipped records (unparsable JSON lines and the like) and the input bytes of the documents
     (text as UTF-8, HTML as read).
     """
-    from text2llm.data.dedup import exact_key
-    from text2llm.data.extract import html_to_text
-    from text2llm.data.filters import DocStats
-    from text2llm.data.normalize import normalize_batch
-    from text2llm.data.readers import parse_jsonl_block
-    from text2llm.data.textstats import BatchStats
-
-    import numpy as np
 
     cfg, filters, minhash = _STATE["cfg"], _STATE["filters"], _STATE["minhash"]
     repaired: Counter = Counter()
@@ -193,8 +192,6 @@ def _batch_passes(f, idx, views: list, stats, in_main):
     """Bool mask over the documents ``idx``: those that ``f`` certainly passes unchanged, by its
     batch fast path (:meth:`~text2llm.data.filters.Filter.passes`, per :class:`BatchStats` the
     views point into: ``stats``, row = document index, where ``in_main``; else a re-computed one)."""
-    import numpy as np
-
     settled = np.zeros(len(idx), dtype=bool)
     main = in_main[idx]
     if main.any():
@@ -327,34 +324,6 @@ def _write_batch(rows: list[tuple], dup: dict[int, str], kept: bytes, rejected: 
         rejected_writer.flush()
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
-    """Check ``out_dir`` and return a fresh staging dir beside it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: output directory is not empty (pass --overwrite to replace it)")
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{out_dir.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot create output directory ({e.strerror})") from None
-    return staging
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``staging`` with two renames (old output kept until the new is whole)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.resolve().parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------
 # the run
 
@@ -392,15 +361,13 @@ def run_clean(
     Raises :class:`UserError` for a missing/unreadable input or a non-empty ``out_dir`` without
     ``overwrite``. Bad records never raise: they are skipped and counted in ``stats["skipped"]``.
     """
-    from text2llm.data.dedup import Deduplicator
-    from text2llm.data.readers import iter_raw, resolve_inputs
 
     cfg = cfg or DataConfig()
     if workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
     out_dir = Path(out_dir).resolve()  # resolved so that "." or "out/" still has a name and a parent
     files = resolve_inputs(inputs)
-    staging = _prepare_out_dir(out_dir, overwrite)
+    staging = begin_staging(out_dir, overwrite)
 
     skipped: Counter = Counter()
     repaired: Counter = Counter()
@@ -492,7 +459,7 @@ def run_clean(
         "dedup": cfg.dedup,
     }
     (staging / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _swap_in(staging, out_dir)
+    swap_in(staging, out_dir)
     if progress:
         _print_summary(stats, elapsed, out_dir)
     return {**stats, "elapsed_s": round(elapsed, 3)}
@@ -511,9 +478,6 @@ class _Progress:
         self._last = 0.0
         self._live = None
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
             self._live = Progress(
                 TextColumn("clean"),
                 BarColumn(),
@@ -544,9 +508,6 @@ class _Progress:
 
 def _print_summary(stats: dict, elapsed: float, out_dir: Path) -> None:
     """The closing table: documents removed per filter, skipped inputs, throughput."""
-    from rich.console import Console
-    from rich.table import Table
-
     n_in = max(stats["docs_in"], 1)
     table = Table(title=f"text2llm clean -> {out_dir}", title_justify="left")
     table.add_column("step")

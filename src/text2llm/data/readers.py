@@ -590,15 +590,3 @@ def iter_cleaned(path: str | Path) -> Iterator[Document]:
     """Documents from a cleaned-shard dir (``clean-*.jsonl.gz`` in sorted order) or one .jsonl[.gz] file."""
     for f, n, line in iter_cleaned_lines(path):
         yield parse_cleaned_line(f, n, line)
-
-
-def iter_documents(inputs: list[str | Path], cfg: DataConfig | None = None) -> Iterator[Document]:
-    """Raw inputs as Documents (HTML extracted, text not normalised or filtered), in input order."""
-    from text2llm.data.extract import html_to_text
-
-    cfg = cfg or DataConfig()
-    skipped: Counter = Counter()
-    repaired: Counter = Counter()
-    for rid, src, kind, payload, charset in iter_raw(resolve_inputs(inputs), cfg, skipped, repaired):
-        text = html_to_text(payload, charset, repaired) if kind == "html" else payload
-        yield Document(rid, text, src)

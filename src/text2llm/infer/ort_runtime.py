@@ -22,6 +22,7 @@ import numpy as np
 
 from text2llm.errors import UserError
 from text2llm.files import read_metadata
+from text2llm.tokenizer import Tokenizer
 
 META_FILE = "text2llm-onnx.json"
 
@@ -36,8 +37,6 @@ def is_export_dir(path: str | Path) -> bool:
 
 
 def load_tokenizer(export_dir: str | Path):
-    from text2llm.tokenizer import Tokenizer
-
     sub = read_meta(export_dir).get("tokenizer")
     if not sub:
         raise UserError(f"{export_dir}: this export carries no tokenizer (export it from a checkpoint with tokenizer/)")
