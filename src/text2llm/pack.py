@@ -46,8 +46,8 @@ from text2llm.workers import QuietPool, batched, bounded_imap
 META = "meta.json"
 # a work unit: this many documents or bytes of UTF-8 text (estimated, see _size), whichever comes
 # first. Small enough that the last units keep every worker busy and large documents spread over
-# them (a unit takes ~15 ms of SentencePiece on Chinese, ~70 ms on English), large enough that the
-# per-unit cost (one batch call, one result sent back) stays near 1%
+# them, large enough that the per-unit cost (one batch call, one result sent back) stays small
+# next to the tokenising (benchmarks/tokenize.py measures both)
 CHUNK_DOCS, CHUNK_BYTES = 512, 1 << 18
 _tok = None  # the tokenizer of this (worker) process
 _job: dict = {}  # what every chunk needs: dtype, split and mode settings
@@ -365,8 +365,8 @@ def _pack_into(tmp: Path, docs, tok, cfg, progress: bool) -> dict:
             else:
                 yield from map(_encode_chunk, _chunks(docs, skipped))
             return
-        # fork starts a worker in milliseconds (spawn re-imports numpy and the backend, ~0.3 s of
-        # CPU each, a third of the work on a 5 MB corpus); workers touch neither torch nor threads
+        # fork starts a worker at once (spawn re-imports numpy and the tokenizer backend in each
+        # worker, which on a small corpus costs as much as the work); workers touch neither torch nor threads
         # of this process, so fork is safe where the platform has it. A forked worker has the
         # tokenizer already, and reads a list of documents by index (no text is pickled)
         fork = sys.platform == "linux"

@@ -15,8 +15,8 @@ T = TypeVar("T")
 class QuietPool(Pool):
     """``multiprocessing.Pool`` whose worker-maintenance thread wakes only when a worker exits or
     the pool changes state. CPython's also wakes it whenever a result is waiting in the pipe, and it
-    then spins (a new selector per turn) until the result thread has read it: ~25 ms of CPU per
-    10 MB of Chinese in ``pack``, taken from the workers on a 2-core machine."""
+    then spins (a new selector per turn) until the result thread has read it, CPU time taken from
+    the workers on a machine with few cores."""
 
     def _get_sentinels(self):
         return [self._change_notifier._reader]

@@ -1,10 +1,10 @@
 """int8 quantization of the Linear layers for CPU inference, saved without pickling.
 
-Scheme (chosen by measurement on the 2-core CPU, see benchmarks/compress.py): *dynamic* int8 —
+Scheme (chosen by measurement, benchmarks/compress.py): *dynamic* int8 —
 weights are int8 with one symmetric scale per output channel; each forward quantizes its
 activations to int8 on the fly. Prefill runs fbgemm's int8 GEMM (``torch.ao`` ``quantize_dynamic``);
 decode steps (a few rows) run the native AVX-512 VNNI kernel of :mod:`text2llm.compress.native`
-where it builds, because fbgemm's fixed cost per call (~20 us) ate the gain on small models.
+where it builds, because fbgemm's fixed cost per call ate the gain on small models.
 Weight-only int8 (``aten._weight_int8pack_mm``) and torchao's int8 paths were slower than fp32
 here.
 
@@ -71,12 +71,10 @@ def _engine() -> str:
 
 
 # Below this many weights, a Linear's int8 GEMM is slower than the fp32 matmul of its dequantized
-# weights on this kind of CPU: each int8 call pays ~20 us to quantize the activations and set up
-# fbgemm, while an fp32 matrix under ~1 MB sits in the core's L2 cache and multiplies in a few us.
-# (2-core Xeon, 1 thread, one row, weights in cache: 192x576 fp32 6 us vs int8 24 us; 384x2048
-# fp32 123 us vs int8 30 us; a one-off timing of torch.mm against quantized::linear_dynamic. The
-# end-to-end effect is what benchmarks/compress.py measures.) This decides the rows that the
-# native kernel does not take (prefill; every row where it is not available).
+# weights: each int8 call pays a fixed cost to quantize the activations and set up fbgemm, while
+# an fp32 matrix of about a megabyte sits in the core's L2 cache and multiplies faster than that.
+# (benchmarks/compress.py, case int8-kernels, times both per matrix.) This decides the rows that
+# the native kernel does not take (prefill; every row where it is not available).
 INT8_MIN_WEIGHTS = 1 << 18
 
 

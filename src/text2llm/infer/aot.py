@@ -1,9 +1,9 @@
 """The decode step compiled ahead of time (AOTInductor): compile once, load in every process.
 
 ``generate --compile`` compiles the decode step with ``torch.compile`` in every new process
-(10-30 s on the 2-core CPU). ``text2llm export aot CKPT --out DIR`` compiles it once (20-40 s)
-into a shared library, and ``generate DIR`` / ``serve DIR`` load that instead (~3 s in a new
-process, inductor's import included; benchmarks/generate.py ``aot_load``)::
+(tens of seconds on a small CPU). ``text2llm export aot CKPT --out DIR`` compiles it once into a
+shared library, and ``generate DIR`` / ``serve DIR`` load that instead, in a few seconds
+(benchmarks/generate.py ``aot_load`` measures both)::
 
     DIR/model.safetensors, config.toml, tokenizer/   a copy of the checkpoint (the prompt runs eagerly)
     DIR/decode_step.pt2                              the compiled step, weights frozen inside

@@ -47,9 +47,9 @@ def make_session(path: Path, threads: int | None = None, spinning: bool | None =
     """An onnxruntime CPU session.
 
     ``spinning``: let idle worker threads busy-wait for the next op instead of sleeping (faster
-    hand-offs between the many small ops of a decode step: batch 8 of the demo model ~4,300 ->
-    ~5,300 tokens/s on the 2-core CPU). Spinning threads starve torch when the two *interleave*
-    in one process (ENVIRONMENT.md: torch decode 5.8 -> 31.7 ms), so the default (None) spins
+    hand-offs between the many small ops of a decode step; benchmarks/generate.py). Spinning
+    threads starve torch when the two *interleave* in one process (torch's decode becomes several
+    times slower), so the default (None) spins
     only when torch has not been imported: the onnxruntime-only deployment path."""
     import onnxruntime as ort
 

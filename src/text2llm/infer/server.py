@@ -169,7 +169,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, e: ApiError) -> None:
         self.close_connection = True  # the body may be unread: do not parse it as the next request
-        self._json(e.status, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": None}})
+        try:
+            self._json(e.status, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": None}})
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away before its error could be sent (e.g. it stopped mid-body)
 
     def _read_json(self):
         length = self.headers.get("Content-Length")

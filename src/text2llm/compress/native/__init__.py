@@ -2,19 +2,18 @@
 
 Why: decoding one token multiplies each weight matrix by one row. For the small models this
 toolkit trains on a laptop, torch's int8 kernels do not pay off there: ``quantized::linear_dynamic``
-(fbgemm) costs ~18-20 us per call whatever the size, ``aten._weight_int8pack_mm`` was 6-8x slower
-than the fp32 matmul on the 2-core AVX-512 Xeon this was written on, and the fp32 matmul itself
-streams 4 bytes per weight. ``int8_gemv.c`` quantizes the row to int8 and runs the product with
-AVX-512 VNNI (64 multiply-adds per instruction), reading 1 byte per weight: the demo model's
-192x4096 output layer went from 134 us (fp32) to 41 us, its 192x576 q/k/v stack from 13 to 5 us
-(one-off timings, 1 thread; ``benchmarks/compress.py`` measures the decode step end to end).
+(fbgemm) has a fixed cost per call whatever the size, ``aten._weight_int8pack_mm`` is slower than
+the fp32 matmul, and the fp32 matmul itself streams 4 bytes per weight. ``int8_gemv.c`` quantizes
+the row to int8 and runs the product with AVX-512 VNNI (64 multiply-adds per instruction), reading
+1 byte per weight (``benchmarks/compress.py``: case ``int8-kernels`` per matrix, ``quantize`` the
+decode step end to end; the README quotes both).
 
 How it is built: with the C compiler found as ``$CC``, ``cc``, ``gcc`` or ``clang``, flags
 ``-O3 -march=native``, into ``$XDG_CACHE_HOME/text2llm/native/<key>/`` (default ``~/.cache``),
 where the key hashes the source, the compiler and flags, and the CPU's model and feature flags, so
 that a cache shared between machines never hands a library to a CPU it was not built for. The
-build goes to a temporary file renamed into place (concurrent processes are safe). It takes
-~0.3 s, once.
+build goes to a temporary file renamed into place (concurrent processes are safe), once per
+machine and source.
 
 When it is not used, and nothing breaks: no compiler, a CPU without AVX-512 VNNI (the source
 refuses to compile), a platform other than x86-64, or ``TEXT2LLM_NATIVE=0``. :func:`load` then
@@ -40,8 +39,8 @@ SOURCE = Path(__file__).with_name("int8_gemv.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 ABI_VERSION = 4
 # Rows handled by the kernel per call (it loads each weight once per tile of 4 rows); more rows
-# (prefill) go to torch's int8 GEMM. Measured with the demo model's 17 matrices of a decode step,
-# 1 thread: native / fbgemm 165 / 438 us at 1 row, 239 / 431 at 4, 354 / 498 at 8, 761 / 649 at 16.
+# (prefill) go to torch's int8 GEMM, which wins from about 16 rows (benchmarks/compress.py,
+# int8-kernels).
 MAX_ROWS = 8
 
 _lock = threading.Lock()
@@ -168,9 +167,9 @@ class Int8Gemv:
     ``max_rows`` rows (prefill, where a GEMM that reuses each weight across rows wins) or a dtype
     other than fp32.
 
-    A decode step makes ~20 of these calls, and a ctypes call costs ~0.15 us per argument, a
-    ``torch.empty`` ~2 us: so the matrix is described once in a C struct (one argument instead of
-    six), and a call is one check, one ``torch.empty`` and the ctypes call."""
+    A decode step makes a call per matrix, and each ctypes argument and each torch call has a
+    cost of its own next to a small product: so the matrix is described once in a C struct (one
+    argument instead of six), and a call is one check, one ``torch.empty`` and the ctypes call."""
 
     __slots__ = ("wp", "colsum", "scale", "bias", "n_out", "n_in", "fallback", "max_rows", "_fn", "_mat", "_addr")
 
