@@ -61,7 +61,7 @@ def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, rep
     """Best-of-``repeats`` CPU latency per token of a prefill (1 x prefill_len) and of KV-cache decode
     steps, for each model. The models take turns within every repeat, so a change in the machine's
     load hits all of them alike and the before/after ratio stays fair."""
-    from text2llm.model.transformer import KVCache
+    from text2llm.model.transformer import KVCache, Transformer
 
     cfg = models[0].cfg
     prefill_len = max(1, min(prefill_len, min(m.cfg.max_seq_len for m in models) - decode_tokens - 1))
@@ -89,11 +89,12 @@ def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, rep
     # time the path generation takes (TorchEngine): packed Linears, the last position's logits,
     # and each decode step through infer/fast_step.py where it covers the model
     from text2llm.infer.fast_step import FastDecodeStep
+    from text2llm.infer.packing import pack_weights
 
     for m in models:
         m.eval()
-        if hasattr(m, "fast_inference"):
-            m.fast_inference()
+        if isinstance(m, Transformer):
+            pack_weights(m)
     steps = [FastDecodeStep.build(m) for m in models]
     caches = [KVCache(m.cfg, batch_size=1, max_len=prefill_len + decode_tokens) for m in models]
     best = [[float("inf"), float("inf")] for _ in models]
