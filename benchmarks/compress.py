@@ -133,13 +133,14 @@ def case_int8_bound(name, ckpt, data, work):
     from text2llm.compress.common import load_fp32
     from text2llm.compress.quantize import quantize_model
     from text2llm.infer.fast_step import FastDecodeStep
+    from text2llm.infer.packing import pack_weights
     from text2llm.model.transformer import KVCache
 
     fp, _ = text2llm.load(ckpt)
     q8 = quantize_model(load_fp32(ckpt).fresh_model())
     cfg = fp.cfg
     for m in (fp, q8):
-        m.eval().fast_inference()
+        pack_weights(m.eval())
     step_fp, step_q8 = FastDecodeStep.build(fp), FastDecodeStep.build(q8)
     mlp = fp.blocks[0].mlp
     hidden = mlp.up_proj.out_features
@@ -195,10 +196,10 @@ def case_int8_kernels(name, ckpt, data, work):
 
     import text2llm
     from text2llm.compress import native
-    from text2llm.model.transformer import packed_matmul
+    from text2llm.infer.packing import pack_weights, packed_matmul
 
     fp, _ = text2llm.load(ckpt)
-    fp.eval().fast_inference()
+    pack_weights(fp.eval())
     groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
     ws = [packed_matmul(getattr(b, "attn" if g[0][0] in "qkvo" else "mlp"), g).w_IO.t().contiguous()
           for b in fp.blocks for g in groups] + [packed_matmul(fp, ("lm_head",)).w_IO.t().contiguous()]

@@ -5,7 +5,7 @@
 
 Cases:
   parity      fp32 logits on the GPU == on the CPU (dense, GQA, MoE, learned positions)
-  kv_cache    incremental decoding on the GPU == the full forward; fast_inference == plain Linears
+  kv_cache    incremental decoding on the GPU == the full forward; packed weights == plain Linears
   cli_train   `text2llm train` on cuda (bf16 autocast, evaluation and checkpoints), then `--resume`
               to more steps: the user's path end to end, on random token shards
   decode      generation tokens/s with the KV cache, GPT-2-124M shape (random weights), fp32 and
@@ -47,6 +47,7 @@ def tiny_models():
 
 
 def check_parity_and_cache(dev: torch.device) -> None:
+    from text2llm.infer.packing import pack_weights
     from text2llm.model.transformer import KVCache, Transformer
 
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the comparison
@@ -64,7 +65,7 @@ def check_parity_and_cache(dev: torch.device) -> None:
             parts = [gpu(ids[:, :9].to(dev), cache=cache).logits]
             parts += [gpu(ids[:, t : t + 1].to(dev), cache=cache).logits for t in range(9, 40)]
             inc = torch.cat(parts, 1).cpu()
-            gpu.fast_inference()
+            pack_weights(gpu)
             cache.reset()
             fparts = [gpu(ids[:, :9].to(dev), cache=cache).logits]
             fparts += [gpu(ids[:, t : t + 1].to(dev), cache=cache).logits for t in range(9, 40)]

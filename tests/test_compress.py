@@ -120,6 +120,7 @@ def test_int8_embedding_stored_once_when_tied(tie, tmp_path):
 @pytest.mark.parametrize("min_weights", [0, 1 << 30])  # every stack int8 / every stack dequantized to fp32
 def test_int8_packed_linears_match_the_int8_modules(min_weights, monkeypatch):
     from text2llm.compress import quantize as Q
+    from text2llm.infer.packing import PackedAttention, PackedMLP, pack_weights
     from text2llm.model.config import ModelConfig
     from text2llm.model.transformer import Transformer
 
@@ -129,8 +130,8 @@ def test_int8_packed_linears_match_the_int8_modules(min_weights, monkeypatch):
     q = Q.quantize_model(fp)
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
     plain = _logits(q, ids)
-    q.fast_inference()
-    assert all(b.attn.fast and b.mlp.fast for b in q.blocks) and q.fast
+    pack_weights(q)
+    assert all(isinstance(b.attn, PackedAttention) and isinstance(b.mlp, PackedMLP) for b in q.blocks) and q.packed_head
     fast = _logits(q, ids)
     assert "_packed" in q.blocks[0].attn.__dict__
     # same int8 weights; the dynamic activation scales differ (one per stacked call vs one per Linear)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from text2llm.infer.packing import pack_weights
 from text2llm.model import KVCache, ModelConfig, Transformer
 from text2llm.model.config import PRESETS
 from text2llm.model.transformer import causal_mask, document_mask
@@ -150,13 +151,13 @@ def test_kv_cache_incremental_decoding_equals_full_forward(kw):
     dict(), dict(n_kv_head=2), dict(positions="learned", norm="layernorm", activation="gelu", bias=True),
     dict(n_experts=4, moe_top_k=2),
 ])
-def test_fast_inference_packed_linears_give_the_same_logits(kw):
+def test_packed_weights_give_the_same_logits(kw):
     cfg = tiny(**kw)
     model = build(cfg)
     x = ids(T=20)
     with torch.no_grad():
         ref = model(x).logits
-        model.fast_inference()
+        pack_weights(model)
         cache = KVCache(cfg, batch_size=2)
         fast = torch.cat([model(x[:, :12], cache=cache).logits]
                          + [model(x[:, t : t + 1], cache=cache).logits for t in range(12, 20)], dim=1)
@@ -166,21 +167,21 @@ def test_fast_inference_packed_linears_give_the_same_logits(kw):
     assert set(model.state_dict()) == set(build(cfg).state_dict())  # the packed copies are not state
 
 
-def test_fast_inference_follows_weight_updates_and_leaves_training_alone():
+def test_packed_weights_follow_weight_updates_and_leave_training_alone():
     cfg = tiny()
-    model = build(cfg).fast_inference()
+    model = pack_weights(build(cfg))
     x = ids(T=10)
     with torch.no_grad():
         before = model(x).logits
         model.blocks[0].attn.k_proj.weight.mul_(2.0)  # in place, as an optimizer step would
         model.blocks[1].mlp.up_proj.weight.add_(0.5)
         after = model(x).logits
-        model.fast_inference(False)
+        pack_weights(model, on=False)
         plain = model(x).logits
     assert not any("_packed" in m.__dict__ for m in model.modules())  # the stacked copies are freed
     assert (after - before).abs().max() > 1e-3
     assert (after - plain).abs().max() <= 1e-5
-    model.fast_inference().train()
+    pack_weights(model).train()
     loss = model(x).logits.square().mean()  # grad enabled: the plain Linears, so gradients reach them
     loss.backward()
     assert model.blocks[0].attn.q_proj.weight.grad is not None and model.lm_head.weight.grad is not None

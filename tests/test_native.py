@@ -144,7 +144,8 @@ def test_int8_model_decodes_the_same_with_and_without_the_kernel(monkeypatch):
     from text2llm.compress import quantize as Q
     from text2llm.infer.generate import TorchEngine
     from text2llm.model.config import ModelConfig
-    from text2llm.model.transformer import Transformer, packed_matmul
+    from text2llm.infer.packing import packed_matmul
+    from text2llm.model.transformer import Transformer
 
     _lib()
     torch.manual_seed(0)
@@ -201,13 +202,14 @@ def test_fast_decode_step_moves_the_norms_into_the_int8_kernel():
     head (the kernel applies them); its logits stay those of the model's forward."""
     from text2llm.compress import quantize as Q
     from text2llm.infer.fast_step import FastDecodeStep
+    from text2llm.infer.packing import pack_weights
     from text2llm.model.config import ModelConfig
     from text2llm.model.transformer import KVCache, Transformer
 
     _lib()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=300, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64)
-    q = Q.quantize_model(Transformer(cfg).eval()).fast_inference()
+    q = pack_weights(Q.quantize_model(Transformer(cfg).eval()))
     step = FastDecodeStep.build(q)
     assert step.final_norm is None and all(layer[0] is None and layer[3] is None for layer in step.layers)
     ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(1))

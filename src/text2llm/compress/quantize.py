@@ -79,7 +79,7 @@ INT8_MIN_WEIGHTS = 1 << 18
 
 
 class Int8Packer:
-    """:func:`text2llm.model.transformer.packed_linear` for dynamic-int8 Linears: the int8 weights
+    """:func:`text2llm.infer.packing.packed_linear` for dynamic-int8 Linears: the int8 weights
     and per-channel scales of q/k/v (or gate/up) are concatenated into one matrix.
 
     * Decode rows (up to ``native.MAX_ROWS``) go to the native AVX-512 VNNI kernel
@@ -111,7 +111,7 @@ class Int8Packer:
 
 
 def register_packer() -> None:
-    from text2llm.model.transformer import LINEAR_PACKERS
+    from text2llm.infer.packing import LINEAR_PACKERS
 
     LINEAR_PACKERS[_ao()[2]] = Int8Packer
 

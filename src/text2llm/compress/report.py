@@ -23,7 +23,8 @@ import torch
 
 from text2llm.evaluate import evaluate_tokens
 from text2llm.infer.fast_step import FastDecodeStep
-from text2llm.model.transformer import KVCache
+from text2llm.infer.packing import pack_weights
+from text2llm.model.transformer import KVCache, Transformer
 
 METRICS = [  # key, label, format (lower is better for all)
     ("size_bytes", "size on disk (MB)", lambda v: f"{v / 1e6:.2f}"),
@@ -92,8 +93,8 @@ def latencies(models: list, prefill_len: int = 128, decode_tokens: int = 32, rep
     # and each decode step through infer/fast_step.py where it covers the model
     for m in models:
         m.eval()
-        if hasattr(m, "fast_inference"):
-            m.fast_inference()
+        if isinstance(m, Transformer):
+            pack_weights(m)
     steps = [FastDecodeStep.build(m) for m in models]
     caches = [KVCache(m.cfg, batch_size=1, max_len=prefill_len + decode_tokens) for m in models]
     best = [[float("inf"), float("inf")] for _ in models]

@@ -6,8 +6,8 @@ arithmetic but on *calling* PyTorch. Every op costs microseconds of dispatch wha
 every ``nn.Module`` call more, and ``forward`` for one token goes through the embedding, per block
 two norms, the attention and MLP modules, RoPE's chunk/cat/mul, the cache's bookkeeping and the
 residual adds. :class:`FastDecodeStep` collects, once per generation, each layer's tensors and
-packed matmuls (those of :meth:`~text2llm.model.transformer.Transformer.fast_inference`: no extra
-copy of the weights) into a flat list, and runs the step as one loop::
+packed matmuls (those of :func:`~text2llm.infer.packing.pack_weights`: no extra copy of the
+weights) into a flat list, and runs the step as one loop::
 
     x = embed[ids]                                  (+ pos_embed[pos] with learned positions)
     per layer:
@@ -22,11 +22,12 @@ copy of the weights) into a flat list, and runs the step as one loop::
     logits = norm(x) W_head
 
 Two tricks beyond packing. The RMS factor comes from ``linalg.vector_norm``: one reduction kernel
-and one op fewer than ``x.pow(2).mean(-1)`` (a whole RMSNorm of one 192-wide row: ~7 us this way,
-~12 us through ``F.rms_norm`` or ``pow``/``mean``, in a one-off timing on the 2-core CPU). Grouped-query attention needs no repeated
-keys and values: with one new token, the G query heads that share a K/V head can be handed to the
-attention kernel as G *query positions* of that head (no causal mask is needed, since each of them
-sees every cached key), so q is viewed as (B, K, G, Dh) against the cache's (B, K, S, Dh).
+and one op fewer than ``x.pow(2).mean(-1)``; for one short row the whole norm was cheaper this way
+than through ``F.rms_norm`` or ``pow``/``mean`` (a one-off timing on the CPU). Grouped-query
+attention needs no repeated keys and values: with one new token, the G query heads that share a
+K/V head can be handed to the attention kernel as G *query positions* of that head (no causal mask
+is needed, since each of them sees every cached key), so q is viewed as (B, K, G, Dh) against the
+cache's (B, K, S, Dh).
 
 Measured (``benchmarks/generate.py``, case ``step``; 2-core CPU): see the README's generate table.
 
@@ -46,7 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from text2llm.model.transformer import MLP, Attention, KVCache, RMSNorm, packed_matmul
+from text2llm.infer.packing import PackedAttention, PackedMLP, PackedTransformer, drop_stale, packed_matmul
+from text2llm.model.mlp import MLP
+from text2llm.model.transformer import KVCache, RMSNorm
 
 
 def _norm(m: nn.Module):
@@ -104,7 +107,7 @@ class FastDecodeStep:
     for one new token per row at position ``pos``, writing its keys and values into ``cache``
     (a :class:`~text2llm.model.transformer.KVCache`) and advancing ``cache.pos``.
 
-    Build it with :meth:`build` after ``model.fast_inference()``, and again whenever the weights
+    Build it with :meth:`build` after ``pack_weights(model)``, and again whenever the weights
     may have changed (the engines build it at every prefill); ``build`` returns None for a model it
     does not cover.
     """
@@ -120,13 +123,13 @@ class FastDecodeStep:
 
     @classmethod
     def build(cls, model) -> "FastDecodeStep | None":
-        if not getattr(model, "fast", False) or not hasattr(model, "blocks"):
+        if not (isinstance(model, PackedTransformer) and model.packed_head):
             return None
-        model._check_packed()  # first: drop packed stacks built from weights changed since
+        drop_stale(model)  # first: drop packed stacks built from weights changed since
         layers = []
         for block in model.blocks:
             attn, mlp = block.attn, block.mlp
-            if not (isinstance(attn, Attention) and isinstance(mlp, MLP) and attn.fast and mlp.fast):
+            if not (isinstance(attn, PackedAttention) and isinstance(mlp, PackedMLP)):
                 return None  # an MoE layer, or Linears without a packer
             first = _normed(block.attn_norm, packed_matmul(attn, ("q_proj", "k_proj", "v_proj")))
             second = _normed(block.mlp_norm, packed_matmul(mlp, ("gate_proj", "up_proj") if mlp.swiglu else ("up_proj",)))

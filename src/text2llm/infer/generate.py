@@ -25,7 +25,8 @@ import torch
 
 from text2llm.infer.decoding import SamplingParams, complete, fit_prompts, iter_tokens
 from text2llm.infer.fast_step import FastDecodeStep
-from text2llm.model.transformer import KVCache
+from text2llm.infer.packing import pack_weights
+from text2llm.model.transformer import KVCache, Transformer
 
 
 # ---- engines -------------------------------------------------------------------------------------
@@ -72,12 +73,12 @@ class TorchEngine:
         if compile and aot_dir:
             raise ValueError("compile=True and aot_dir: the AOT export is already compiled")
         self.model, self.use_cache = model, use_cache
-        # packed Linears (see Transformer.fast_inference); not for FSDP-sharded parameters, which
-        # exist whole only inside each block's forward
+        # packed weights (text2llm.infer.packing); not for FSDP-sharded parameters, which exist
+        # whole only inside each block's forward
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
-        packable = hasattr(model, "fast_inference") and not sharded
+        packable = isinstance(model, Transformer) and not sharded
         if packable:
-            model.fast_inference()
+            pack_weights(model)
         self.fast = packable and fast_step
         # inference_mode rather than no_grad: no version counters or view tracking on each op, which
         # a small model's decode step is made of (demo model, batch 1, interleaved: 1.9-2.0 ms per

@@ -27,21 +27,25 @@ both steps, and the decoding loop in :mod:`text2llm.infer.decoding` drives it ex
 the PyTorch model: same left padding, same mask, same positions (the new tokens sit at P ... P+T-1).
 A call with T > 1 after a prefill (a prompt in chunks) needs B = 1.
 
-The export reuses the model's own blocks (embedding, norms, projections, MLP or MoE); from the
-packed q/k/v projection to the attention output, :class:`_BufferCache` hands the work to
-onnxruntime's fused ``com.microsoft.GroupQueryAttention`` op: it rotates q and k (RoPE, from the
-model's own tables; the op needs a head dim that is a multiple of 16, else the graph rotates them
-first), writes the new keys/values into the buffer at P..P+T-1, groups the query heads
-over the K key/value heads (no repeated K/V) and applies the causal mask; the padding goes in as an
-additive bias. (Version 1 of this format concatenated
-``past`` and the new tokens into a new ``present`` at every step, so each step copied the whole
-cache; :mod:`text2llm.infer.ort_runtime` asks for a fresh export of a version-1 dir.)
+The export reuses the model's own blocks (embedding, norms, projections, MLP or MoE), with packed
+weights (:func:`~text2llm.infer.packing.pack_weights`: q/k/v and gate/up one MatMul each) and, for
+the duration of the export, two layer classes swapped for the export's own (:func:`onnx_layers`):
+:class:`OnnxRMSNorm` writes the norm as the pattern onnxruntime fuses into one node, and
+:class:`OnnxAttention` hands the work from the packed q/k/v projection to the attention output to
+onnxruntime's fused ``com.microsoft.GroupQueryAttention`` op (:meth:`_BufferCache.attend`): it
+rotates q and k (RoPE, from the model's own tables; the op needs a head dim that is a multiple of
+16, else the graph rotates them first), writes the new keys/values into the buffer at P..P+T-1,
+groups the query heads over the K key/value heads (no repeated K/V) and applies the causal mask;
+the padding goes in as an additive bias. (Version 1 of this format concatenated ``past`` and the
+new tokens into a new ``present`` at every step, so each step copied the whole cache;
+:mod:`text2llm.infer.ort_runtime` asks for a fresh export of a version-1 dir.)
 We use the dynamo exporter (``torch.export``) with ``Dim.AUTO`` axes and save the weights inside
 the file (``external_data=False``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -52,7 +56,8 @@ from torch import nn
 from text2llm.checkpoint import is_int8, load_model, load_tokenizer, resolve_checkpoint, tokenizer_dir
 from text2llm.errors import UserError
 from text2llm.files import check_output_dir, staged_output
-from text2llm.model.transformer import apply_rope
+from text2llm.infer.packing import QKV, PackedTransformer, pack_weights, packable, packed_linear
+from text2llm.model.transformer import Attention, RMSNorm, apply_rope
 
 META_FILE = "text2llm-onnx.json"
 FORMAT_VERSION = 2
@@ -104,6 +109,46 @@ class _BufferCache:
         )
         self.present[layer] = (present_k, present_v)
         return y  # B T (H Dh)
+
+
+class OnnxRMSNorm(RMSNorm):
+    """RMSNorm written as the pattern onnxruntime fuses into one SimplifiedLayerNormalization node
+    (``F.rms_norm`` exports as Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: seven nodes, and
+    a decode step is dominated by the per-node cost)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class OnnxAttention(Attention):
+    """Attention in the exported graph: q, k and v projected together (one MatMul where the Linears
+    have a packer), then ``cache.attend`` (:class:`_BufferCache`) does RoPE, the cache write, GQA
+    attention and padding in one GroupQueryAttention node."""
+
+    def forward(self, x_BTD, rope, cache: _BufferCache, attn_mask):
+        packed = packable(self)
+        qkv_BTE = packed_linear(x_BTD, self, QKV) if packed else \
+            torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], dim=-1)
+        y_BTD = cache.attend(self.layer_idx, qkv_BTE, self.n_head, self.n_kv)  # B T (H Dh)
+        return packed_linear(y_BTD, self, ("o_proj",)) if packed else self.o_proj(y_BTD)
+
+
+@contextlib.contextmanager
+def onnx_layers(model: nn.Module):
+    """Inside: every RMSNorm of ``model`` an :class:`OnnxRMSNorm`, every Attention an
+    :class:`OnnxAttention` (the same parameters; only the class changes). After, even on error,
+    each module has its own class again."""
+    swapped = []
+    try:
+        for m in model.modules():
+            cls = OnnxRMSNorm if isinstance(m, RMSNorm) else OnnxAttention if isinstance(m, Attention) else None
+            if cls is not None:
+                swapped.append((m, type(m)))
+                m.__class__ = cls
+        yield model
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 class OnnxStep(nn.Module):
@@ -165,16 +210,16 @@ def export_model(model, out_dir, tokenizer=None, int8: bool = False, extra_meta:
     auto = torch.export.Dim.AUTO  # torch.export works out the relations (the same B everywhere)
     shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in ex_past))
     path = out / "model.onnx"
-    was_fast = bool(getattr(model, "fast", False))
-    model.fast_inference()  # q/k/v and gate/up as one MatMul each in the graph too (fewer, larger kernels)
+    was_packed = isinstance(model, PackedTransformer)
+    pack_weights(model)  # q/k/v and gate/up as one MatMul each in the graph too (fewer, larger kernels)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with onnx_layers(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(OnnxStep(model), (ex_ids, ex_mask, *ex_past), input_names=inputs,
                                      output_names=outputs, dynamic_shapes=shapes, dynamo=True, verbose=False)
             prog.save(str(path), external_data=False)
     finally:
-        model.fast_inference(was_fast)
+        pack_weights(model, on=was_packed)
     onnx.checker.check_model(str(path), full_check=True)
     opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
     files = {"fp32": path.name}

@@ -1,4 +1,5 @@
-"""The model: a decoder-only Transformer (``transformer.py``) and its config (``config.py``)."""
+"""The model: a decoder-only Transformer (``transformer.py``, with its MLP in ``mlp.py`` and its
+Mixture-of-Experts layer in ``moe.py``) and its config (``config.py``)."""
 
 from text2llm.model.config import ModelConfig
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from text2llm.model.config import ModelConfig
+from text2llm.model.mlp import MLP
 
 
 @dataclass
@@ -56,11 +57,10 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from text2llm.model.transformer import MLP  # the expert is the model's own MLP block
-
         self.n_experts, self.top_k = cfg.n_experts, cfg.moe_top_k
         self.aux_w, self.z_w, self.capacity_factor = cfg.aux_loss_weight, cfg.z_loss_weight, cfg.capacity_factor
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        # each expert is the model's own MLP block, with hidden size moe_dim
         self.experts = nn.ModuleList(MLP(cfg, hidden=cfg.moe_dim) for _ in range(cfg.n_experts))
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:

@@ -1,6 +1,7 @@
-"""A decoder-only Transformer, Llama-style: RoPE, RMSNorm, SwiGLU, grouped-query attention,
-optional Mixture-of-Experts MLPs (``moe.py``). With the default config it computes exactly what
-transformers' LlamaForCausalLM computes (MixtralForCausalLM with experts); see ``interop/hf.py``.
+"""A decoder-only Transformer, Llama-style: RoPE, RMSNorm, grouped-query attention, SwiGLU MLPs
+(``mlp.py``), optional Mixture-of-Experts layers (``moe.py``). With the default config it computes
+exactly what transformers' LlamaForCausalLM computes (MixtralForCausalLM with experts); see
+``interop/hf.py``.
 
 Shape legend (used in names and comments):
     B batch, T new tokens in this call, S tokens attended to (cache + new), D d_model,
@@ -12,16 +13,13 @@ Data flow of one forward pass::
     Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))     (MLP or MoE)
 
 Inference state (the KV cache) lives in a :class:`KVCache` object that the caller creates and
-passes to ``forward``; layers never allocate or keep caches themselves. A cache object with an
-``attend(layer, qkv, n_head, n_kv_head)`` method takes over each attention layer from the packed
-q/k/v projection to the attention output: the ONNX export's (``interop/onnx.py``), which hands that
-part to onnxruntime's fused attention op.
+passes to ``forward``; layers never allocate or keep caches themselves.
 
 Attention masks: without ``attn_mask`` attention is causal. An ``attn_mask`` *replaces* the causal
 mask: bool, True = may attend, broadcastable to (B, 1, T, S) (a float mask is added to the scores).
 Build one with :func:`causal_mask` (padding, e.g. left-padded batched generation; HF's
 ``attention_mask`` of 1 = token, 0 = pad is its ``key_padding_BS``) or :func:`document_mask`
-(packed documents that must not see each other).
+(several documents in one row that must not see each other).
 """
 
 from __future__ import annotations
@@ -34,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from text2llm.model.config import ModelConfig
+from text2llm.model.mlp import MLP
+from text2llm.model.moe import MoE
 
 
 @dataclass
@@ -78,85 +78,6 @@ class KVCache:
         self.pos = 0
 
 
-class FloatPacker:
-    """How :func:`packed_linear` stacks float ``nn.Linear`` layers: one (in, sum of outs) matrix,
-    transposed and contiguous, and the biases concatenated. (On the 2-core CPU, weights not in cache,
-    one row: 1.5-1.9x faster than ``F.linear``'s (out, in) layout for the wide 384x2048 and 192x4096
-    matrices, equal for the others; with 8 rows 0.7-1.8x, no clear winner.)"""
-
-    # while tracing, the matmul takes (..., in) as it is: an exported ONNX MatMul then needs no
-    # Reshape nodes around it (packers whose kernels want (N, in) rows leave this False)
-    traced_any_rank = True
-
-    @staticmethod
-    def build(linears, tracing: bool = False):
-        w_IO = torch.cat([m.weight if tracing else m.weight.detach() for m in linears]).t()
-        w_IO = w_IO if tracing else w_IO.contiguous()
-        b = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-        if b is not None and not tracing:
-            b = b.detach()
-        if tracing:
-            return (lambda x: torch.matmul(x, w_IO) + b) if b is not None else (lambda x: torch.matmul(x, w_IO))
-        return FloatMatmul(w_IO, b)
-
-
-class FloatMatmul:
-    """``x_NI @ w_IO (+ b)``; ``add_to(r_NO, x_NI)`` = ``r_NO + x_NI @ w_IO (+ b)`` in one ``addmm``
-    (a residual add fused into the matmul, as the fast decode step uses it)."""
-
-    __slots__ = ("w_IO", "b")
-
-    def __init__(self, w_IO: torch.Tensor, b: torch.Tensor | None):
-        self.w_IO, self.b = w_IO, b
-
-    def __call__(self, x_NI: torch.Tensor) -> torch.Tensor:
-        return torch.mm(x_NI, self.w_IO) if self.b is None else torch.addmm(self.b, x_NI, self.w_IO)
-
-    def add_to(self, r_NO: torch.Tensor, x_NI: torch.Tensor) -> torch.Tensor:
-        y = torch.addmm(r_NO, x_NI, self.w_IO)
-        return y if self.b is None else y.add_(self.b)
-
-
-# Linear class -> packer (``build(linears, tracing)`` -> the matmul of (N, in) rows).
-# text2llm.compress.quantize registers its int8 Linear here.
-LINEAR_PACKERS: dict[type, type] = {nn.Linear: FloatPacker}
-
-
-def packed_linear(x: torch.Tensor, owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
-    """``torch.cat([owner.<name>(x) for name in names], -1)`` in one matmul (inference only).
-
-    Decoding one token at a time is dominated by the cost of each call, not by arithmetic, so
-    the engines stack the q/k/v weights into one matrix and the SwiGLU gate/up weights into
-    another (:data:`LINEAR_PACKERS` says how, per Linear class). The stack is cached on ``owner``
-    (not a parameter or buffer, so ``state_dict`` and checkpoints keep the separate names);
-    :meth:`Transformer.forward` drops the caches when a weight has changed since they were built
-    (e.g. an optimizer step). The price is a second copy of those weights while the cache lives.
-    """
-    if torch.compiler.is_compiling():  # torch.export / torch.compile: trace the stacking, cache nothing
-        linears = [getattr(owner, n) for n in names]
-        packer = LINEAR_PACKERS[type(linears[0])]
-        matmul = packer.build(linears, tracing=True)
-        if getattr(packer, "traced_any_rank", False):
-            return matmul(x)
-    else:
-        matmul = packed_matmul(owner, names)
-    y_NO = matmul(x.reshape(-1, x.size(-1)))
-    return y_NO.view(*x.shape[:-1], y_NO.size(-1))
-
-
-def packed_matmul(owner: nn.Module, names: tuple[str, ...]):
-    """The stacked matmul of :func:`packed_linear` (a callable on (N, in) rows), built on first use
-    and cached on ``owner``."""
-    cache = owner.__dict__.get("_packed")
-    if cache is None:
-        cache = owner.__dict__["_packed"] = {}
-    matmul = cache.get(names)
-    if matmul is None:
-        linears = [getattr(owner, n) for n in names]
-        matmul = cache[names] = LINEAR_PACKERS[type(linears[0])].build(linears)
-    return matmul
-
-
 # ---- building blocks ------------------------------------------------------------------------
 
 
@@ -169,12 +90,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if onnx_exporting():
-            # written as the pattern onnxruntime fuses into one SimplifiedLayerNormalization node
-            # (F.rms_norm exports as Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul: seven nodes,
-            # and a decode step is dominated by the per-node cost)
-            return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        # F.rms_norm (fused, ~1.8x faster on CPU) == x * rsqrt(mean(x^2) + eps) * weight
+        # F.rms_norm == x * rsqrt(mean(x^2) + eps) * weight, in one fused kernel instead of one per op
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
@@ -191,13 +107,6 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
-
-
-def onnx_exporting() -> bool:
-    """``torch.onnx.is_in_onnx_export()``, cheap outside tracing: that call imports two modules each
-    time (~2.4 us, and the eager decode step asks once per norm); the dynamo exporter also sets
-    ``is_compiling``, which costs ~0.2 us."""
-    return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
@@ -230,7 +139,7 @@ def causal_mask(T: int, start: int = 0, key_padding_BS: torch.Tensor | None = No
 
 def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
     """Bool (B, 1, T, T): causal, and a token attends only within its own document.
-    ``doc_ids_BT`` numbers the documents of each packed row, e.g. ``cumsum(ids == bos)``."""
+    ``doc_ids_BT`` numbers the documents of each row, e.g. ``cumsum(ids == bos)``."""
     T = doc_ids_BT.size(1)
     same_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
     return (same_BTT & causal_mask(T, device=doc_ids_BT.device))[:, None]
@@ -239,15 +148,15 @@ def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
 def attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh) + mask) v, by PyTorch's fused kernel
     (``F.scaled_dot_product_attention``). Without a mask: causal when T > 1 (a whole sequence),
-    none when T == 1 (one new token sees every cached key). (The ONNX export replaces this and the
-    cache update by onnxruntime's GroupQueryAttention op: ``cache.attend`` in :class:`Attention`.)"""
+    none when T == 1 (one new token sees every cached key)."""
     T = q_BHTD.size(2)
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=attn_mask,
                                           is_causal=attn_mask is None and T > 1, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads and an optional KV cache."""
+    """Causal self-attention with grouped-query heads and an optional KV cache:
+    x_BTD -> q (B, H, T, Dh), k and v (B, K, T, Dh) -> RoPE on q, k -> attention -> o_proj."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -258,66 +167,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.fast = False  # packed_linear under no_grad; set by Transformer.fast_inference
 
     def forward(self, x_BTD, rope, cache: KVCache | None, attn_mask):
         B, T, _ = x_BTD.shape
         H, K, Dh = self.n_head, self.n_kv, self.head_dim
-        fast = self.fast and not torch.is_grad_enabled()
-        if cache is not None and hasattr(cache, "attend"):  # the ONNX export: one fused op does the rest
-            qkv_BTE = packed_linear(x_BTD, self, ("q_proj", "k_proj", "v_proj")) if fast else \
-                torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], dim=-1)
-            y_BTD = cache.attend(self.layer_idx, qkv_BTE, H, K)  # RoPE, cache write, GQA attention, padding
-            return packed_linear(y_BTD, self, ("o_proj",)) if fast else self.o_proj(y_BTD)
-        if fast:  # inference: one matmul for q, k and v
-            qkv = packed_linear(x_BTD, self, ("q_proj", "k_proj", "v_proj")).view(B, T, H + 2 * K, Dh).transpose(1, 2)
-            qk, v = qkv.split([H + K, K], dim=1)
-            if rope is not None:
-                qk = apply_rope(qk, *rope)  # q and k rotated together
-            q, k = qk.split([H, K], dim=1)
-        else:
-            q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)  # B H T Dh
-            k = self.k_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
-            v = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # B K S Dh
+        q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)  # B H T Dh
+        k = self.k_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
+        v = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o_proj(self.attend(q, k, v, cache, attn_mask))
+
+    def attend(self, q_BHTD, k_BKTD, v_BKTD, cache: KVCache | None, attn_mask) -> torch.Tensor:
+        """The heads' attention, from rotated q/k and v to the merged heads (B, T, H Dh): stores the
+        new keys/values in the cache and attends over all of them."""
+        B, H, T, Dh = q_BHTD.shape
+        K = self.n_kv
+        k, v = (k_BKTD, v_BKTD) if cache is None else cache.update(self.layer_idx, k_BKTD, v_BKTD)  # B K S Dh
         if K != H:  # GQA: each K/V head serves n_head/n_kv query heads
             k = k.repeat_interleave(H // K, dim=1)  # B H S Dh
             v = v.repeat_interleave(H // K, dim=1)
-        y = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # B H T Dh
-        y_BTD = y.transpose(1, 2).reshape(B, T, H * Dh)
-        return packed_linear(y_BTD, self, ("o_proj",)) if fast else self.o_proj(y_BTD)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))  (Shazeer 2020), or GELU: down(gelu(up(x)))."""
-
-    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
-        super().__init__()
-        F_ = hidden or cfg.ffn_dim
-        self.swiglu = cfg.activation == "swiglu"
-        if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.d_model, F_, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.d_model, F_, bias=cfg.bias)
-        self.down_proj = nn.Linear(F_, cfg.d_model, bias=cfg.bias)
-        self.fast = False  # packed_linear under no_grad; set by Transformer.fast_inference
-
-    def forward(self, x_BTD):
-        if self.fast and not torch.is_grad_enabled():  # inference: gate and up in one matmul
-            if self.swiglu:
-                gate, up = packed_linear(x_BTD, self, ("gate_proj", "up_proj")).chunk(2, dim=-1)
-                return packed_linear(F.silu(gate) * up, self, ("down_proj",))
-            return packed_linear(F.gelu(packed_linear(x_BTD, self, ("up_proj",)), approximate="tanh"), self, ("down_proj",))
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
-        return self.down_proj(F.gelu(self.up_proj(x_BTD), approximate="tanh"))
+        y = attention(q_BHTD, k, v, attn_mask, self.dropout if self.training else 0.0)  # B H T Dh
+        return y.transpose(1, 2).reshape(B, T, H * Dh)
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
-    ``mlp`` is an :class:`MLP`, or a :class:`~text2llm.model.moe.MoE` in MoE layers; then
+    ``mlp`` is an :class:`~text2llm.model.mlp.MLP`, or a :class:`~text2llm.model.moe.MoE` in MoE layers; then
     ``forward`` also returns the router's :class:`~text2llm.model.moe.RouterStats`."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -326,12 +202,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = make_norm(cfg)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        if self.is_moe:
-            from text2llm.model.moe import MoE
-
-            self.mlp = MoE(cfg)
-        else:
-            self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, rope, cache, attn_mask):
@@ -355,9 +226,6 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.fast = False  # see fast_inference
-        self._fast_params: list[nn.Parameter] = []
-        self._fast_key = None
         if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -408,36 +276,6 @@ class Transformer(nn.Module):
             return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         return x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device)), None
 
-    def fast_inference(self, on: bool = True) -> "Transformer":
-        """Faster generation: under ``torch.no_grad`` every Linear runs through :func:`packed_linear`
-        (q/k/v in one matmul, gate/up in another, weights cached transposed). Training, and any
-        call with grad enabled, uses the plain Linears. Costs a second copy of the Linear weights,
-        freed by ``fast_inference(False)``.
-        The generation engines turn it on. Linear classes without a packer (:data:`LINEAR_PACKERS`)
-        keep their own forward."""
-        for m in self.modules():
-            m.__dict__.pop("_packed", None)  # free (or rebuild) the stacked copies
-            if isinstance(m, (Attention, MLP)):
-                names = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-                         if hasattr(m, n)]
-                m.fast = on and all(type(getattr(m, n)) in LINEAR_PACKERS for n in names)
-        self.fast = on and type(self.lm_head) in LINEAR_PACKERS
-        self._fast_params = list(self.parameters()) if on else []  # watched by _check_packed
-        self._fast_key = None
-        return self
-
-    def _check_packed(self) -> None:
-        """Drop every packed stack if a weight changed since they were built: updated in place
-        (``_version``: an optimizer step, ``load_state_dict``) or moved (``data_ptr``: ``.to()``).
-        One check per forward, instead of one per packed matmul."""
-        # (tensors made under torch.inference_mode, e.g. a model loaded there, have no version
-        # counter: for them only a move is seen)
-        key = [(0 if p.is_inference() else p._version, p.data_ptr()) for p in self._fast_params]
-        if key != self._fast_key:
-            for m in self.modules():
-                m.__dict__.pop("_packed", None)
-            self._fast_key = key
-
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
         """Logits for every position of ``input_ids`` (B, T).
@@ -451,8 +289,6 @@ class Transformer(nn.Module):
         the head's matmul for the other T-1 positions of a prompt.
         """
         B, T = input_ids.shape
-        if self._fast_params and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._check_packed()
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len {self.cfg.max_seq_len}")
@@ -469,8 +305,7 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        logits = packed_linear(x, self, ("lm_head",)) if self.fast and not torch.is_grad_enabled() else self.lm_head(x)
+        logits = self.unembed(self.norm(x))  # B T V (B 1 V with last_only)
         if not stats:
             return ModelOutput(logits=logits)
         return ModelOutput(
@@ -479,6 +314,12 @@ class Transformer(nn.Module):
             expert_load=torch.stack([s.load_E for s in stats]),
             expert_dropped=torch.stack([s.dropped_E for s in stats]),
         )
+
+    def unembed(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> logits (B, T, V): the ``lm_head`` projection (tied to the token
+        embedding when ``cfg.tie_embeddings``). A method of its own so that a subclass can change
+        how the head is computed without repeating ``forward``."""
+        return self.lm_head(x_BTD)
 
     def decode_step(self, ids_B1: torch.Tensor, pos: int, cache: KVCache,
                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -370,6 +370,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
         if tokenizer is None:
             return
         from text2llm.infer.generate import generate
+        from text2llm.infer.packing import pack_weights
 
         model.eval()
         texts = []
@@ -378,7 +379,7 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
                 texts.append(generate(model, tokenizer, cfg.generate.prompt, tc.sample_tokens,
                                       cfg.generate.temperature, cfg.generate.top_k, cfg.generate.top_p,
                                       seed=cfg.generate.seed + i))
-        model.fast_inference(False)  # the generation engine packed the weights: free that copy
+        pack_weights(model, on=False)  # the generation engine packed the weights: free that copy
         model.train()
         if env.is_main:
             with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
