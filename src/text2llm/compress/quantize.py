@@ -46,6 +46,7 @@ from text2llm.compress.common import load_fp32, report_data
 from text2llm.compress.report import compare, measure, retime, write_report
 from text2llm.errors import UserError
 from text2llm.files import check_output_dir, staged_output
+from text2llm.infer.packing import LINEAR_PACKERS
 from text2llm.model.transformer import Transformer
 from text2llm.tokenizer import Tokenizer
 
@@ -111,8 +112,6 @@ class Int8Packer:
 
 
 def register_packer() -> None:
-    from text2llm.infer.packing import LINEAR_PACKERS
-
     LINEAR_PACKERS[_ao()[2]] = Int8Packer
 
 

@@ -22,7 +22,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from text2llm.infer.aot import load_step
 from text2llm.infer.decoding import SamplingParams, complete, fit_prompts, iter_tokens
 from text2llm.infer.fast_step import FastDecodeStep
 from text2llm.infer.packing import pack_weights
@@ -57,7 +59,7 @@ class TorchEngine:
     (the weights become constants it pre-packs for the CPU's matmul kernels) and its C++ wrapper
     (no Python between kernels). Eager PyTorch spends most of a small model's decode step
     dispatching some hundred tiny ops; the compiled step fuses them. With dynamic shapes one
-    compile (15-30 s on the 2-core CPU, in every new process) serves every batch size, prompt
+    compile (tens of seconds on a small CPU, in every new process) serves every batch size, prompt
     length and position. The weights are a snapshot: compile a new engine after changing them.
     The prompt (prefill) runs eagerly.
 
@@ -80,9 +82,9 @@ class TorchEngine:
         if packable:
             pack_weights(model)
         self.fast = packable and fast_step
-        # inference_mode rather than no_grad: no version counters or view tracking on each op, which
-        # a small model's decode step is made of (demo model, batch 1, interleaved: 1.9-2.0 ms per
-        # step instead of 2.2-2.3). FSDP-sharded models (samples during training) keep no_grad: the
+        # inference_mode rather than no_grad: no version counters or view tracking on each of the
+        # many small ops a small model's decode step is made of (benchmarks/results/
+        # generate-2026-11-28-inference-mode.jsonl). FSDP-sharded models (samples during training) keep no_grad: the
         # unsharded parameters FSDP allocates in this forward belong to the training run, and an
         # inference tensor cannot be written to outside inference mode (a small two-process test
         # trained on fine after an inference_mode forward; the sample path is not worth the risk).
@@ -93,16 +95,12 @@ class TorchEngine:
         self.attention = contextlib.nullcontext  # what the forward passes run under
         if self.device.type == "cuda":
             # cuDNN's attention builds a new plan for every new key length, which a growing KV cache
-            # gives at each step (an H200, bf16, GPT-2-124M shape: 87.7 ms per token instead of 6.6,
+            # gives at each step (an order of magnitude slower per token on an H200,
             # benchmarks/results/gpu-h200.jsonl); the flash / memory-efficient kernels take any length
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
             self.attention = functools.partial(
                 sdpa_kernel, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
         self.compiled = self.aot = None
         if aot_dir is not None:  # compiled ahead of time (text2llm.infer.aot): loaded, not compiled
-            from text2llm.infer.aot import load_step
-
             if self.device.type != "cpu":
                 raise ValueError("an AOT export runs on the CPU")
             self.aot, meta = load_step(aot_dir)
@@ -119,10 +117,9 @@ class TorchEngine:
                 # Inductor settings around every call, so that whichever call compiles (a first
                 # batch-1, batched or padded step) gets them; not process-wide: a frozen graph
                 # elsewhere (say, eval during training) would keep stale weights. Set by hand:
-                # config.patch costs ~45 us, this ~10. Measured on the 2-core CPU, demo model,
-                # batch 1 (ms per step, the compiled call alone): eager 1.6; freezing 1.2 (1.4-1.7
-                # when passed as torch.compile(options=...)); plus the C++ wrapper 0.95; with
-                # dynamic shapes (attention reads only the filled part of the cache) 0.8.
+                # config.patch costs more per call than the two assignments. Freezing, the C++
+                # wrapper and dynamic shapes (attention reads only the filled part of the cache)
+                # each make the compiled step faster (benchmarks/generate.py, engine torch-compile).
                 saved = cfg.freezing, cfg.cpp_wrapper
                 cfg.freezing = cfg.cpp_wrapper = True
                 try:
