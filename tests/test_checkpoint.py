@@ -142,7 +142,8 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tokens, referenc
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tokens, tmp_path):
     from text2llm.errors import UserError
-    from text2llm.train.trainer import lm_loss, train
+    from text2llm.loss import lm_loss
+    from text2llm.train.trainer import train
 
     calls = {"n": 0}
 
