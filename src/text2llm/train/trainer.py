@@ -542,13 +542,16 @@ class Trainer:
     def write_samples(self) -> None:
         if self.tokenizer is None:
             return
-        model, g, tc = self.model, self.cfg.generate, self.tc
+        model, tokenizer, cfg, tc = self.model, self.tokenizer, self.cfg, self.tc
+        device, amp_dtype = self.device, self.amp_dtype
+
         model.eval()
         texts = []
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             for i in range(tc.samples):
-                texts.append(generate(model, self.tokenizer, g.prompt, tc.sample_tokens, g.temperature, g.top_k,
-                                      g.top_p, seed=g.seed + i))
+                texts.append(generate(model, tokenizer, cfg.generate.prompt, tc.sample_tokens,
+                                      cfg.generate.temperature, cfg.generate.top_k, cfg.generate.top_p,
+                                      seed=cfg.generate.seed + i))
         model.fast_inference(False)  # the generation engine packed the weights: free that copy
         model.train()
         if self.env.is_main:
