@@ -142,7 +142,8 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tokens, referenc
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tokens, tmp_path):
     from text2llm.errors import UserError
-    from text2llm.train.trainer import lm_loss, train
+    from text2llm.loss import lm_loss
+    from text2llm.train.trainer import train
 
     calls = {"n": 0}
 
@@ -205,3 +206,35 @@ def test_init_from_starts_a_new_run_from_weights(reference, tokens, tmp_path):
         cfg = tiny_config(max_steps=1)
         cfg.model.d_model = 64
         train(cfg, tokens, tmp_path / "bad", progress=False, init_from=reference)
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_at_step_0(reference, tmp_path, capsys):
+    from text2llm.cli import main
+    from text2llm.metrics import read_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints")  # killed before its first checkpoint: config.toml, run.json, metrics, no checkpoint
+    assert main(["train", "--resume", str(run), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {run} holds no checkpoint yet; starting it from step 0 with its saved config" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000008"]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 9))  # the killed attempt's dropped
+    assert losses(run) == losses(reference)  # from step 0 with the saved config: the same run, bitwise
+    a, b = _weights(reference / "checkpoints" / "step_0000008"), _weights(run / "checkpoints" / "step_0000008")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_dir_that_is_not_a_run_is_refused(tokens, tmp_path, capsys):
+    from text2llm.cli import main
+    from text2llm.errors import UserError
+    from text2llm.train.trainer import train
+
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty"), "-q"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (tmp_path / "empty" / "config.toml").write_text("")  # a config but no run.json: not a run dir either
+    with pytest.raises(UserError, match="holds no checkpoints"):
+        train(tiny_config(max_steps=1), tokens, tmp_path / "empty", resume=True, progress=False)
+    with pytest.raises(UserError, match="no such checkpoint or run dir"):
+        train(tiny_config(max_steps=1), tokens, tmp_path / "missing", resume=True, progress=False)

@@ -87,7 +87,8 @@ def test_clipping_caps_the_global_norm_and_returns_the_norm_before():
 def test_accumulation_4x2_equals_one_batch_of_8(padding):
     """Gradients of 4 micro-batches of 2 == one micro-batch of 8, within 1e-6 (token-weighted,
     so uneven padding across micro-batches does not change the weighting)."""
-    from text2llm.train.trainer import IGNORE_INDEX, forward_backward
+    from text2llm.loss import IGNORE_INDEX
+    from text2llm.train.trainer import forward_backward
 
     torch.manual_seed(1)
     x = torch.randint(0, 50, (8, 16))

@@ -13,7 +13,8 @@ import pytest
 from text2llm.config import PackConfig, TokenizerConfig
 from text2llm.data.document import Document
 from text2llm.errors import UserError
-from text2llm.loader import IGNORE_INDEX, TokenLoader
+from text2llm.loader import TokenLoader
+from text2llm.loss import IGNORE_INDEX
 from text2llm.pack import is_val, pack, read_meta
 from text2llm.tokenizer import Tokenizer, train_tokenizer
 

@@ -29,3 +29,6 @@ def test_tiny_budget_stops_after_probe_and_records_steps(tiny_run, tmp_path):
     assert load_config(result.last_checkpoint / "config.toml").train.max_steps == 3
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3
+    # the caller's config is left as it was: the decision (and the vocab size) live in the run's config
+    assert cfg.train.max_steps == 1000 and cfg.train.time_budget_s == 0.001 and cfg.model.vocab_size == 0
+    assert saved.model.vocab_size > 0

@@ -4,6 +4,9 @@ Bits-per-byte makes models with different tokenizers comparable::
 
     bpb = (total cross-entropy in nats over the predicted tokens) / ln 2 / (UTF-8 bytes of the text)
 
+The token loss, the ignored (padding) targets and bits-per-byte are defined once, in
+:mod:`text2llm.loss`.
+
 On raw text every document is encoded as BOS ... EOS and scored in windows of the model's
 context (non-overlapping), so every token after the first of a window is predicted once.
 On token shards the whole val split is walked the same way, and bytes come from meta.json.
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from text2llm.errors import UserError
+from text2llm.loss import IGNORE_INDEX, bits_per_byte, count_targets, ignore_padding, token_nll_sum
 
 
 def read_text_documents(path: str | Path) -> list[str]:
@@ -62,21 +66,18 @@ def score_stream(model, ids: torch.Tensor, window: int, batch_size: int = 8) -> 
         if not chunk:
             continue
         L = max(c.numel() for c in chunk)
-        xy = torch.full((len(chunk), L), -100, dtype=torch.long)
+        xy = torch.full((len(chunk), L), IGNORE_INDEX, dtype=torch.long)
         for j, c in enumerate(chunk):
             xy[j, : c.numel()] = c
         x, y = xy[:, :-1].clamp(min=0), xy[:, 1:]
-        logits = model(x).logits
-        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                                reduction="sum")
-        total += nll.item()
-        count += int((y != -100).sum())
+        total += token_nll_sum(model(x).logits, y).item()
+        count += int(count_targets(y))
     return total, count
 
 
 def _result(nll: float, count: int, n_bytes: int) -> dict:
     loss = nll / max(1, count)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bits_per_byte": nll / math.log(2) / max(1, n_bytes),
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bits_per_byte": bits_per_byte(nll, 1, n_bytes),
             "tokens": count, "bytes": n_bytes}
 
 
@@ -120,11 +121,9 @@ def score_rows(model, ids: torch.Tensor, row_len: int, pad_id: int, batch_size: 
     total, count = 0.0, 0
     for i in range(0, rows.size(0), batch_size):
         chunk = rows[i : i + batch_size]
-        x, y = chunk[:, :-1], chunk[:, 1:].masked_fill(chunk[:, 1:] == pad_id, -100)
-        logits = model(x).logits
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                                   reduction="sum").item()
-        count += int((y != -100).sum())
+        x, y = chunk[:, :-1], ignore_padding(chunk[:, 1:], pad_id)
+        total += token_nll_sum(model(x).logits, y).item()
+        count += int(count_targets(y))
     return total, count
 
 
@@ -144,17 +143,12 @@ def loader_nll(model, loader, n_batches: int, device, amp_dtype=None, pad_id: in
     for _ in range(n_batches):
         x, y = (t.to(device) for t in next(loader))
         if pad_id is not None:
-            y = y.masked_fill(y == pad_id, -100)
+            y = ignore_padding(y, pad_id)
         kwargs = {"attn_mask": attn_mask_fn(x)} if attn_mask_fn is not None else {}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x, **kwargs).logits
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                                   reduction="sum").double()
-        count += (y != -100).sum()
+        total += token_nll_sum(logits, y).double()
+        count += count_targets(y)
     model.train(was_training)
     return total, count
 
-
-def bits_per_byte(loss_nats_per_token: float, tokens: int, n_bytes: int) -> float:
-    """Mean loss per token (nats) -> bits per UTF-8 byte of the same text."""
-    return loss_nats_per_token / math.log(2) * tokens / max(1, n_bytes)

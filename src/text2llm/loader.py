@@ -8,8 +8,9 @@ depends on the ``mode`` in ``meta.json`` (see :mod:`text2llm.pack`):
   boundaries; :func:`document_attention_mask` keeps attention inside each document.
 * padded: the shards are rows of ``row_len = seq_len + 1`` tokens, one document (or one window of
   a long document) per row; inputs are ``row[:T]`` and targets ``row[1:T+1]`` with every target
-  that is padding set to ``IGNORE_INDEX`` (-100), so the loss skips exactly the padding. A
-  loader ``seq_len`` below the packed one crops rows; above it is an error.
+  that is padding set to ``IGNORE_INDEX`` (the ignore index, from :mod:`text2llm.loss`), so the
+  loss skips exactly the padding. A loader ``seq_len`` below the packed one crops rows; above it
+  is an error.
 
 Positions ``lo``, ``hi``, ``pos`` count tokens in packed mode and rows in padded mode.
 
@@ -32,9 +33,8 @@ import numpy as np
 import torch
 
 from text2llm.errors import UserError
+from text2llm.loss import IGNORE_INDEX
 from text2llm.pack import read_meta
-
-IGNORE_INDEX = -100  # targets the loss skips (torch cross_entropy's default ignore_index)
 
 
 class TokenLoader:

@@ -30,9 +30,8 @@ from text2llm.compress.report import compare, measure, retime, write_report
 from text2llm.config import load_config
 from text2llm.errors import UserError
 from text2llm.loader import TokenLoader
+from text2llm.loss import IGNORE_INDEX, lm_loss
 from text2llm.train.trainer import train
-
-IGNORE_INDEX = -100
 
 
 def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -66,7 +65,7 @@ class DistillLoss:
         valid = (y != IGNORE_INDEX).float()
         n = valid.sum().clamp(min=1.0)
         kl = (kl_per_token(s_logits, t_logits, self.T) * valid).sum() / n * self.T**2
-        ce = F.cross_entropy(s_logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        ce = lm_loss(s_logits, y)
         loss = self.alpha * kl + (1.0 - self.alpha) * ce
         if out.aux_loss is not None:
             loss = loss + out.aux_loss

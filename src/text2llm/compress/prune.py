@@ -35,7 +35,8 @@ from text2llm.errors import UserError
 from text2llm.files import check_output_dir, staged_output
 from text2llm.loader import TokenLoader
 from text2llm.model.transformer import MLP, Transformer
-from text2llm.train.trainer import lm_loss, train
+from text2llm.loss import lm_loss
+from text2llm.train.trainer import train
 
 PRUNABLE = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 

@@ -19,7 +19,13 @@ Every ``log_every`` steps a line goes to ``metrics.jsonl`` (and TensorBoard); ev
 appended to ``samples.txt`` and ``loss.png`` is redrawn; checkpoints are written every
 ``checkpoint_every`` steps, at the end, and on Ctrl-C / SIGTERM. ``resume=True`` restores model,
 optimizer, loader and RNG state: on CPU the continued run computes bitwise the same losses as an
-uninterrupted one.
+uninterrupted one. A run dir that holds no checkpoint yet (the run was killed before its first)
+is resumed from step 0 with its saved config.
+
+Layout: :func:`train` resolves the config (vocab size from the token shards; the caller's config
+is never modified), prepares the run dir and hands over to a :class:`Trainer`, which builds the
+model, optimizer and loaders, restores a checkpoint, and runs the loop one optimizer step at a
+time. The token loss itself is :mod:`text2llm.loss`.
 """
 
 from __future__ import annotations
@@ -36,16 +42,25 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 from text2llm.checkpoint import best_checkpoint, load_weights, read_checkpoint_config, read_state, resolve_checkpoint
+from text2llm.config import load_config
 from text2llm.errors import UserError
+from text2llm.evaluate import loader_nll
+from text2llm.files import check_output_dir, clear_dir
+from text2llm.infer.generate import generate
+from text2llm.infer.packing import pack_weights
+from text2llm.loader import TokenLoader, document_attention_mask
+from text2llm.loss import bits_per_byte, count_targets, token_nll_sum
+from text2llm.metrics import METRICS, MetricsWriter, format_seconds, plot_curves, print_table, truncate_metrics
+from text2llm.model.transformer import Transformer
+from text2llm.pack import read_meta
+from text2llm.tokenizer import Tokenizer
 from text2llm.train import checkpoint as ckpt_mod
 from text2llm.train import distributed as D
-from text2llm.train.distributed import pick_device  # noqa: F401  (re-exported: other stages import it from here)
+from text2llm.train.mfu import device_peak_flops
 from text2llm.train.optim import lr_at, make_optimizer
-
-IGNORE_INDEX = -100
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -55,11 +70,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets equal to IGNORE_INDEX (padding) do not count."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
 
 
 @dataclass
@@ -103,7 +113,7 @@ def forward_backward(fwd, batches, device: torch.device, amp_dtype: torch.dtype 
     """
     k = len(batches)
     if denom is None:
-        denom = world_size * sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        denom = world_size * sum(int(count_targets(y)) for _, y in batches)
     loss_acc = torch.zeros((), device=device)
     aux_acc = load_acc = None
     extras_acc: dict = {}
@@ -114,9 +124,7 @@ def forward_backward(fwd, batches, device: torch.device, amp_dtype: torch.dtype 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if loss_fn is None:
                     out = fwd(x, **kwargs)
-                    ce_sum = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-                    share = ce_sum / max(1.0, denom)
+                    share = token_nll_sum(out.logits, y) / max(1.0, denom)
                     objective = share * world_size
                     if out.aux_loss is not None:
                         objective = objective + out.aux_loss / k
@@ -166,34 +174,62 @@ class GracefulStop:
         self._old.clear()
 
 
-# ---- the loop ------------------------------------------------------------------------------------
+# ---- the run dir and the resolved config ---------------------------------------------------------
 
 
 def _memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        import resource
+        import resource  # Unix only
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     except (ImportError, OSError):
         return float("nan")
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, env: D.DistEnv) -> Path | None:
+def _with(cfg, section: str, **changes):
+    """A copy of ``cfg`` with ``changes`` in one section; ``cfg`` itself is left as it is."""
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})
+
+
+def _resolve_config(cfg, meta: dict, data_dir: Path):
+    """The config the run uses: ``model.vocab_size`` 0 becomes the token shards' vocab size."""
+    if cfg.model.vocab_size == 0:
+        return _with(cfg, "model", vocab_size=meta["vocab_size"])
+    if cfg.model.vocab_size < meta["vocab_size"]:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {meta['vocab_size']} ({data_dir})")
+    return cfg
+
+
+def _resume_point(run_dir: Path, cfg, env: D.DistEnv) -> Path | None:
+    """The checkpoint a resumed run continues from, or None for a run dir (config.toml and run.json)
+    that holds no checkpoint yet -- a run killed before its first: it starts again from step 0."""
+    try:
+        return resolve_checkpoint(run_dir)
+    except UserError:
+        if not ((run_dir / "config.toml").is_file() and (run_dir / "run.json").is_file()):
+            raise  # not a run dir at all
+    if env.is_main:
+        changed = _config_changes(run_dir, cfg)
+        how = f"a changed config ({', '.join(changed[:6])})" if changed else "its saved config"
+        print(f"note: {run_dir} holds no checkpoint yet; starting it from step 0 with {how}")
+    return None
+
+
+def _prepare_run_dir(run_dir: Path, cfg, resume: bool, overwrite: bool, env: D.DistEnv) -> Path | None:
     """Checks (every rank, read-only), then rank 0 clears / creates the dir. Returns the checkpoint to resume."""
-    start_ckpt = None
-    if resume:
-        start_ckpt = resolve_checkpoint(run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"{run_dir}: run dir is not empty (use --resume to continue it, or --overwrite)")
+    start_ckpt = _resume_point(run_dir, cfg, env) if resume else None
+    if not resume:
+        check_output_dir(run_dir, overwrite, hint="use --resume to continue it, or --overwrite")
     D.barrier(env)
     if env.is_main:
-        if not resume and run_dir.exists() and overwrite:
-            import shutil
-
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and overwrite:
+            clear_dir(run_dir)  # (creates it)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and start_ckpt is None:
+            truncate_metrics(run_dir / METRICS, 0)  # the records of the killed attempt
     D.barrier(env)
     return start_ckpt
 
@@ -214,35 +250,34 @@ def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, 
           init_from: str | Path | None = None) -> TrainResult:
     """Train ``cfg.model`` on the token shards in ``data_dir``; write the run into ``run_dir``.
 
-    ``cfg`` is a :class:`text2llm.config.Config`. ``loss_fn(model, x, y) -> (loss, extras)`` replaces
-    the LM loss (distillation plugs in here); ``extras`` (numbers or 0-d tensors) are logged.
-    ``init_from`` (or ``train.init_from``) starts from a checkpoint's weights with a fresh
-    optimizer at step 0; the model shape is ``cfg.model`` as given. Under torchrun every process
-    calls this; rank 0 alone writes logs and checkpoints. A script of your own that trains with
-    ``train.distributed=fsdp`` should end with ``os._exit`` once its output is flushed, as the
-    ``text2llm`` command does (why: ``text2llm.train.distributed.joined_process_group``).
+    ``cfg`` is a :class:`text2llm.config.Config`; it is not modified (the run's resolved config,
+    vocab size and a time budget's max_steps included, is ``RUN/config.toml``). ``loss_fn(model,
+    x, y) -> (loss, extras)`` replaces the LM loss (distillation plugs in here); ``extras``
+    (numbers or 0-d tensors) are logged. ``init_from`` (or ``train.init_from``) starts from a
+    checkpoint's weights with a fresh optimizer at step 0; the model shape is ``cfg.model`` as
+    given. Under torchrun every process calls this; rank 0 alone writes logs and checkpoints. A
+    script of your own that trains with ``train.distributed=fsdp`` should end with ``os._exit``
+    once its output is flushed, as the ``text2llm`` command does (why:
+    ``text2llm.train.distributed.joined_process_group``).
     """
-    from text2llm.pack import read_meta
-
     run_dir, data_dir = Path(run_dir), Path(data_dir)
-    tc = cfg.train
     meta = read_meta(data_dir)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = meta["vocab_size"]
-    elif cfg.model.vocab_size < meta["vocab_size"]:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} < the tokenizer's {meta['vocab_size']} ({data_dir})")
+    cfg = _resolve_config(cfg, meta, data_dir)
     if resume and init_from:
         raise UserError("train: --resume and init_from exclude each other (init_from starts a new run at step 0)")
-    init_from = None if resume else (init_from or tc.init_from or None)  # a resumed run's weights come from its checkpoint
     threads_before = torch.get_num_threads()
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
 
-    env = D.init_distributed(tc)
+    env = D.init_distributed(cfg.train)
     finished = False
     try:
-        start_ckpt = _prepare_run_dir(run_dir, resume, overwrite, env)
-        result = _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from)
+        start_ckpt = _prepare_run_dir(run_dir, cfg, resume, overwrite, env)
+        # a resumed run's weights come from its checkpoint; one that starts at step 0 may start from init_from
+        init_from = None if start_ckpt is not None else (init_from or cfg.train.init_from or None)
+        trainer = Trainer(cfg, meta, data_dir, run_dir, env, start_ckpt=start_ckpt, init_from=init_from,
+                          loss_fn=loss_fn, progress=progress)
+        result = trainer.run()
         finished = True
         return result
     finally:
@@ -250,127 +285,265 @@ def train(cfg, data_dir: str | Path, run_dir: str | Path, resume: bool = False, 
         torch.set_num_threads(threads_before)  # a library call leaves the caller's setting as it was
 
 
-def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, init_from) -> TrainResult:
-    from text2llm.evaluate import loader_nll
-    from text2llm.loader import TokenLoader
-    from text2llm.model.transformer import Transformer
-    from text2llm.metrics import MetricsWriter, plot_curves, truncate_metrics
-    from text2llm.train.mfu import device_peak_flops
+# ---- the trainer ---------------------------------------------------------------------------------
 
-    tc = cfg.train
-    device = env.device
-    amp_dtype = autocast_dtype(tc.precision, device)
-    if amp_dtype is not None and device.type == "cpu" and env.is_main:
-        print(f"warning: train.precision={tc.precision} on CPU: autocast to {amp_dtype} is usually much slower than fp32")
-    k = tc.accum_steps(env.world_size)
-    slots = env.world_size * k
-    config_toml = cfg.to_toml()
-    if env.is_main:
-        (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
-        (run_dir / "run.json").write_text(json.dumps({"data": str(data_dir.resolve())}) + "\n", encoding="utf-8")
-    tokenizer_dir = Path(meta["tokenizer_dir"]) if Path(meta.get("tokenizer_dir", "")).is_dir() else None
-    padded = meta.get("mode") == "padded"  # targets hold IGNORE_INDEX: count real target tokens per step
 
-    # ---- model and optimizer (identical init on every rank; weights loaded before wrapping) ----
-    torch.manual_seed(tc.seed)
-    model = Transformer(cfg.model).to(device)
-    if init_from is not None:
-        src = resolve_checkpoint(init_from)
-        if not (src / "model.safetensors").is_file():
-            raise UserError(f"{src}: init_from needs a float checkpoint with model.safetensors")
-        load_weights(model, src / "model.safetensors")
-    if start_ckpt is not None:
-        load_weights(model, start_ckpt / "model.safetensors")
-    if env.rank:
-        torch.manual_seed(tc.seed + env.rank)  # dropout differs between ranks
-    params = model.num_params()
-    flops_per_token = model.flops_per_token(tc.seq_len) if hasattr(model, "flops_per_token") else 6.0 * params
-    fwd, parallel = D.wrap_model(model, env, compile=tc.compile)
-    optimizer = make_optimizer(model, tc)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    sync = (lambda last: D.grad_sync(parallel, env, last)) if env.enabled else None
+@dataclass
+class StepOutcome:
+    """What the loop needs of one optimizer step that updated the weights."""
 
-    # ---- data: micro-batch slot p = rank * k + i reads part p of `slots` parts of the stream ----
-    loaders = [TokenLoader(data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
-                           rank=env.rank * k + i, world_size=slots) for i in range(k)]
-    attn_mask_fn = None
-    if tc.document_mask:
-        import text2llm.loader
+    loss: float  # the global mean loss
+    lr: float
+    grad_norm: float
+    stats: StepStats
+    stop: bool  # a signal reached some rank: save and stop
 
-        mask_fn = getattr(text2llm.loader, "document_attention_mask", None)
-        if mask_fn is None:
-            raise UserError("train.document_mask: this version of text2llm.loader has no document_attention_mask")
-        bos = meta.get("bos_id")
-        attn_mask_fn = lambda x: mask_fn(x, bos)  # noqa: E731
-    val_loader, val_shared = None, False
-    val_info = meta["splits"].get("val", {"tokens": 0, "bytes": 0})
-    if val_info["tokens"] > tc.seq_len:
-        val_shared = val_info["tokens"] // env.world_size <= tc.seq_len  # too small to split: every rank scores it all
-        r, w = (0, 1) if val_shared else (env.rank, env.world_size)
-        val_loader = TokenLoader(data_dir, "val", tc.batch_size, tc.seq_len, "sequential", rank=r, world_size=w)
 
-    # ---- resume ----
-    step, tokens_seen, bad_steps = 0, 0, 0
-    if start_ckpt is not None:
-        state = read_state(start_ckpt)
+class Trainer:
+    """One training run in ``run_dir``, from a resolved config; :meth:`run` trains it.
+
+    Built in order (the order fixes the RNG stream, so it is part of exact resume): model and
+    optimizer (:meth:`setup_model`), loaders (:meth:`setup_data`), the checkpoint's state
+    (:meth:`resume`), metrics and samples (:meth:`setup_outputs`). ``self.cfg`` is replaced, never
+    edited, when ``train.time_budget_s`` fixes ``max_steps`` (:meth:`fix_budget`).
+    """
+
+    def __init__(self, cfg, meta: dict, data_dir: Path, run_dir: Path, env: D.DistEnv, *,
+                 start_ckpt: Path | None = None, init_from: str | Path | None = None, loss_fn: Callable | None = None,
+                 progress: bool = True):
+        self.cfg, self.meta, self.data_dir, self.run_dir, self.env = cfg, meta, data_dir, run_dir, env
+        self.start_ckpt, self.loss_fn, self.progress = start_ckpt, loss_fn, progress
+        tc, self.device = cfg.train, env.device
+        self.amp_dtype = autocast_dtype(tc.precision, self.device)
+        if self.amp_dtype is not None and self.device.type == "cpu" and env.is_main:
+            print(f"warning: train.precision={tc.precision} on CPU: autocast to {self.amp_dtype} is usually much "
+                  f"slower than fp32")
+        self.k = tc.accum_steps(env.world_size)
+        self.slots = env.world_size * self.k
+        self.write_config()
+        if env.is_main:
+            (run_dir / "run.json").write_text(json.dumps({"data": str(data_dir.resolve())}) + "\n", encoding="utf-8")
+        self.tokenizer_dir = Path(meta["tokenizer_dir"]) if Path(meta.get("tokenizer_dir", "")).is_dir() else None
+        self.padded = meta.get("mode") == "padded"  # targets hold IGNORE_INDEX: count real target tokens per step
+        self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
+        self.history: list[dict] = []
+        self.setup_model(init_from)
+        self.setup_data()
+        if start_ckpt is not None:
+            self.resume(start_ckpt)
+        self.setup_outputs()
+
+    @property
+    def tc(self):
+        return self.cfg.train
+
+    def write_config(self) -> None:
+        self.config_toml = self.cfg.to_toml()
+        if self.env.is_main:
+            (self.run_dir / "config.toml").write_text(self.config_toml, encoding="utf-8")
+
+    # ---- setup ----
+
+    def setup_model(self, init_from: str | Path | None) -> None:
+        """Model and optimizer: identical init on every rank, weights loaded before wrapping."""
+        tc, env = self.tc, self.env
+        torch.manual_seed(tc.seed)
+        model = Transformer(self.cfg.model).to(self.device)
+        if init_from is not None:
+            src = resolve_checkpoint(init_from)
+            if not (src / "model.safetensors").is_file():
+                raise UserError(f"{src}: init_from needs a float checkpoint with model.safetensors")
+            load_weights(model, src / "model.safetensors")
+        if self.start_ckpt is not None:
+            load_weights(model, self.start_ckpt / "model.safetensors")
+        if env.rank:
+            torch.manual_seed(tc.seed + env.rank)  # dropout differs between ranks
+        self.model = model
+        self.params = model.num_params()
+        self.flops_per_token = (model.flops_per_token(tc.seq_len) if hasattr(model, "flops_per_token")
+                                else 6.0 * self.params)
+        self.fwd, parallel = D.wrap_model(model, env, compile=tc.compile)
+        self.optimizer = make_optimizer(model, tc)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.sync = (lambda last: D.grad_sync(parallel, env, last)) if env.enabled else None
+
+    def setup_data(self) -> None:
+        """Micro-batch slot p = rank * k + i reads part p of ``slots`` parts of the train stream."""
+        tc, env, k = self.tc, self.env, self.k
+        self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
+                                    rank=env.rank * k + i, world_size=self.slots) for i in range(k)]
+        self.attn_mask_fn = None
+        if tc.document_mask:
+            bos = self.meta.get("bos_id")
+            self.attn_mask_fn = lambda x: document_attention_mask(x, bos)
+        self.val_loader, self.val_shared = None, False
+        self.val_info = self.meta["splits"].get("val", {"tokens": 0, "bytes": 0})
+        if self.val_info["tokens"] > tc.seq_len:
+            # too small to split: every rank scores it all
+            self.val_shared = self.val_info["tokens"] // env.world_size <= tc.seq_len
+            r, w = (0, 1) if self.val_shared else (env.rank, env.world_size)
+            self.val_loader = TokenLoader(self.data_dir, "val", tc.batch_size, tc.seq_len, "sequential", rank=r,
+                                          world_size=w)
+
+    def resume(self, ckpt: Path) -> None:
+        """Optimizer, loader, RNG and grad-scaler state and the step counters of ``ckpt``."""
+        env, k = self.env, self.k
+        state = read_state(ckpt)
         saved_slots = state.get("loaders") or [state["loader"]]
-        if len(saved_slots) != slots:
+        if len(saved_slots) != self.slots:
             raise UserError(
-                f"{start_ckpt}: written with {len(saved_slots)} micro-batch slots per step (processes x grad_accum); "
-                f"this run has {env.world_size} x {k} = {slots}. Resume with the same product (set train.tokens_per_step "
-                f"to keep it fixed across process counts)")
+                f"{ckpt}: written with {len(saved_slots)} micro-batch slots per step (processes x grad_accum); "
+                f"this run has {env.world_size} x {k} = {self.slots}. Resume with the same product (set "
+                f"train.tokens_per_step to keep it fixed across process counts)")
         fmt = "fqn" if env.mode == "fsdp" else "torch"
         if state.get("optimizer_format", "torch") != fmt:
-            raise UserError(f"{start_ckpt}: optimizer state was saved by a {state.get('distributed')} run; resume it "
+            raise UserError(f"{ckpt}: optimizer state was saved by a {state.get('distributed')} run; resume it "
                             f"with train.distributed={state.get('distributed')} (or start a new run with init_from)")
-        D.load_optimizer_state(model, optimizer,
-                               torch.load(start_ckpt / "optimizer.pt", weights_only=True, map_location=device), env)
-        for i, loader in enumerate(loaders):
+        D.load_optimizer_state(self.model, self.optimizer,
+                               torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device), env)
+        for i, loader in enumerate(self.loaders):
             loader.load_state_dict(saved_slots[env.rank * k + i])
         rngs = state.get("rng_ranks")
         ckpt_mod.set_rng_state(rngs[env.rank] if rngs and len(rngs) == env.world_size else state["rng"])
-        if scaler is not None and state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        step, tokens_seen, bad_steps = state["step"], state["tokens_seen"], state.get("bad_steps", 0)
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state.get("bad_steps", 0)
         if env.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", step)
-            changed = _config_changes(start_ckpt, cfg)
+            truncate_metrics(self.run_dir / METRICS, self.step)
+            changed = _config_changes(ckpt, self.cfg)
             if changed:
-                print(f"note: resuming {start_ckpt.name} with a changed config ({', '.join(changed[:6])}); "
+                print(f"note: resuming {ckpt.name} with a changed config ({', '.join(changed[:6])}); "
                       f"the continued run is not the one the checkpoint started")
 
-    log = MetricsWriter(run_dir, enabled=env.is_main, tensorboard=tc.tensorboard)
-    peak, peak_src = (None, "")
-    if env.is_main or device.type == "cuda":
-        cache = Path(tc.peak_cache) if tc.peak_cache else run_dir / "peak_flops.json"
-        peak, peak_src = device_peak_flops(device, tc.peak_flops, cache if env.is_main else None)
-    tokens_per_step = tc.batch_size * tc.seq_len * k * env.world_size
-    tokenizer = None
-    if tokenizer_dir is not None and tc.samples and (env.is_main or env.mode == "fsdp"):
-        from text2llm.tokenizer import Tokenizer
+    def setup_outputs(self) -> None:
+        """Metrics writer, the device peak for MFU, and the tokenizer that writes samples."""
+        tc, env = self.tc, self.env
+        self.log = MetricsWriter(self.run_dir, enabled=env.is_main, tensorboard=tc.tensorboard)
+        self.peak, self.peak_src = None, ""
+        if env.is_main or self.device.type == "cuda":
+            cache = Path(tc.peak_cache) if tc.peak_cache else self.run_dir / "peak_flops.json"
+            self.peak, self.peak_src = device_peak_flops(self.device, tc.peak_flops, cache if env.is_main else None)
+        self.tokens_per_step = tc.batch_size * tc.seq_len * self.k * env.world_size
+        self.tokenizer = None
+        if self.tokenizer_dir is not None and tc.samples and (env.is_main or env.mode == "fsdp"):
+            self.tokenizer = Tokenizer.load(self.tokenizer_dir)
 
-        tokenizer = Tokenizer.load(tokenizer_dir)
-    history: list[dict] = []
+    # ---- one step ----
 
-    def run_eval() -> dict:
-        if val_loader is None:
-            return {}
-        nll, count = loader_nll(fwd, val_loader, tc.eval_batches, device, amp_dtype, None, attn_mask_fn)
-        if not val_shared:
-            both = D.all_reduce_sum(torch.stack([nll, count]), env)
-            nll, count = both[0], both[1]
-        loss = float(nll / count.clamp(min=1))
-        bpb = loss / math.log(2) * val_info["tokens"] / max(1, val_info["bytes"])
-        rec = {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)), "val_bits_per_byte": bpb}
-        log.write(rec)
-        history.append(rec)
+    def optimizer_step(self, stopper: GracefulStop) -> StepOutcome | None:
+        """One optimizer step (``self.step`` += 1); None when it was skipped (non-finite loss or gradient)."""
+        tc, env, t0 = self.tc, self.env, time.perf_counter()
+        lr = lr_at(self.step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [next(loader) for loader in self.loaders]  # padded data: padding targets are IGNORE_INDEX
+        stats = forward_backward(self.fwd, batches, self.device, self.amp_dtype, self.loss_fn, self._denom(batches),
+                                 env.world_size, self.sync, self.scaler, self.attn_mask_fn)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = D.local_value(torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+        self.stop_flag.fill_(1.0 if stopper.signal else 0.0)
+        shared = D.all_reduce_sum(torch.stack([stats.loss, self.stop_flag]), env)
+        loss, stop_any, gnorm = torch.stack([shared[0], shared[1], grad_norm.float().to(self.device)]).tolist()
+        self.step += 1
+        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(gnorm)):
+            self._skip_step(loss, gnorm)
+            return None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += self.tokens_per_step
+        self.train_seconds += time.perf_counter() - t0
+        self.train_tokens += self.tokens_per_step
+        return StepOutcome(loss, lr, gnorm, stats, bool(stop_any))
+
+    def _denom(self, batches) -> float:
+        """Target tokens of the whole global batch (only padded data has targets the loss ignores)."""
+        if not self.padded:
+            return float(self.tokens_per_step)
+        local = float(sum(int(count_targets(y)) for _, y in batches))
+        return float(D.all_reduce_sum(torch.tensor(local, device=self.device), self.env))
+
+    def _skip_step(self, loss: float, gnorm: float) -> None:
+        """A non-finite step: drop its gradients; stop the run after ``train.max_bad_steps`` of them."""
+        self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        limit = self.tc.max_bad_steps
+        self.say(f"step {self.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                 f"(loss={loss}, grad_norm={gnorm}); step skipped, weights unchanged ({self.bad_steps}/{limit} allowed)")
+        if self.bad_steps >= limit:
+            self.bar.close()
+            self.log.close()
+            raise UserError(
+                f"train: stopped after {self.bad_steps} steps with a non-finite loss or gradient (train.max_bad_steps="
+                f"{limit}); lower train.lr or check the data. Last good checkpoint: {self.last_ckpt}")
+
+    def log_step(self, out: StepOutcome) -> None:
+        now = time.perf_counter()
+        tps = (self.tokens_seen - self.tokens_at_log) / max(1e-9, now - self.t_log)
+        self.t_log, self.tokens_at_log = now, self.tokens_seen
+        rec = {"step": self.step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_s": tps,
+               "tokens_seen": self.tokens_seen, "elapsed_s": now - self.t_start, "mem_mib": _memory_mib(self.device)}
+        if self.peak:
+            rec["mfu"] = tps * self.flops_per_token / (self.peak * self.env.world_size)
+        rec.update(self._step_extras(out.stats))
+        self.log.write(rec)
+        self.history.append(rec)
+        self.bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+    def _step_extras(self, stats: StepStats) -> dict:
+        """MoE aux loss and expert load (all-reduced) and a custom loss_fn's extras."""
+        env, rec = self.env, {}
+        if stats.aux_loss is not None:
+            rec["aux_loss"] = float(D.all_reduce_sum(stats.aux_loss.clone(), env)) / env.world_size
+        if stats.expert_load is not None:  # share of routed tokens per expert, per MoE layer
+            load = D.all_reduce_sum(stats.expert_load.clone(), env)
+            share = load / load.sum(-1, keepdim=True).clamp(min=1)
+            rec["expert_load"] = [[round(v, 4) for v in row] for row in share.reshape(-1, share.size(-1)).tolist()]
+            rec["expert_load_max_ratio"] = float(share.max() * share.size(-1))  # 1.0 = perfectly balanced
+        for name, v in stats.extras.items():
+            rec[name] = float(v)
         return rec
 
-    def write_samples() -> None:
-        if tokenizer is None:
+    def fix_budget(self) -> None:
+        """train.time_budget_s: max_steps from the probe steps' time, decided once and written to
+        config.toml (time_budget_s 0 there), so checkpoints and --resume stay step-based and exact."""
+        tc = self.tc
+        new_max = D.broadcast_object(_steps_within_budget(tc, self.step, time.perf_counter() - self.t_start,
+                                                          self.train_seconds / (self.step - self.start_step)), self.env)
+        self.say(f"step {self.step}: train.time_budget_s={tc.time_budget_s:g} -> train.max_steps={new_max} "
+                 f"(was {tc.max_steps})")
+        self.cfg = _with(self.cfg, "train", max_steps=new_max, time_budget_s=0.0)
+        self.write_config()
+        self.bar.total = new_max
+
+    # ---- evaluation, samples, checkpoints ----
+
+    def evaluate(self) -> dict:
+        """Val loss, perplexity and bits-per-byte over ``train.eval_batches`` batches (logged); {} without val data."""
+        if self.val_loader is None:
+            return {}
+        nll, count = loader_nll(self.fwd, self.val_loader, self.tc.eval_batches, self.device, self.amp_dtype, None,
+                                self.attn_mask_fn)
+        if not self.val_shared:
+            both = D.all_reduce_sum(torch.stack([nll, count]), self.env)
+            nll, count = both[0], both[1]
+        loss = float(nll / count.clamp(min=1))
+        bpb = bits_per_byte(loss, self.val_info["tokens"], self.val_info["bytes"])  # the split's tokens per byte
+        rec = {"step": self.step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50)), "val_bits_per_byte": bpb}
+        self.log.write(rec)
+        self.history.append(rec)
+        return rec
+
+    def write_samples(self) -> None:
+        if self.tokenizer is None:
             return
-        from text2llm.infer.generate import generate
-        from text2llm.infer.packing import pack_weights
+        model, tokenizer, cfg, tc = self.model, self.tokenizer, self.cfg, self.tc
+        device, amp_dtype = self.device, self.amp_dtype
 
         model.eval()
         texts = []
@@ -381,168 +554,125 @@ def _train(cfg, meta, data_dir, run_dir, start_ckpt, env, progress, loss_fn, ini
                                       seed=cfg.generate.seed + i))
         pack_weights(model, on=False)  # the generation engine packed the weights: free that copy
         model.train()
-        if env.is_main:
-            with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+        if self.env.is_main:
+            with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
                 for t in texts:
-                    f.write(f"--- step {step} ---\n{t}\n\n")
+                    f.write(f"--- step {self.step} ---\n{t}\n\n")
 
-    def save(val: dict) -> Path | None:
-        loader_states = [s for per_rank in D.all_gather_objects([l.state_dict() for l in loaders], env) for s in per_rank]
+    def save(self, val: dict) -> Path | None:
+        """A checkpoint of this step (every rank takes part; rank 0 writes); its path on every rank."""
+        env, tc = self.env, self.tc
+        loader_states = [s for per_rank in D.all_gather_objects([l.state_dict() for l in self.loaders], env)
+                         for s in per_rank]
         rngs = D.all_gather_objects(ckpt_mod.rng_state(), env)
-        msd = D.full_model_state(model, env)
-        osd = D.full_optimizer_state(model, optimizer, env)
+        msd = D.full_model_state(self.model, env)
+        osd = D.full_optimizer_state(self.model, self.optimizer, env)
         path = None
         if env.is_main:
-            state = {"tokens_seen": tokens_seen, "loaders": loader_states, "rng": rngs[0], "rng_ranks": rngs,
-                     "world_size": env.world_size, "grad_accum": k, "distributed": env.mode,
-                     "optimizer_format": "fqn" if env.mode == "fsdp" else "torch", "bad_steps": bad_steps,
-                     "config_hash": cfg.hash(), "tokenizer": "tokenizer" if tokenizer_dir else None,
-                     "val_loss": val.get("val_loss") if val.get("step") == step else None,
-                     "grad_scaler": scaler.state_dict() if scaler is not None else None}
-            path = ckpt_mod.save_checkpoint(run_dir, step, msd, osd, state, config_toml, tokenizer_dir,
-                                            keep_last=tc.keep_last, keep_best=tc.keep_best,
-                                            tie_embeddings=cfg.model.tie_embeddings)
+            state = {"tokens_seen": self.tokens_seen, "loaders": loader_states, "rng": rngs[0], "rng_ranks": rngs,
+                     "world_size": env.world_size, "grad_accum": self.k, "distributed": env.mode,
+                     "optimizer_format": "fqn" if env.mode == "fsdp" else "torch", "bad_steps": self.bad_steps,
+                     "config_hash": self.cfg.hash(), "tokenizer": "tokenizer" if self.tokenizer_dir else None,
+                     "val_loss": val.get("val_loss") if val.get("step") == self.step else None,
+                     "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+            path = ckpt_mod.save_checkpoint(self.run_dir, self.step, msd, osd, state, self.config_toml,
+                                            self.tokenizer_dir, keep_last=tc.keep_last, keep_best=tc.keep_best,
+                                            tie_embeddings=self.cfg.model.tie_embeddings)
         path = D.broadcast_object(str(path) if path else None, env)
         return Path(path) if path else None
 
-    def refresh_plot() -> None:
-        if env.is_main and tc.plot:
-            plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    def refresh_plot(self) -> None:
+        if self.env.is_main and self.tc.plot:
+            plot_curves(self.run_dir / METRICS, self.run_dir / "loss.png")
 
-    from tqdm import tqdm
+    # ---- the loop ----
 
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=not (progress and env.is_main),
-               mininterval=1.0, dynamic_ncols=True)
-    say = tqdm.write if env.is_main else (lambda *_: None)
-    last_eval: dict = {}
-    last_ckpt = start_ckpt
-    start_step = step
-    t_start = time.perf_counter()
-    t_log, tokens_at_log = t_start, tokens_seen
-    train_seconds, train_tokens = 0.0, 0
-    stop_flag = torch.zeros((), device=device)
-    model.train()
-    with GracefulStop() as stopper:
-        while step < tc.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = []
-            for loader in loaders:
-                batches.append(next(loader))  # padded data: the loader sets padding targets to IGNORE_INDEX
-            if padded:  # count target tokens of the whole global batch
-                denom = float(D.all_reduce_sum(torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)),
-                                                            device=device), env))
-            else:
-                denom = float(tokens_per_step)
-            stats = forward_backward(fwd, batches, device, amp_dtype, loss_fn, denom, env.world_size, sync, scaler,
-                                     attn_mask_fn)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = D.local_value(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
-            stop_flag.fill_(1.0 if stopper.signal else 0.0)
-            shared = D.all_reduce_sum(torch.stack([stats.loss, stop_flag]), env)
-            loss_val, stop_any, gnorm = torch.stack([shared[0], shared[1], grad_norm.float().to(device)]).tolist()
-            if not math.isfinite(loss_val) or (scaler is None and not math.isfinite(gnorm)):
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                say(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} "
-                    f"(loss={loss_val}, grad_norm={gnorm}); step skipped, weights unchanged "
-                    f"({bad_steps}/{tc.max_bad_steps} allowed)")
-                if bad_steps >= tc.max_bad_steps:
-                    bar.close()
-                    log.close()
-                    raise UserError(
-                        f"train: stopped after {bad_steps} steps with a non-finite loss or gradient (train.max_bad_steps="
-                        f"{tc.max_bad_steps}); lower train.lr or check the data. Last good checkpoint: {last_ckpt}")
-                step += 1
-                bar.update(1)
-                continue
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            train_seconds += time.perf_counter() - t0
-            train_tokens += tokens_per_step
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps or stop_any:
-                now = time.perf_counter()
-                tps = (tokens_seen - tokens_at_log) / max(1e-9, now - t_log)
-                t_log, tokens_at_log = now, tokens_seen
-                rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
-                       "tokens_seen": tokens_seen, "elapsed_s": now - t_start, "mem_mib": _memory_mib(device)}
-                if peak:
-                    rec["mfu"] = tps * flops_per_token / (peak * env.world_size)
-                if stats.aux_loss is not None:
-                    rec["aux_loss"] = float(D.all_reduce_sum(stats.aux_loss.clone(), env)) / env.world_size
-                if stats.expert_load is not None:  # share of routed tokens per expert, per MoE layer
-                    load = D.all_reduce_sum(stats.expert_load.clone(), env)
-                    share = load / load.sum(-1, keepdim=True).clamp(min=1)
-                    rec["expert_load"] = [[round(v, 4) for v in row] for row in share.reshape(-1, share.size(-1)).tolist()]
-                    rec["expert_load_max_ratio"] = float(share.max() * share.size(-1))  # 1.0 = perfectly balanced
-                for name, v in stats.extras.items():
-                    rec[name] = float(v)
-                log.write(rec)
-                history.append(rec)
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if stop_any:
-                say(f"step {step}: {stopper.signal or 'a signal on another rank'} received, saving a checkpoint")
-                break
-            if tc.time_budget_s and step == start_step + tc.budget_probe_steps:
-                new_max = D.broadcast_object(_steps_within_budget(tc, step, time.perf_counter() - t_start,
-                                                                  train_seconds / (step - start_step)), env)
-                say(f"step {step}: train.time_budget_s={tc.time_budget_s:g} -> train.max_steps={new_max} "
-                    f"(was {tc.max_steps})")
-                tc.max_steps, tc.time_budget_s = new_max, 0.0  # decided once: the rest of the run is step-based
-                config_toml = cfg.to_toml()
-                if env.is_main:
-                    (run_dir / "config.toml").write_text(config_toml, encoding="utf-8")
-                bar.total = tc.max_steps
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-                last_eval = run_eval()
-                if last_eval:
-                    say(f"step {step}: val loss {last_eval['val_loss']:.4f}, bpb {last_eval['val_bits_per_byte']:.4f}")
-                write_samples()
-                refresh_plot()
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.max_steps:
-                last_ckpt = save(last_eval)
-        bar.close()
-        interrupted = stopper.signal or (None if step >= tc.max_steps else "signal")
+    def run(self) -> TrainResult:
+        """Train from ``self.step`` to ``train.max_steps`` (or a signal), then evaluate, save, summarize."""
+        env = self.env
+        self.bar = tqdm(total=self.tc.max_steps, initial=self.step, desc="train", unit="step",
+                        disable=not (self.progress and env.is_main), mininterval=1.0, dynamic_ncols=True)
+        self.say = tqdm.write if env.is_main else (lambda *_: None)
+        self.last_eval: dict = {}
+        self.last_ckpt = self.start_ckpt
+        self.start_step = self.step
+        self.t_start = time.perf_counter()
+        self.t_log, self.tokens_at_log = self.t_start, self.tokens_seen
+        self.train_seconds, self.train_tokens = 0.0, 0
+        self.stop_flag = torch.zeros((), device=self.device)
+        self.model.train()
+        with GracefulStop() as stopper:
+            while self.step < self.tc.max_steps:
+                out = self.optimizer_step(stopper)
+                self.bar.update(1)
+                if out is None:  # skipped: nothing to log, evaluate or save
+                    continue
+                if self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps or out.stop:
+                    self.log_step(out)
+                if out.stop:
+                    self.say(f"step {self.step}: {stopper.signal or 'a signal on another rank'} received, "
+                             f"saving a checkpoint")
+                    break
+                self.after_step()
+            self.bar.close()
+            interrupted = self.finish(stopper)
+        self.log.close()
+        return self.result(interrupted)
+
+    def after_step(self) -> None:
+        """The time-budget decision, and the periodic evaluation and checkpoint."""
+        if self.tc.time_budget_s and self.step == self.start_step + self.tc.budget_probe_steps:
+            self.fix_budget()
+        tc, step = self.tc, self.step
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            self.last_eval = self.evaluate()
+            if self.last_eval:
+                self.say(f"step {step}: val loss {self.last_eval['val_loss']:.4f}, "
+                         f"bpb {self.last_eval['val_bits_per_byte']:.4f}")
+            self.write_samples()
+            self.refresh_plot()
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.max_steps:
+            self.last_ckpt = self.save(self.last_eval)
+
+    def finish(self, stopper: GracefulStop) -> str | None:
+        """The final evaluation and checkpoint (a stopped run only saves); the signal that stopped it, if any."""
+        step = self.step
+        interrupted = stopper.signal or (None if step >= self.tc.max_steps else "signal")
         if interrupted:
-            if step != start_step or last_ckpt is None:
-                last_ckpt = save(last_eval)
+            if step != self.start_step or self.last_ckpt is None:
+                self.last_ckpt = self.save(self.last_eval)
         else:
-            last_eval = run_eval()
-            write_samples()
-            if not (last_ckpt is not None and last_ckpt.name == f"step_{step:07d}" and step == start_step):
-                last_ckpt = save(last_eval)
-        refresh_plot()
-    log.close()
-    seconds = time.perf_counter() - t_start
-    tps_all = train_tokens / max(1e-9, train_seconds)
-    mfu = tps_all * flops_per_token / (peak * env.world_size) if peak else None
-    result = TrainResult(
-        run_dir=run_dir, step=step,
-        val_loss=last_eval.get("val_loss"), val_bits_per_byte=last_eval.get("val_bits_per_byte"),
-        train_tokens_per_s=tps_all, params=params, seconds=seconds, last_checkpoint=last_ckpt, history=history,
-        best_checkpoint=best_checkpoint(run_dir) if env.is_main else None, mfu=mfu,
-        interrupted=interrupted, skipped_steps=bad_steps,
-    )
-    if progress and env.is_main:
-        _print_summary(result, env, k, peak, peak_src)
-    return result
+            self.last_eval = self.evaluate()
+            self.write_samples()
+            resumed_at_end = (self.last_ckpt is not None and self.last_ckpt.name == f"step_{step:07d}"
+                              and step == self.start_step)  # nothing new to save
+            if not resumed_at_end:
+                self.last_ckpt = self.save(self.last_eval)
+        self.refresh_plot()
+        return interrupted
+
+    def result(self, interrupted: str | None) -> TrainResult:
+        env = self.env
+        tps_all = self.train_tokens / max(1e-9, self.train_seconds)
+        result = TrainResult(
+            run_dir=self.run_dir, step=self.step,
+            val_loss=self.last_eval.get("val_loss"), val_bits_per_byte=self.last_eval.get("val_bits_per_byte"),
+            train_tokens_per_s=tps_all, params=self.params, seconds=time.perf_counter() - self.t_start,
+            last_checkpoint=self.last_ckpt, history=self.history,
+            best_checkpoint=best_checkpoint(self.run_dir) if env.is_main else None,
+            mfu=tps_all * self.flops_per_token / (self.peak * env.world_size) if self.peak else None,
+            interrupted=interrupted, skipped_steps=self.bad_steps,
+        )
+        if self.progress and env.is_main:
+            _print_summary(result, env, self.k, self.peak, self.peak_src)
+        return result
 
 
-def _config_changes(ckpt: Path, cfg) -> list[str]:
-    """``key: old -> new`` for every config value that differs from the checkpoint's."""
+def _config_changes(saved_dir: Path, cfg) -> list[str]:
+    """``key: old -> new`` for every config value that differs from the one saved in ``saved_dir``
+    (a checkpoint, or a run dir's config.toml)."""
     try:
-        saved = read_checkpoint_config(ckpt).to_dict()
+        saved = read_checkpoint_config(saved_dir).to_dict()
     except UserError:
         return []
 
@@ -558,8 +688,6 @@ def _config_changes(ckpt: Path, cfg) -> list[str]:
 
 
 def _print_summary(r: TrainResult, env: D.DistEnv, k: int, peak, peak_src: str) -> None:
-    from text2llm.metrics import format_seconds, print_table
-
     rows = [("steps", f"{r.step:,}" + (f" (stopped by {r.interrupted})" if r.interrupted else "")),
             ("parameters", f"{r.params:,}"),
             ("processes x grad_accum", f"{env.world_size} x {k} ({env.mode})"),
@@ -581,11 +709,10 @@ def train_from_cli(config: str | None, overrides: list[str], data: str | None, o
     """``text2llm train``: resolve config, data and run dir, then :func:`train`.
 
     With ``--resume`` the run dir's saved config is the base (``key=value`` overrides still apply,
-    e.g. a larger ``train.max_steps``) and the data dir recorded in ``RUN/run.json`` is the default.
+    e.g. a larger ``train.max_steps``) and the data dir recorded in ``RUN/run.json`` is the default;
+    a run dir that holds no checkpoint yet starts again from step 0.
     Returns 0, or 130 / 143 when Ctrl-C / SIGTERM stopped the run (after saving a checkpoint).
     """
-    from text2llm.config import load_config
-
     run_dir = Path(resume if isinstance(resume, str) else (out or "runs/train"))
     if resume:
         saved = run_dir / "config.toml"
