@@ -23,6 +23,7 @@ import torch
 
 from text2llm.errors import UserError
 from text2llm.loss import IGNORE_INDEX, bits_per_byte, count_targets, ignore_padding, token_nll_sum
+from text2llm.pack import read_meta
 
 
 def read_text_documents(path: str | Path) -> list[str]:
@@ -95,8 +96,6 @@ def evaluate_text(model, tokenizer, path: str | Path, window: int | None = None)
 
 def evaluate_tokens(model, tokens_dir: str | Path, split: str = "val", window: int | None = None) -> dict:
     import numpy as np
-
-    from text2llm.pack import read_meta
 
     meta = read_meta(tokens_dir)
     info = meta["splits"].get(split)
