@@ -44,6 +44,9 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from pydantic import ValidationError
+
+from text2llm.config import CHAT_ROLES, ChatTemplate
 from text2llm.data.fastio import GZIP_ERRORS, gzip_decompress
 from text2llm.data.readers import is_metadata_file, iter_cleaned
 from text2llm.errors import UserError
@@ -80,6 +83,7 @@ class Tokenizer:
             self._hf = HFTokenizer.from_file(str(model_file))
             self._hf.encode_special_tokens = True  # "<s>" in text is text, not BOS (extras still match)
         self.specials = frozenset({self.pad_id, self.bos_id, self.eos_id})
+        self._chat: ChatTemplate | None = None
 
     # ---- loading / saving ----------------------------------------------------------------
     @classmethod
@@ -132,6 +136,9 @@ class Tokenizer:
         }
         if not extras:
             config.pop("extra_special_tokens")
+        # transformers' apply_chat_template(messages, tokenize=False) renders exactly render_chat's
+        # text; tokenizing that text (BOS added) gives encode_chat's ids
+        config["chat_template"] = chat_template_jinja(self.chat_template)
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
         return out
@@ -172,6 +179,30 @@ class Tokenizer:
     @property
     def user_defined_symbols(self) -> list[str]:
         return list(self.meta.get("user_defined_symbols", []))
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The chat template stored with the tokenizer (``chat_template`` in its metadata file);
+        the documented default (:class:`text2llm.config.ChatTemplate`) when it has none."""
+        if self._chat is None:
+            raw = self.meta.get("chat_template")
+            try:
+                self._chat = ChatTemplate() if raw is None else ChatTemplate.model_validate(raw)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(map(str, err["loc"]))
+                raise UserError(f"{self.path / META_FILE}: chat_template{'.' + where if where else ''}: "
+                                f"{err['msg'].removeprefix('Value error, ')}") from None
+        return self._chat
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation (:func:`render_chat` with this tokenizer's template)."""
+        return render_chat(self.chat_template, messages, add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """BOS + the ids of :meth:`render_chat`'s text: the prompt ``generate --chat`` and the
+        server's /v1/chat/completions decode from."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=True)
 
     def id_to_token(self, i: int) -> str:
         i = int(i)
@@ -230,6 +261,45 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, path='{self.path}')"
+
+
+# ---- chat ---------------------------------------------------------------------------------------
+
+
+def render_chat(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """A conversation (``[{"role": "system" | "user" | "assistant", "content": str}, ...]``) as one
+    prompt: each message's role string with ``{content}`` replaced, then (``add_generation_prompt``)
+    the template's ``generation_prompt``. The one renderer: the server, ``generate --chat`` and the
+    exported Jinja template (:func:`chat_template_jinja`) all give this text."""
+    parts = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in CHAT_ROLES:
+            raise UserError(f"messages[{i}].role: {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise UserError(f"messages[{i}].content: must be a string")
+        parts.append(getattr(template, role).replace("{content}", m["content"]))
+    if add_generation_prompt:
+        parts.append(template.generation_prompt)
+    return "".join(parts)
+
+
+def chat_template_jinja(template: ChatTemplate) -> str:
+    """The Jinja template (transformers' ``chat_template``, GGUF's ``tokenizer.chat_template``)
+    that renders what :func:`render_chat` renders. Every literal is a Jinja string expression on
+    one line, so the renderer's whitespace options (``trim_blocks``, ``lstrip_blocks``) change nothing."""
+
+    def text(s: str) -> str:  # a JSON string is a valid Jinja string literal (same escapes)
+        return "{{ " + json.dumps(s, ensure_ascii=False) + " }}" if s else ""
+
+    branches = []
+    for k, role in enumerate(CHAT_ROLES):
+        before, after = getattr(template, role).split("{content}")
+        branches.append(f"{{% {'if' if k == 0 else 'elif'} message['role'] == '{role}' %}}"
+                        f"{text(before)}{{{{ message['content'] }}}}{text(after)}")
+    return ("{% for message in messages %}" + "".join(branches)
+            + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}{% endfor %}"
+            + "{% if add_generation_prompt %}" + text(template.generation_prompt) + "{% endif %}")
 
 
 # ---- SentencePiece -> Hugging Face tokenizers -----------------------------------------------------
@@ -371,6 +441,7 @@ def _train_into(tmp: Path, docs: list[str], extras: list[str], cfg) -> None:
         "special_ids": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID},
         "special_tokens": {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK},
         "user_defined_symbols": extras,
+        "chat_template": cfg.chat_template.model_dump(),
         "fingerprint": _file_fingerprint(tmp / BACKEND_FILES[meta["backend"]]),
         "trained_on_bytes": sum(len(d.encode("utf-8")) for d in docs),
         "trained_on_documents": len(docs),
