@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "text2llm"
 
 # module (or package prefix) -> floor; the longest matching prefix wins
 FLOORS = {
-    "text2llm.errors": 0, "text2llm.files": 0, "text2llm.workers": 0, "text2llm.metrics": 0,
+    "text2llm.errors": 0, "text2llm.files": 0, "text2llm.chat": 0, "text2llm.workers": 0, "text2llm.metrics": 0,
     "text2llm.config": 0, "text2llm.data.config": 0, "text2llm.model.config": 0, "text2llm.train.config": 0,
     "text2llm.data": 1, "text2llm.tokenizer": 1, "text2llm.model": 1, "text2llm.loss": 1,
     "text2llm.checkpoint": 2, "text2llm.pack": 2, "text2llm.loader": 2, "text2llm.evaluate": 2,

@@ -106,7 +106,8 @@ BAD = [
     ({"body": {"prompt": "a", "top_p": 0}}, 400, "top_p"),
     ({"body": {"prompt": "a", "stop": [1]}}, 400, "stop"),
     ({"body": {"prompt": "a", "stream": "yes"}}, 400, "stream"),
-    ({"body": {"prompt": "a", "n": 3}}, 400, "n"),
+    ({"body": {"prompt": "a", "n": 9}}, 400, "n"),  # more choices than MAX_PROMPTS
+    ({"body": {"prompt": ["a", "b"], "n": 5}}, 400, "n"),
     ({"body": {"prompt": ["a"] * 9}}, 400, "prompt"),
     ({"body": {"prompt": "word " * 500}}, 400, "prompt"),  # longer than the context
     ({"body": {"prompt": "a"}, "path": "/v1/chat"}, 404, None),

@@ -118,6 +118,8 @@ def cmd_generate(a) -> int:
     from text2llm.artifacts import open_engine
     from text2llm.infer.decoding import cli_loop
 
+    if a.chat and (a.interactive or a.prompt is not None):
+        raise _usage("generate: --chat reads the turns from stdin (drop --prompt / --interactive)")
     served = open_engine(a.ckpt, a.engine or "auto", compile=a.compile)
     return cli_loop(served.engine, served.tokenizer, a, learned_positions=served.learned_positions)
 
@@ -282,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, metavar="S")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    s.add_argument("--chat", action="store_true",
+                   help="chat: every line of stdin is a user turn, answered with the chat template stored "
+                        "with the tokenizer (the conversation is kept; its oldest turns go when it outgrows the context)")
+    s.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message opening the conversation")
     s.add_argument("--engine", choices=["torch", "onnx"], default=None,
                    help="default: by what CKPT holds (an ONNX export dir runs with onnxruntime)")
     s.add_argument("--compile", action="store_true", help=COMPILE_HELP)

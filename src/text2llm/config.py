@@ -32,6 +32,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from text2llm.chat import ChatTemplate
 from text2llm.data.config import DataConfig
 from text2llm.errors import UserError
 from text2llm.model.config import ModelConfig
@@ -46,41 +47,6 @@ class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-class ChatTemplate(Section):
-    """How a conversation becomes one prompt: each turn is its role's string with ``{content}``
-    replaced by the message, in order, then ``generation_prompt`` (where the reply starts).
-    The default suits a base model (plain role-prefixed lines, no special tokens)::
-
-        System: You are terse.
-        User: Hi!
-        Assistant: Hello.
-        User: Tell me a story.
-        Assistant:
-
-    Replies stop at EOS or at any of ``stop`` (the model starting the next turn by itself).
-    Stored in the tokenizer dir (``text2llm-tokenizer.json``, key ``chat_template``); rendered by
-    :func:`text2llm.tokenizer.render_chat` and exported as the equivalent Jinja template."""
-
-    system: str = Field("System: {content}\n", description="a system turn; {content} is the message")
-    user: str = Field("User: {content}\n", description="a user turn")
-    assistant: str = Field("Assistant: {content}\n", description="an assistant turn (earlier replies)")
-    generation_prompt: str = Field("Assistant:", description="appended after the turns: the model writes the reply after it")
-    stop: list[str] = Field(default_factory=lambda: ["\nUser:", "\nSystem:"],
-                            description="texts that end a reply (the model beginning another turn)")
-
-    @model_validator(mode="after")
-    def _one_content_slot(self) -> "ChatTemplate":
-        for role in CHAT_ROLES:
-            if getattr(self, role).count("{content}") != 1:
-                raise ValueError(f"chat_template.{role}: must contain '{{content}}' exactly once")
-        if any(not s for s in self.stop):
-            raise ValueError("chat_template.stop: holds an empty string")
-        return self
 
 
 class TokenizerConfig(Section):

@@ -46,7 +46,7 @@ from typing import Iterable, Iterator, Sequence
 
 from pydantic import ValidationError
 
-from text2llm.config import CHAT_ROLES, ChatTemplate
+from text2llm.chat import ChatTemplate, chat_template_jinja, render_chat
 from text2llm.data.fastio import GZIP_ERRORS, gzip_decompress
 from text2llm.data.readers import is_metadata_file, iter_cleaned
 from text2llm.errors import UserError
@@ -261,45 +261,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, path='{self.path}')"
-
-
-# ---- chat ---------------------------------------------------------------------------------------
-
-
-def render_chat(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """A conversation (``[{"role": "system" | "user" | "assistant", "content": str}, ...]``) as one
-    prompt: each message's role string with ``{content}`` replaced, then (``add_generation_prompt``)
-    the template's ``generation_prompt``. The one renderer: the server, ``generate --chat`` and the
-    exported Jinja template (:func:`chat_template_jinja`) all give this text."""
-    parts = []
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role not in CHAT_ROLES:
-            raise UserError(f"messages[{i}].role: {role!r} is not one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise UserError(f"messages[{i}].content: must be a string")
-        parts.append(getattr(template, role).replace("{content}", m["content"]))
-    if add_generation_prompt:
-        parts.append(template.generation_prompt)
-    return "".join(parts)
-
-
-def chat_template_jinja(template: ChatTemplate) -> str:
-    """The Jinja template (transformers' ``chat_template``, GGUF's ``tokenizer.chat_template``)
-    that renders what :func:`render_chat` renders. Every literal is a Jinja string expression on
-    one line, so the renderer's whitespace options (``trim_blocks``, ``lstrip_blocks``) change nothing."""
-
-    def text(s: str) -> str:  # a JSON string is a valid Jinja string literal (same escapes)
-        return "{{ " + json.dumps(s, ensure_ascii=False) + " }}" if s else ""
-
-    branches = []
-    for k, role in enumerate(CHAT_ROLES):
-        before, after = getattr(template, role).split("{content}")
-        branches.append(f"{{% {'if' if k == 0 else 'elif'} message['role'] == '{role}' %}}"
-                        f"{text(before)}{{{{ message['content'] }}}}{text(after)}")
-    return ("{% for message in messages %}" + "".join(branches)
-            + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}{% endfor %}"
-            + "{% if add_generation_prompt %}" + text(template.generation_prompt) + "{% endif %}")
 
 
 # ---- SentencePiece -> Hugging Face tokenizers -----------------------------------------------------

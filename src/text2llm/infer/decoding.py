@@ -24,6 +24,8 @@ This module must not import torch: the ONNX runtime path and the server use it w
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -160,11 +162,14 @@ def length_groups(prompts: list[list[int]], by_length: bool) -> list[list[int]]:
 
 
 def iter_tokens(engine: Engine, prompts: list[list[int]], p: SamplingParams, eos_id: int | None, pad_id: int,
-                done_B: np.ndarray | None = None, vocab_size: int | None = None) -> Iterator[np.ndarray]:
+                done_B: np.ndarray | None = None, vocab_size: int | None = None,
+                on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Iterator[np.ndarray]:
     """Yield the next token of every row, (B,) int64, once per decode step; -1 for finished rows.
 
     A row finishes at EOS (not yielded) or when the caller sets ``done_B[row] = True`` between two
     yields (e.g. a stop string appeared). Prompts must already fit (:func:`fit_prompts`).
+    ``on_logits(logits_BV, next_B)``, called before each yield, sees the engine's logits of the
+    step (before the repetition penalty) and the tokens drawn from them.
     """
     B = len(prompts)
     done_B = np.zeros(B, dtype=bool) if done_B is None else done_B
@@ -181,9 +186,12 @@ def iter_tokens(engine: Engine, prompts: list[list[int]], p: SamplingParams, eos
             seen[b, x] = True
         seen = seen[:, : logits.shape[-1]]
     for i in range(n_new):
+        raw = logits
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
         nxt = sample_np(logits, p, rng).astype(np.int64)
+        if on_logits is not None:
+            on_logits(raw, nxt)
         if eos_id is not None:
             done_B |= nxt == eos_id
         out = np.where(done_B, -1, nxt)
@@ -201,10 +209,12 @@ class TextStream:
     ``push(token)`` returns the text that is now safe to show: never half a multi-byte character
     (a trailing U+FFFD) and never a tail that could still become a stop string. ``stopped`` turns
     True when a stop string appears; the text before it is kept, the stop string is dropped.
+    ``lstrip``: the text starts at its first non-whitespace character (a chat reply, whose space
+    after the template's ``Assistant:`` belongs to the turn, not to the reply).
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tok, self.stop = tokenizer, tuple(stop)
+    def __init__(self, tokenizer, stop: Sequence[str] = (), lstrip: bool = False):
+        self.tok, self.stop, self.lstrip = tokenizer, tuple(stop), lstrip
         self.ids: list[int] = []
         self.text = ""  # final text so far (up to a stop string)
         self.shown = 0
@@ -215,6 +225,8 @@ class TextStream:
             return ""
         self.ids.append(int(token))
         text = self.tok.decode(self.ids)
+        if self.lstrip:
+            text = text.lstrip()
         for s in self.stop:
             i = text.find(s)
             if i >= 0:
@@ -239,31 +251,83 @@ class TextStream:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (log-softmax of the engine's logits
+    at that step: before temperature, top-k/top-p and the repetition penalty), and the ``top``
+    most likely tokens of that step, best first, as (id, logprob)."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Completion:
     text: str  # the continuation only
     tokens: int  # new tokens generated (a stop string's tokens included)
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    ids: list[int] = field(default_factory=list)  # the new tokens (a stop string's included)
+    logprobs: list[TokenLogprob] | None = None  # one per id, when complete() was asked for them
+
+
+def log_softmax_np(logits_BV: np.ndarray) -> np.ndarray:
+    x = logits_BV.astype(np.float32) - logits_BV.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def step_logprobs(logits_BV: np.ndarray, next_B: np.ndarray, top: int) -> list[TokenLogprob]:
+    """Per row: the drawn token's logprob and the ``top`` most likely tokens (``top`` may be 0)."""
+    lp_BV = log_softmax_np(logits_BV)
+    best_BN = np.argsort(-lp_BV, axis=-1, kind="stable")[:, :top]
+    return [TokenLogprob(int(t), float(lp[t]), [(int(i), float(lp[i])) for i in best])
+            for t, lp, best in zip(next_B, lp_BV, best_BN)]
+
+
+def token_spans(tokenizer, ids: Sequence[int]) -> list[tuple[str, int]]:
+    """(text, character offset) of each token in ``decode(ids)``: what the token adds to the text
+    decoded so far. A token that completes a multi-byte character replaces the U+FFFD its first
+    bytes decoded to, so its text starts where that character starts."""
+    out, prev = [], ""
+    for k in range(len(ids)):
+        cur = tokenizer.decode(ids[: k + 1])
+        start = len(os.path.commonprefix([prev, cur]))
+        out.append((cur[start:], start))
+        prev = cur
+    return out
 
 
 def complete(engine: Engine, tokenizer, prompts: Sequence[str], p: SamplingParams, *, add_bos: bool = True,
              learned_positions: bool = False, on_text: Callable[[int, str], None] | None = None,
-             prompt_ids: list[list[int]] | None = None) -> list[Completion]:
-    """Generate a continuation for every prompt (one batch). ``on_text(row, piece)`` streams text."""
+             prompt_ids: list[list[int]] | None = None, logprobs: int | None = None,
+             lstrip: bool = False) -> list[Completion]:
+    """Generate a continuation for every prompt (one batch). ``on_text(row, piece)`` streams text.
+
+    ``logprobs`` (N >= 0): each completion also carries its tokens' :class:`TokenLogprob` with the
+    N most likely alternatives. ``lstrip``: drop the whitespace a continuation starts with (chat
+    replies, :class:`TextStream`)."""
     if prompt_ids is None:
         prompt_ids = [([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(t) for t in prompts]
     fitted, _ = fit_prompts(prompt_ids, engine.max_len, p.max_new_tokens)
     results: list[Completion | None] = [None] * len(fitted)
     for rows in length_groups(fitted, learned_positions):
-        streams = [TextStream(tokenizer, p.stop) for _ in rows]
+        streams = [TextStream(tokenizer, p.stop, lstrip) for _ in rows]
         done = np.zeros(len(rows), dtype=bool)
         eos_seen = np.zeros(len(rows), dtype=bool)
+        scored: list[list[TokenLogprob]] = [[] for _ in rows]
+        step: list[TokenLogprob] = []
+
+        def keep_logprobs(logits_BV, next_B):
+            step[:] = step_logprobs(logits_BV, next_B, logprobs)
+
         for tokens in iter_tokens(engine, [fitted[r] for r in rows], p, tokenizer.eos_id, tokenizer.pad_id, done,
-                                  tokenizer.vocab_size):
+                                  tokenizer.vocab_size, keep_logprobs if logprobs is not None else None):
             for j, t in enumerate(tokens):
                 if t < 0:
                     eos_seen[j] |= not streams[j].stopped
                     continue
+                if step and not streams[j].stopped:  # (push keeps no token once stopped)
+                    scored[j].append(step[j])
                 piece = streams[j].push(int(t))
                 if streams[j].stopped:
                     done[j] = True
@@ -275,8 +339,16 @@ def complete(engine: Engine, tokenizer, prompts: Sequence[str], p: SamplingParam
             if rest and on_text is not None:
                 on_text(r, rest)
             reason = "stop" if (s.stopped or eos_seen[j] or done[j]) else "length"
-            results[r] = Completion(s.text, len(s.ids), len(fitted[r]), reason)
+            results[r] = Completion(s.text, len(s.ids), len(fitted[r]), reason, s.ids,
+                                    scored[j] if logprobs is not None else None)
     return results  # type: ignore[return-value]
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict], p: SamplingParams) -> tuple[list[int], SamplingParams]:
+    """A conversation's prompt ids (:meth:`~text2llm.tokenizer.Tokenizer.encode_chat`) and ``p``
+    with the chat template's stop strings added; decode it with ``complete(..., lstrip=True)``."""
+    extra = tuple(s for s in tokenizer.chat_template.stop if s not in p.stop)
+    return tokenizer.encode_chat(messages), dataclasses.replace(p, stop=tuple(p.stop) + extra)
 
 
 # ---- the command line (shared by both engines) ---------------------------------------------------
@@ -286,6 +358,8 @@ def cli_loop(engine: Engine, tokenizer, a, learned_positions: bool = False) -> i
     """``text2llm generate``: one prompt, or (``--interactive``) one per line of stdin."""
     p = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                        repetition_penalty=a.repetition_penalty, stop=tuple(a.stop), seed=a.seed)
+    if getattr(a, "chat", False):
+        return _cli_chat(engine, tokenizer, p, a.system, a.stream, learned_positions)
     if a.interactive:
         prompts = _stdin_prompts()
     else:
@@ -299,6 +373,25 @@ def cli_loop(engine: Engine, tokenizer, a, learned_positions: bool = False) -> i
         else:
             (c,) = complete(engine, tokenizer, [prompt], p, learned_positions=learned_positions)
             print(prompt + c.text, flush=True)
+    return 0
+
+
+def _cli_chat(engine: Engine, tokenizer, p: SamplingParams, system: str | None, stream: bool,
+              learned_positions: bool) -> int:
+    """``text2llm generate --chat``: every line of stdin is a user turn; each reply is printed and
+    kept in the conversation. The oldest turns are dropped when the conversation outgrows the context."""
+    history = [{"role": "system", "content": system}] if system else []
+    for line in _stdin_prompts():
+        history.append({"role": "user", "content": line})
+        ids, params = chat_prompt(tokenizer, history, p)
+        while len(ids) + p.max_new_tokens > engine.max_len and len(history) - bool(system) > 1:
+            del history[bool(system)]  # the oldest turn after the system message
+            ids, params = chat_prompt(tokenizer, history, p)
+        show = (lambda _row, s: print(s, end="", flush=True)) if stream else None
+        (c,) = complete(engine, tokenizer, [], params, prompt_ids=[ids], learned_positions=learned_positions,
+                        on_text=show, lstrip=True)
+        print("" if stream else c.text, flush=True)
+        history.append({"role": "assistant", "content": c.text})
     return 0
 
 

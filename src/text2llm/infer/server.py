@@ -5,19 +5,39 @@
 
 Endpoints::
 
-    GET  /health           {"status": "ok", "model": ..., "engine": ..., "context": ..., "max_tokens_limit": ...}
-    GET  /v1/models        the one model, OpenAI list format
-    POST /v1/completions   {"prompt": str | [str, ...], "max_tokens": 16, "temperature": 1.0, "top_p": 1.0,
-                            "stop": str | [str, ...], "stream": false, "seed": null, "echo": false,
-                            "top_k": 0, "repetition_penalty": 1.0}        (the last two are extensions)
+    GET  /health                {"status": "ok", "model": ..., "engine": ..., "context": ..., "max_tokens_limit": ...}
+    GET  /v1/models             the one model, OpenAI list format
+    POST /v1/completions        {"prompt": str | [str, ...], "max_tokens": 16, "temperature": 1.0, "top_p": 1.0,
+                                 "stop": str | [str, ...], "n": 1, "stream": false, "seed": null, "echo": false,
+                                 "logprobs": null | 0..5, "top_k": 0, "repetition_penalty": 1.0}
+    POST /v1/chat/completions   {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...],
+                                 "max_tokens" (or "max_completion_tokens"): as many as fit, "temperature",
+                                 "top_p", "stop", "n", "stream", "stream_options": {"include_usage": bool},
+                                 "seed", "logprobs": false, "top_logprobs": 0..5, "top_k", "repetition_penalty"}
+                                (top_k and repetition_penalty are extensions)
 
-``stream: true`` answers with server-sent events, one ``data: {json}`` per piece of text and a
-final ``data: [DONE]``. A list of prompts is decoded as one batch (``choices[i].index``).
+Both routes run the same engine and validation; they differ only in the JSON they answer with
+(:class:`Completions`, :class:`Chat`). A chat's messages become one prompt through the chat
+template stored with the tokenizer (:mod:`text2llm.chat`), decoded with the template's stop
+strings; the reply starts at its first non-whitespace character.
 
-Limits keep one request from taking the server down: request body <= 1 MiB, at most 8 prompts,
-a prompt must fit the model's context (in tokens; 400 otherwise), ``max_tokens`` <= the
-``--max-tokens-limit``, at most 64 requests waiting (503 beyond). Bad requests get a 4xx JSON
-error in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``); the server keeps going.
+``n``: choices per prompt, decoded as one batch (different samples from one seed); a list of
+prompts is one batch too, prompt i's choices at indexes i*n .. i*n+n-1. ``logprobs``: OpenAI's
+shapes (completions: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the N best and the drawn
+token), ``text_offset`` (characters from the start of the prompt); chat: ``content`` entries with
+``token``, ``logprob``, ``bytes``, ``top_logprobs``), the log-softmax of the model's logits at each
+step (before temperature, top-k/top-p and the repetition penalty), for the tokens of the
+returned text; not with ``stream`` or ``echo`` (400).
+
+``stream: true`` answers with server-sent events, one ``data: {json}`` per piece of text (chat:
+``delta`` chunks, the first with the role), a last chunk per choice with its ``finish_reason``,
+with ``stream_options.include_usage`` one more with the usage, and ``data: [DONE]``.
+
+Limits keep one request from taking the server down: request body <= 1 MiB, at most 8 prompts
+x choices, a prompt must fit the model's context (in tokens; 400 otherwise), ``max_tokens`` <=
+the ``--max-tokens-limit``, at most 64 requests waiting (503 beyond). Bad requests get a 4xx JSON
+error in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``, which the ``openai``
+client raises as ``BadRequestError``, ``NotFoundError``, ...); the server keeps going.
 
 Concurrency: each connection has its own thread (``ThreadingHTTPServer``); the model runs one
 request at a time behind a lock (a FIFO queue in practice), so concurrent requests are all
@@ -31,15 +51,18 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from text2llm.chat import CHAT_ROLES
 from text2llm.errors import UserError
-from text2llm.infer.decoding import SamplingParams, complete
+from text2llm.infer.decoding import Completion, SamplingParams, TokenLogprob, chat_prompt, complete, token_spans
 
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPTS = 8
 MAX_STOP = 4
 MAX_PENDING = 64
+MAX_LOGPROBS = 5  # alternatives per token (completions' logprobs, chat's top_logprobs)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 
 
@@ -67,7 +90,8 @@ class Backend:
         """From what :func:`text2llm.artifacts.open_engine` returns for a dir."""
         return cls(served.engine, served.tokenizer, served.name, served.kind, served.learned_positions)
 
-    def run(self, prompt_ids, params, on_text=None):
+    def run(self, prompt_ids, params, on_text=None, **kw):
+        """:func:`~text2llm.infer.decoding.complete` on ``prompt_ids`` (``kw``: logprobs, lstrip)."""
         with self.pending_lock:
             if self.pending >= MAX_PENDING:
                 raise ApiError(503, f"server busy: {self.pending} requests waiting, try again later", type_="server_error")
@@ -75,13 +99,32 @@ class Backend:
         try:
             with self.lock:
                 return complete(self.engine, self.tok, [], params, learned_positions=self.learned_positions,
-                                on_text=on_text, prompt_ids=prompt_ids)
+                                on_text=on_text, prompt_ids=prompt_ids, **kw)
         finally:
             with self.pending_lock:
                 self.pending -= 1
 
 
 # ---- request parsing -----------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """A validated request to either route: what to decode and how to answer it."""
+
+    shape: type  # Completions or Chat: the response's JSON shape
+    texts: list[str]  # one per prompt (completions' echo)
+    ids: list[list[int]]  # one per prompt, BOS first
+    params: SamplingParams
+    n: int = 1  # choices per prompt: prompt i's are choices i*n .. i*n+n-1, decoded in one batch
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # top alternatives per token; None = no logprobs
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+    @property
+    def rows(self) -> list[list[int]]:
+        return [x for x in self.ids for _ in range(self.n)]
 
 
 def _number(body, key, default, lo, hi, integer=False, lo_open=False):
@@ -96,30 +139,36 @@ def _number(body, key, default, lo, hi, integer=False, lo_open=False):
     return v
 
 
-def parse_request(body, backend: Backend, max_tokens_limit: int):
-    """Validate a /v1/completions body -> (prompts, prompt ids, SamplingParams, stream, echo)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "'prompt' is required: a string or a list of strings", "prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request", "prompt")
-    for key, want in (("n", 1), ("best_of", 1), ("logprobs", None), ("suffix", None)):
+def _flag(body, key) -> bool:
+    if not isinstance(body.get(key, False), bool):
+        raise ApiError(400, f"'{key}' must be true or false", key)
+    return body.get(key, False)
+
+
+def _unsupported(body, allowed: dict) -> None:
+    for key, want in allowed.items():
         if body.get(key, want) not in (want, None):
             raise ApiError(400, f"'{key}' is not supported (only {json.dumps(want)})", key)
-    max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, max_tokens_limit, integer=True)
+
+
+def _common(body, shape, texts, ids, n_prompts, max_tokens, **kw) -> Request:
+    """What both routes share: sampling, stop strings, seed, n, stream."""
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in stop):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
-    for key in ("stream", "echo"):
-        if not isinstance(body.get(key, False), bool):
-            raise ApiError(400, f"'{key}' must be true or false", key)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ApiError(400, "'seed' must be a non-negative integer", "seed")
+    n = _number(body, "n", 1, 1, MAX_PROMPTS, integer=True)
+    if n * n_prompts > MAX_PROMPTS:
+        raise ApiError(400, f"{n_prompts} prompts x n={n} choices: at most {MAX_PROMPTS} per request", "n")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+    if stream and kw.get("logprobs") is not None:
+        raise ApiError(400, "'logprobs' with 'stream' is not supported (ask without streaming)", "logprobs")
     params = SamplingParams(
         max_new_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -128,17 +177,159 @@ def parse_request(body, backend: Backend, max_tokens_limit: int):
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
         stop=tuple(stop), seed=seed,
     )
-    tok, ctx = backend.tok, backend.engine.max_len
-    ids = []
-    for i, p in enumerate(prompts):
-        if len(p) > 4 * MAX_BODY_BYTES:
-            raise ApiError(400, "prompt too long", "prompt")
-        x = [tok.bos_id] + tok.encode(p)
+    return Request(shape, texts, ids, params, n, stream, include_usage=stream and options.get("include_usage", False), **kw)
+
+
+def _fits(req: Request, backend: "Backend") -> Request:
+    ctx = backend.engine.max_len
+    for i, x in enumerate(req.ids):
         if len(x) >= ctx:
-            raise ApiError(400, f"prompt {i} is {len(x)} tokens; this model's context is {ctx} tokens "
-                                f"(prompt + at least 1 new token)", "prompt")
-        ids.append(x)
-    return prompts, ids, params, body.get("stream", False), body.get("echo", False)
+            what = "the conversation" if req.shape is Chat else f"prompt {i}"
+            raise ApiError(400, f"{what} is {len(x)} tokens; this model's context is {ctx} tokens "
+                                f"(prompt + at least 1 new token)", "messages" if req.shape is Chat else "prompt")
+    return req
+
+
+def parse_request(body, backend: "Backend", max_tokens_limit: int) -> Request:
+    """Validate a /v1/completions body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "'prompt' is required: a string or a list of strings", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request", "prompt")
+    _unsupported(body, {"best_of": 1, "suffix": None})
+    max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, max_tokens_limit, integer=True)
+    echo = _flag(body, "echo")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _number(body, "logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+        if echo:
+            raise ApiError(400, "'logprobs' with 'echo' is not supported (the prompt's tokens are not scored)", "logprobs")
+    if any(len(p) > 4 * MAX_BODY_BYTES for p in prompts):
+        raise ApiError(400, "prompt too long", "prompt")
+    tok = backend.tok
+    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    return _fits(_common(body, Completions, prompts, ids, len(prompts), max_tokens, echo=echo, logprobs=logprobs),
+                 backend)
+
+
+def _message(i: int, m) -> dict:
+    """One chat message as {role, content: str}: content may be a string or a list of text parts;
+    OpenAI's "developer" role is the system role."""
+    if not isinstance(m, dict):
+        raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+    role = "system" if m.get("role") == "developer" else m.get("role")
+    if role not in CHAT_ROLES:
+        raise ApiError(400, f"messages[{i}].role: {json.dumps(m.get('role'))} is not one of "
+                            f"{', '.join(CHAT_ROLES)}", "messages")
+    content = m.get("content")
+    if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text"
+                                         and isinstance(c.get("text"), str) for c in content):
+        content = "".join(c["text"] for c in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content: must be a string (or a list of text parts)", "messages")
+    return {"role": role, "content": content}
+
+
+def parse_chat(body, backend: "Backend", max_tokens_limit: int) -> Request:
+    """Validate a /v1/chat/completions body: the conversation becomes one prompt through the
+    tokenizer's chat template, decoded with its stop strings (:func:`~text2llm.infer.decoding.chat_prompt`)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' is required: a non-empty list of {role, content} objects", "messages")
+    if sum(len(json.dumps(m)) for m in messages) > 4 * MAX_BODY_BYTES:
+        raise ApiError(400, "messages too long", "messages")
+    messages = [_message(i, m) for i, m in enumerate(messages)]
+    for key in ("tools", "functions"):
+        if body.get(key):
+            raise ApiError(400, f"'{key}' is not supported (no tool calling)", key)
+    # no max_tokens: as many as fit, up to the server's --max-tokens-limit
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, max_tokens_limit, 1, max_tokens_limit, integer=True)
+    logprobs = None
+    if _flag(body, "logprobs"):
+        logprobs = _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+    elif body.get("top_logprobs") is not None:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    req = _common(body, Chat, [""], [], 1, max_tokens, logprobs=logprobs)
+    ids, req.params = chat_prompt(backend.tok, messages, req.params)  # + the template's stop strings
+    req.ids = [ids]
+    return _fits(req, backend)
+
+
+# ---- response shapes -------------------------------------------------------------------------------
+
+
+def _returned(tok, c: Completion, lstrip: bool) -> list[tuple[str, int, TokenLogprob]]:
+    """(text, offset in the decoded continuation, logprob) of the tokens that made the returned
+    text: a stop string's tokens after it are left out."""
+    full = tok.decode(c.ids)
+    end = len(c.text) + (len(full) - len(full.lstrip()) if lstrip else 0)
+    return [(t, off, lp) for (t, off), lp in zip(token_spans(tok, c.ids), c.logprobs or []) if off < end]
+
+
+class Completions:
+    """/v1/completions: OpenAI's (legacy) text completion objects."""
+
+    prefix, object, chunk_object, lstrip = "cmpl-", "text_completion", "text_completion", False
+
+    @staticmethod
+    def choice(i: int, text: str, finish: str | None = None, logprobs=None) -> dict:
+        return {"text": text, "index": i, "logprobs": logprobs, "finish_reason": finish}
+
+    chunk = choice
+
+    @staticmethod
+    def opening(i: int, req: Request) -> dict | None:
+        return Completions.choice(i, req.texts[i // req.n], None) if req.echo else None
+
+    @staticmethod
+    def logprobs(tok, c: Completion, prompt: str) -> dict:
+        """tokens, token_logprobs, top_logprobs (the N best and the drawn token, by text) and
+        text_offset (characters from the start of the prompt)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for text, off, lp in _returned(tok, c, False):
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp.logprob)
+            out["top_logprobs"].append({tok.decode([i]): v for i, v in lp.top + [(lp.id, lp.logprob)]})
+            out["text_offset"].append(len(prompt) + off)
+        return out
+
+
+class Chat:
+    """/v1/chat/completions: chat.completion objects, streamed as chat.completion.chunk deltas."""
+
+    prefix, object, chunk_object, lstrip = "chatcmpl-", "chat.completion", "chat.completion.chunk", True
+
+    @staticmethod
+    def choice(i: int, text: str, finish: str | None, logprobs=None) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    @staticmethod
+    def chunk(i: int, text: str, finish: str | None = None) -> dict:
+        return {"index": i, "delta": {"content": text} if finish is None else {}, "logprobs": None,
+                "finish_reason": finish}
+
+    @staticmethod
+    def opening(i: int, req: Request) -> dict:
+        return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    @staticmethod
+    def logprobs(tok, c: Completion, prompt: str) -> dict:
+        def entry(text: str, lp: float) -> dict:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(text, lp.logprob), "top_logprobs": [entry(tok.decode([i]), v) for i, v in lp.top]}
+                            for text, _, lp in _returned(tok, c, True)]}
+
+
+ROUTES = {"/v1/completions": parse_request, "/v1/chat/completions": parse_chat}
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
@@ -206,14 +397,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         try:
-            if self.path != "/v1/completions":
-                raise ApiError(404, f"no route POST {self.path} (use /v1/completions)", type_="not_found_error")
-            body = self._read_json()
-            prompts, ids, params, stream, echo = parse_request(body, self.server.backend, self.server.max_tokens_limit)
-            if stream:
-                self._stream(prompts, ids, params, echo)
+            parse = ROUTES.get(self.path)
+            if parse is None:
+                raise ApiError(404, f"no route POST {self.path} (use /v1/completions or /v1/chat/completions)",
+                               type_="not_found_error")
+            req = parse(self._read_json(), self.server.backend, self.server.max_tokens_limit)
+            head = {"id": f"{req.shape.prefix}{uuid.uuid4().hex[:24]}", "object": req.shape.object,
+                    "created": int(time.time()), "model": self.server.backend.name}
+            if req.stream:
+                self._stream(req, head)
             else:
-                self._complete(prompts, ids, params, echo)
+                self._complete(req, head)
         except ApiError as e:
             self._error(e)
         except UserError as e:
@@ -234,21 +428,24 @@ class Handler(BaseHTTPRequestHandler):
 
     do_DELETE = do_PATCH = do_PUT
 
-    # -- completions
-    def _head(self) -> dict:
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": self.server.backend.name}
+    # -- completions and chat completions: one engine call, two JSON shapes
+    def _usage(self, req: Request, done) -> dict:
+        used = sum(len(x) for x in req.ids), sum(c.tokens for c in done)
+        return {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
 
-    def _complete(self, prompts, ids, params, echo):
-        done = self.server.backend.run(ids, params)
-        choices = [{"text": (prompts[i] if echo else "") + c.text, "index": i, "logprobs": None,
-                    "finish_reason": c.finish_reason} for i, c in enumerate(done)]
-        used = sum(len(x) for x in ids), sum(c.tokens for c in done)
-        self._json(200, {**self._head(), "choices": choices,
-                         "usage": {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}})
+    def _complete(self, req: Request, head: dict) -> None:
+        shape, tok = req.shape, self.server.backend.tok
+        done = self.server.backend.run(req.rows, req.params, logprobs=req.logprobs, lstrip=shape.lstrip)
+        choices = []
+        for i, c in enumerate(done):
+            prompt = req.texts[i // req.n]
+            lp = None if req.logprobs is None else shape.logprobs(tok, c, prompt)
+            choices.append(shape.choice(i, (prompt if req.echo else "") + c.text, c.finish_reason, lp))
+        self._json(200, {**head, "choices": choices, "usage": self._usage(req, done)})
 
-    def _stream(self, prompts, ids, params, echo):
-        head = self._head()
+    def _stream(self, req: Request, head: dict) -> None:
+        shape = req.shape
+        head = {**head, "object": shape.chunk_object}
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -261,19 +458,19 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {data}\n\n".encode("utf-8"))
             self.wfile.flush()
 
-        def chunk(i, text, finish=None):
-            return {**head, "choices": [{"text": text, "index": i, "logprobs": None, "finish_reason": finish}]}
-
-        if echo:
-            for i, p in enumerate(prompts):
-                send(chunk(i, p))
+        for i in range(len(req.rows)):
+            if (first := shape.opening(i, req)) is not None:
+                send({**head, "choices": [first]})
         try:
-            done = self.server.backend.run(ids, params, on_text=lambda i, s: send(chunk(i, s)))
+            done = self.server.backend.run(req.rows, req.params, lstrip=shape.lstrip,
+                                           on_text=lambda i, s: send({**head, "choices": [shape.chunk(i, s)]}))
         except ApiError as e:  # e.g. busy: the headers are gone, so report it as an event
             send({"error": {"message": e.message, "type": e.type, "param": e.param, "code": None}})
         else:
             for i, c in enumerate(done):
-                send(chunk(i, "", c.finish_reason))
+                send({**head, "choices": [shape.chunk(i, "", c.finish_reason)]})
+            if req.include_usage:
+                send({**head, "choices": [], "usage": self._usage(req, done)})
         send("[DONE]")
 
 
@@ -308,7 +505,7 @@ def serve(served, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: i
         print(f"warning: listening on {host}: anyone who can reach this port can use the model "
               "(there is no authentication)", file=sys.stderr)
     print(f"serving {b.name} ({b.kind}, context {b.engine.max_len}) on http://{h}:{p}  "
-          f"(POST /v1/completions, GET /health; Ctrl-C stops)", flush=True)
+          f"(POST /v1/completions and /v1/chat/completions, GET /health; Ctrl-C stops)", flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
