@@ -24,8 +24,10 @@ ASSET = Path(__file__).resolve().parents[1] / "src" / "text2llm" / "assets" / "t
 PROMPTS = ["Once upon a time", "Tom", "The little dog ran to the park and"]
 
 
-def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0) -> Path:
-    """A checkpoint dir with a random tiny model and a trained tiny tokenizer."""
+def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0, tokenizer: str = "bpe",
+                    **model) -> Path:
+    """A checkpoint dir with a random tiny model and a trained tiny tokenizer (``tokenizer``:
+    bpe / unigram / bytelevel); ``model`` overrides ModelConfig fields."""
     from text2llm.config import Config
     from text2llm.model.config import ModelConfig
     from text2llm.model.transformer import Transformer
@@ -41,10 +43,11 @@ def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0) -> 
     cfg = Config()
     cfg.tokenizer.vocab_size = 384
     cfg.tokenizer.threads = 1
+    cfg.tokenizer.type = tokenizer
     tok = train_tokenizer(texts, root / "tok", cfg.tokenizer)
     cfg.train.seq_len = 64
     cfg.model = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, n_kv_head=n_kv_head,
-                            max_seq_len=64, positions=positions, init_std=0.1)
+                            max_seq_len=64, positions=positions, init_std=0.1, **model)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     return save_checkpoint(root / "run", 1, model, None, {}, cfg.to_toml(), root / "tok")

@@ -159,6 +159,14 @@ def cmd_export_onnx(a) -> int:
     return 0
 
 
+def cmd_export_gguf(a) -> int:
+    from text2llm.interop.gguf import export_gguf
+
+    out = export_gguf(a.ckpt, a.out, type=a.type, overwrite=a.overwrite)
+    print(f"exported GGUF ({a.type}) -> {out} (llama.cpp: llama-cli -m {out}; Ollama: FROM {out} in a Modelfile)")
+    return 0
+
+
 def cmd_export_aot(a) -> int:
     from text2llm.infer.aot import export_aot
 
@@ -299,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
 
-    e = verb("export", "export a checkpoint (Hugging Face dir, ONNX, or a compiled decode step)", None)
+    e = verb("export", "export a checkpoint (Hugging Face dir, ONNX, GGUF, or a compiled decode step)", None)
     esub = e.add_subparsers(dest="everb", metavar="FORMAT")
     eh = esub.add_parser("hf", help="a transformers Llama/Mixtral dir", description="export to a Hugging Face dir")
     eh.set_defaults(func=cmd_export_hf)
@@ -313,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--out", required=True, metavar="DIR")
     eo.add_argument("--int8", action="store_true", help="also write an onnxruntime int8 model")
     eo.add_argument("--overwrite", action="store_true")
+    eg = esub.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama / LM Studio (llama architecture)",
+                         description="export to GGUF with llama.cpp's own writer (the gguf package): llama "
+                                     "architecture, the tokenizer and its chat template")
+    eg.set_defaults(func=cmd_export_gguf)
+    eg.add_argument("ckpt", metavar="CKPT")
+    eg.add_argument("--out", required=True, metavar="FILE.gguf")
+    eg.add_argument("--type", choices=["f32", "f16", "q8_0"], default="f32",
+                    help="f32 (as trained), f16, or q8_0 (llama.cpp's 8-bit blocks); norms and biases stay f32")
+    eg.add_argument("--overwrite", action="store_true", help="replace an existing file")
     ea = esub.add_parser("aot", help="the decode step compiled ahead of time (AOTInductor), with the checkpoint",
                          description="compile the decode step once; `generate DIR` / `serve DIR` load it "
                                      "instead of compiling in every process")
