@@ -100,6 +100,10 @@ def cmd_eval(a) -> int:
     from text2llm.artifacts import load
     from text2llm.evaluate import evaluate_text, evaluate_tokens
 
+    if a.tasks:
+        return _eval_tasks(a)
+    if a.limit is not None or a.include_path or a.num_fewshot is not None:
+        raise _usage("eval: --limit, --include-path and --num-fewshot go with --tasks")
     model, tok = load(a.ckpt)
     res = evaluate_tokens(model, a.data) if a.data else evaluate_text(model, tok, a.text)
     if a.json:
@@ -107,6 +111,25 @@ def cmd_eval(a) -> int:
     else:
         print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  bits/byte {res['bits_per_byte']:.4f}  "
               f"({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+    return 0
+
+
+def _eval_tasks(a) -> int:
+    from text2llm.errors import require
+
+    require("lm_eval", "eval", "eval --tasks")  # before the model loads
+    from text2llm.artifacts import load
+    from text2llm.interop.lm_eval import evaluate_tasks
+
+    model, tok = load(a.ckpt)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    out = evaluate_tasks(model, tok, tasks, limit=a.limit, include_path=a.include_path, num_fewshot=a.num_fewshot)
+    if a.json:
+        print(json.dumps(out["results"], default=str))
+    else:
+        from lm_eval.utils import make_table
+
+        print(make_table(out))
     return 0
 
 
@@ -273,11 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    s = verb("eval", "loss, perplexity and bits-per-byte of a checkpoint", cmd_eval)
+    s = verb("eval", "loss, perplexity and bits-per-byte of a checkpoint, or lm-evaluation-harness tasks", cmd_eval)
     s.add_argument("ckpt", metavar="CKPT", help="checkpoint dir, or run dir (its latest checkpoint)")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", metavar="TOKENS_DIR", help="evaluate the val split of token shards")
     g.add_argument("--text", metavar="FILE", help="evaluate a UTF-8 .txt or a .jsonl[.gz] with a \"text\" field")
+    g.add_argument("--tasks", metavar="NAMES",
+                   help="lm-evaluation-harness tasks, comma-separated (needs the 'eval' extra). Tasks whose "
+                        "dataset is on the Hugging Face hub need it downloaded first: text2llm fetches nothing; "
+                        "local task YAMLs (dataset_path: json + data_files) run offline with --include-path")
+    s.add_argument("--limit", type=int, default=None, metavar="N", help="with --tasks: at most N examples per task")
+    s.add_argument("--include-path", default=None, metavar="DIR", help="with --tasks: a dir of task YAML files")
+    s.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="with --tasks: few-shot examples")
     s.add_argument("--json", action="store_true", help="print one JSON line")
 
     s = verb("generate", "generate text from a checkpoint (or an ONNX export with --engine onnx)", cmd_generate)
