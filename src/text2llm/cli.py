@@ -175,6 +175,9 @@ def cmd_import_hf(a) -> int:
 
 
 def cmd_export_onnx(a) -> int:
+    from text2llm.errors import require
+
+    require(("onnx", "onnxscript", "onnxruntime"), "export", "export onnx")
     from text2llm.interop.onnx import export_onnx
 
     out = export_onnx(a.ckpt, a.out, int8=a.int8, overwrite=a.overwrite)

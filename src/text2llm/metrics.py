@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from text2llm.errors import UserError, require
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -51,8 +54,9 @@ def truncate_metrics(path: str | Path, step: int) -> None:
 class MetricsWriter:
     """Appends records to metrics.jsonl and mirrors numbers to TensorBoard (rank 0 only).
 
-    TensorBoard is used when ``tensorboard`` is true and the package is installed; scalars go to
-    ``RUN/tb`` under ``train/<key>`` or ``val/<key>``.
+    TensorBoard is used when ``tensorboard`` is true and the package is installed (the
+    ``tensorboard`` extra; without it, one note line says so); scalars go to ``RUN/tb`` under
+    ``train/<key>`` or ``val/<key>``.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False):
@@ -61,11 +65,14 @@ class MetricsWriter:
         self.tb = None
         if enabled and tensorboard:
             try:
+                require("tensorboard", "tensorboard", "train with train.tensorboard = true")
+            except UserError as e:  # training goes on without it: one line, metrics.jsonl only
+                print(f"note: {e} (metrics.jsonl is written as always; train.tensorboard=false silences this)",
+                      file=sys.stderr)
+            else:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
-            except ImportError:  # tensorboard not installed: jsonl only
-                self.tb = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:

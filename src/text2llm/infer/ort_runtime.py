@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from text2llm.errors import UserError
+from text2llm.errors import UserError, require
 from text2llm.files import read_metadata
 from text2llm.tokenizer import Tokenizer
 
@@ -82,6 +82,7 @@ class OrtEngine:
     @classmethod
     def load(cls, export_dir: str | Path, int8: bool = False, threads: int | None = None,
              spinning: bool | None = None) -> "OrtEngine":
+        require("onnxruntime", "export", "generate / serve of an ONNX export")
         d = Path(export_dir)
         meta = read_meta(d)
         if meta.get("format_version", 1) < 2:
