@@ -10,7 +10,7 @@ CONSTRAINTS := -c constraints.txt
 TORCH_SPEC  ?= torch==2.13.0
 DEMO_OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: venv install install-test demo test bench bench-quick clean-venv
+.PHONY: venv install install-test demo test test-interop bench bench-quick clean-venv
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q $(CONSTRAINTS) -e ".[test,tensorboard]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test,tensorboard,eval]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -36,6 +36,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/pytest tests
+
+# llama.cpp itself: llama-cpp-python builds llama.cpp from source (about 13 minutes on 2 cores),
+# too long for `make test`; then the parity test (llama.cpp's logits and greedy text == ours) and the
+# llama.cpp row of the generation benchmark run instead of being skipped
+test-interop: $(VENV)/.installed-test
+	$(PIP) install $(CONSTRAINTS) llama-cpp-python
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/pytest tests/test_gguf.py -rs
 
 bench: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py

@@ -1,4 +1,4 @@
-"""Generation speed: PyTorch without / with KV cache, int8, ONNX Runtime fp32 / int8, transformers' generate.
+"""Generation speed: PyTorch without / with KV cache, int8, ONNX Runtime fp32 / int8, transformers' generate, llama.cpp.
 
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/generate.py                 # random default + ~10M models
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/generate.py --ckpt runs/demo/train --models ckpt,10m
@@ -13,6 +13,9 @@ Prints one JSON object per line:
       each step instead of ``infer/fast_step.py``), for comparison; ``torch-int8`` is the eager
       engine on the model quantized as ``compress quantize`` does it (decode steps through the
       native int8 kernel where it builds, text2llm/compress/native)
+      ``llama-cpp`` (batch 1): llama.cpp through llama-cpp-python on the GGUF export of the same
+      weights (``text2llm export gguf``, f32); when llama_cpp is not installed (``make
+      test-interop`` installs it) the row is ``{"engine": "llama-cpp", "skipped": "<why>"}``
   {"case": "prefill", "model", "engine", "tokens": 512, "tok_s"}   one 512-token prompt, batch 1
   {"case": "summary", "model", ...ratios..., "targets": {...: true/false}}
 Targets (issue 8): KV cache >= 5x no cache at 256 new tokens; our PyTorch path >= 1.5x
@@ -122,6 +125,48 @@ class HFEngine:
     @torch.no_grad()
     def prefill(self, ids: np.ndarray) -> None:
         self.model(torch.from_numpy(ids), use_cache=True)
+
+
+class LlamaCppEngine:
+    """llama.cpp (llama-cpp-python) on the GGUF export of the same weights (``text2llm export
+    gguf``, f32): greedy, exactly n new tokens, one row at a time (batch 1 only)."""
+
+    def __init__(self, src: Path, workdir: Path, n_ctx: int, threads: int | None):
+        import llama_cpp
+
+        from text2llm.interop.gguf import export_gguf
+
+        path = export_gguf(src, workdir / "model.gguf", overwrite=True)
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, verbose=False,
+                                   n_threads=threads or os.cpu_count())
+
+    def generate(self, prompts: np.ndarray, n: int) -> np.ndarray:
+        rows = []
+        for row in prompts:
+            out = []
+            for t in self.llm.generate([int(x) for x in row], temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                out.append(t)
+                if len(out) == n:
+                    break
+            rows.append(out)
+        return np.array(rows)
+
+
+def llama_cpp_skipped(cfg) -> str | None:
+    """Why the llama.cpp row cannot run here (one line), or None."""
+    import importlib.util
+
+    from text2llm.errors import UserError
+    from text2llm.interop.gguf import check_gguf
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ("llama_cpp (llama-cpp-python) is not installed: `make test-interop` installs it "
+                "(it builds llama.cpp from source, ~13 min on 2 cores)")
+    try:
+        check_gguf(cfg)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def run_ours(engine, prompts: np.ndarray, n: int) -> np.ndarray:
@@ -250,6 +295,13 @@ def bench_model(name: str, args) -> None:
     }
     forward_engine = TorchEngine(model, fast_step=False)  # (step case only)
     hf = None if args.no_hf else HFEngine(src, work)
+    llama = None
+    if 1 in args.batches:
+        if (why := llama_cpp_skipped(cfg)) is None:
+            llama = LlamaCppEngine(src, work, need, args.threads)
+        else:
+            emit({"case": "decode", "model": name, "engine": "llama-cpp", "batch": 1, "skipped": why})
+    others = {"hf-generate": hf, "llama-cpp": llama}  # engines outside text2llm's decoding loop
     rng = np.random.default_rng(0)
     tps: dict[tuple[str, int], float] = {}
     for B in args.batches:
@@ -257,8 +309,9 @@ def bench_model(name: str, args) -> None:
         check = min(32, args.new_tokens)  # greedy tokens compared with the eager engine's
         ref = run_ours(engines["torch-cache"], prompts, check)
         runs = {k: (lambda e=e: run_ours(e, prompts, args.new_tokens)) for k, e in engines.items()}
-        if hf is not None:
-            runs["hf-generate"] = lambda: hf.generate(prompts, args.new_tokens)
+        for k, e in others.items():
+            if e is not None and (k != "llama-cpp" or B == 1):
+                runs[k] = lambda e=e: e.generate(prompts, args.new_tokens)
         for k, fn in runs.items():
             if k == "torch-nocache" and args.skip_nocache:
                 continue
@@ -269,7 +322,7 @@ def bench_model(name: str, args) -> None:
                 first = fn()[:, :check]
                 emit({"case": "compile", "model": name, "batch": B, "first_run_seconds": round(time.perf_counter() - t, 1)})
             else:
-                first = run_ours(engines[k], prompts, check) if k in engines else hf.generate(prompts, check)
+                first = run_ours(engines[k], prompts, check) if k in engines else others[k].generate(prompts, check)
             same = float((first == ref).mean())
             dt = timed(fn)
             tps[(k, B)] = B * args.new_tokens / dt
@@ -316,6 +369,9 @@ def bench_model(name: str, args) -> None:
         summary[f"b{B}_ortint8_vs_ortfp32"] = None if i8 is None else round(i8, 2)
         i8 = r("torch-int8", "torch-cache")
         summary[f"b{B}_torchint8_vs_eager"] = None if i8 is None else round(i8, 2)
+        if B == 1:
+            lc = r("llama-cpp", "torch-cache")
+            summary["b1_llamacpp_vs_eager"] = None if lc is None else round(lc, 2)
         for path, eng in (("compiled", "torch-compiled"), ("aot", "torch-aot")):  # what each gains over eager
             gain = r(eng, "torch-cache")
             summary[f"{path}_b{B}_vs_eager"] = None if gain is None else round(gain, 2)
