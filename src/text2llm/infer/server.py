@@ -477,6 +477,9 @@ class Handler(BaseHTTPRequestHandler):
 class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # the listen backlog: socketserver's default of 5 overflows when many clients connect at once
+    # while the accept thread waits for the GIL (seen as connection resets on a loaded 2-core VM)
+    request_queue_size = MAX_PENDING
 
     def __init__(self, addr, backend: Backend, max_tokens_limit: int, quiet: bool = False):
         super().__init__(addr, Handler)
