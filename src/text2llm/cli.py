@@ -342,36 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = verb("export", "export a checkpoint (Hugging Face dir, ONNX, GGUF, or a compiled decode step)", None)
     esub = e.add_subparsers(dest="everb", metavar="FORMAT")
-    eh = esub.add_parser("hf", help="a transformers Llama/Mixtral dir", description="export to a Hugging Face dir")
-    eh.set_defaults(func=cmd_export_hf)
-    eh.add_argument("ckpt", metavar="CKPT")
-    eh.add_argument("--out", required=True, metavar="DIR")
-    eh.add_argument("--overwrite", action="store_true")
-    eo = esub.add_parser("onnx", help="prefill + decode-step ONNX graphs with KV cache",
-                         description="export to ONNX (runs with onnxruntime alone)")
-    eo.set_defaults(func=cmd_export_onnx)
-    eo.add_argument("ckpt", metavar="CKPT")
-    eo.add_argument("--out", required=True, metavar="DIR")
+
+    def export_format(name, help_, description, func, out="DIR"):
+        sp = esub.add_parser(name, help=help_, description=description)
+        sp.set_defaults(func=func)
+        sp.add_argument("ckpt", metavar="CKPT")
+        sp.add_argument("--out", required=True, metavar=out)
+        sp.add_argument("--overwrite", action="store_true", help=f"replace an existing {'file' if out != 'DIR' else 'dir'}")
+        return sp
+
+    export_format("hf", "a transformers Llama/Mixtral dir", "export to a Hugging Face dir", cmd_export_hf)
+    eo = export_format("onnx", "prefill + decode-step ONNX graphs with KV cache",
+                       "export to ONNX (runs with onnxruntime alone)", cmd_export_onnx)
     eo.add_argument("--int8", action="store_true", help="also write an onnxruntime int8 model")
-    eo.add_argument("--overwrite", action="store_true")
-    eg = esub.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama / LM Studio (llama architecture)",
-                         description="export to GGUF with llama.cpp's own writer (the gguf package): llama "
-                                     "architecture, the tokenizer and its chat template")
-    eg.set_defaults(func=cmd_export_gguf)
-    eg.add_argument("ckpt", metavar="CKPT")
-    eg.add_argument("--out", required=True, metavar="FILE.gguf")
+    eg = export_format("gguf", "one GGUF file for llama.cpp / Ollama / LM Studio (llama architecture)",
+                       "export to GGUF with llama.cpp's own writer (the gguf package): llama architecture, "
+                       "the tokenizer and its chat template", cmd_export_gguf, out="FILE.gguf")
     eg.add_argument("--type", choices=["f32", "f16", "q8_0"], default="f32",
                     help="f32 (as trained), f16, or q8_0 (llama.cpp's 8-bit blocks); norms and biases stay f32")
-    eg.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    ea = esub.add_parser("aot", help="the decode step compiled ahead of time (AOTInductor), with the checkpoint",
-                         description="compile the decode step once; `generate DIR` / `serve DIR` load it "
-                                     "instead of compiling in every process")
-    ea.set_defaults(func=cmd_export_aot)
-    ea.add_argument("ckpt", metavar="CKPT")
-    ea.add_argument("--out", required=True, metavar="DIR")
+    ea = export_format("aot", "the decode step compiled ahead of time (AOTInductor), with the checkpoint",
+                       "compile the decode step once; `generate DIR` / `serve DIR` load it instead of compiling "
+                       "in every process", cmd_export_aot)
     ea.add_argument("--max-batch", type=int, default=64, metavar="N",
                     help="largest batch the compiled step takes; larger ones decode eagerly (default 64)")
-    ea.add_argument("--overwrite", action="store_true")
 
     i = verb("import", "import a model into a text2llm checkpoint", None)
     isub = i.add_subparsers(dest="iverb", metavar="FORMAT")
@@ -415,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start the student from the teacher's embeddings and every k-th block (same width), or random")
     cd.add_argument("--overwrite", action="store_true")
 
-    s = verb("serve", "OpenAI-compatible HTTP server (/v1/completions, /health)", cmd_serve)
+    s = verb("serve", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /health)", cmd_serve)
     s.add_argument("model", metavar="CKPT|ONNX_DIR|AOT_DIR")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

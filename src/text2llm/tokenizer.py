@@ -22,8 +22,10 @@ Backends (``tokenizer.type``):
   style, 256 byte symbols plus merges, no normaliser, no prefix space. Lossless for any text.
 
 A tokenizer dir holds the backend's own file plus ``text2llm-tokenizer.json`` (backend, type,
-vocab size, special ids, user symbols, fingerprint). ``Tokenizer.save_hf(dir)`` writes a Hugging
-Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) that
+vocab size, special ids, user symbols, chat template, fingerprint). The chat template
+(:mod:`text2llm.chat`; the default when the file has none) turns a conversation into a prompt:
+``render_chat`` / ``encode_chat``. ``Tokenizer.save_hf(dir)`` writes a Hugging
+Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json``, with the chat template as Jinja) that
 ``transformers.AutoTokenizer.from_pretrained(dir)`` loads offline and that encodes like this one
 (adding BOS by default, as Llama tokenizers do; ``split_special_tokens`` is on, so ``"<s>"`` typed
 in text is text there too). SentencePiece models are rebuilt as ``tokenizers`` BPE / Unigram
