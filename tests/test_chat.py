@@ -134,3 +134,5 @@ def test_chat_reply_stops_at_the_next_turn(tmp_path):
     ids, p = chat_prompt(tok, [{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=30, temperature=0))
     (c,) = complete(Scripted(tok, "  Hello you.\nUser: more"), tok, [], p, prompt_ids=[ids], lstrip=True)
     assert c.text == "Hello you." and c.finish_reason == "stop"
+    (c,) = complete(Scripted(tok, "\nUser: more"), tok, [], p, prompt_ids=[ids], lstrip=True)
+    assert c.text == "" and c.finish_reason == "stop"  # the stop string is found before the strip

@@ -225,12 +225,12 @@ class TextStream:
             return ""
         self.ids.append(int(token))
         text = self.tok.decode(self.ids)
-        if self.lstrip:
-            text = text.lstrip()
         for s in self.stop:
             i = text.find(s)
             if i >= 0:
                 text, self.stopped = text[:i], True
+        if self.lstrip:  # after the stop strings: a reply that opens with "\nUser:" is empty
+            text = text.lstrip()
         self.text = text
         if self.stopped:
             return self._emit(len(text))

@@ -242,8 +242,6 @@ def parse_chat(body, backend: "Backend", max_tokens_limit: int) -> Request:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' is required: a non-empty list of {role, content} objects", "messages")
-    if sum(len(json.dumps(m)) for m in messages) > 4 * MAX_BODY_BYTES:
-        raise ApiError(400, "messages too long", "messages")
     messages = [_message(i, m) for i, m in enumerate(messages)]
     for key in ("tools", "functions"):
         if body.get(key):
@@ -307,7 +305,7 @@ class Chat:
     prefix, object, chunk_object, lstrip = "chatcmpl-", "chat.completion", "chat.completion.chunk", True
 
     @staticmethod
-    def choice(i: int, text: str, finish: str | None, logprobs=None) -> dict:
+    def choice(i: int, text: str, finish: str | None = None, logprobs=None) -> dict:
         return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish}
 
