@@ -113,20 +113,26 @@ def init_distributed(tc) -> DistEnv:
     if mode == "ddp" and tp > 1:
         raise UserError("train.distributed=ddp with train.tp > 1: DDP does not take tensor-parallel (DTensor) "
                         "parameters; use train.distributed=fsdp for the data-parallel dim")
-    device = pick_device(tc.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    global joined_process_group
-    joined_process_group = True
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    device = join_process_group(tc.device, local_rank)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
     pp_rank, dp_rank, tp_rank = mesh.get_coordinate()
     return DistEnv(mode=mode, rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh,
                    tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+
+
+def join_process_group(device_name: str, local_rank: int) -> torch.device:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA); this process's device."""
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    global joined_process_group
+    joined_process_group = True
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                 device_id=device if device.type == "cuda" else None)
+    return device
 
 
 def shutdown(env: DistEnv, barrier: bool = False) -> None:

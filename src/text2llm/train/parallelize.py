@@ -67,16 +67,8 @@ def check_layout(mc, tc, env, k: int) -> None:
     TrainConfig, ``k`` micro-batches per step). The process count itself is checked when the mesh
     is built."""
     tp, pp = tc.tp, tc.pp
+    check_tp(mc, tp)
     if tp > 1:
-        for what, n in (("model.n_head", mc.n_head), ("model.n_kv_head (key/value heads)", mc.kv_heads),
-                        ("the MLP hidden size (model.ffn_hidden)", mc.ffn_dim),
-                        ("model.vocab_size", mc.vocab_size)):
-            if n % tp:
-                hint = (f"; set model.vocab_size to a multiple of {tp} (>= {mc.vocab_size})"
-                        if what == "model.vocab_size" else "")
-                raise UserError(f"train.tp={tp} does not divide {what} = {n}{hint}")
-        if mc.n_experts and mc.moe_dim % tp:
-            raise UserError(f"train.tp={tp} does not divide the expert hidden size (model.moe_ffn_hidden) = {mc.moe_dim}")
         if tc.sequence_parallel and tc.seq_len % tp:
             raise UserError(f"train.tp={tp} does not divide train.seq_len={tc.seq_len} (sequence parallel shards "
                             f"the sequence; or set train.sequence_parallel=false)")
@@ -115,6 +107,19 @@ def check_layout(mc, tc, env, k: int) -> None:
                             "stages); use bf16 or fp32")
         if tc.compile:
             raise UserError("train.compile with train.tp / train.pp is not supported here yet")
+
+
+def check_tp(mc, tp: int, what_tp: str = "train.tp") -> None:
+    """A one-line error when ``tp`` does not divide the heads, KV heads, hidden sizes or vocab of ``mc``."""
+    if tp == 1:
+        return
+    for what, n in (("model.n_head", mc.n_head), ("model.n_kv_head (key/value heads)", mc.kv_heads),
+                    ("the MLP hidden size (model.ffn_hidden)", mc.ffn_dim), ("model.vocab_size", mc.vocab_size)):
+        if n % tp:
+            hint = f"; set model.vocab_size to a multiple of {tp} (>= {n})" if what == "model.vocab_size" else ""
+            raise UserError(f"{what_tp}={tp} does not divide {what} = {n}{hint}")
+    if mc.n_experts and mc.moe_dim % tp:
+        raise UserError(f"{what_tp}={tp} does not divide the expert hidden size (model.moe_ffn_hidden) = {mc.moe_dim}")
 
 
 def split_layers(n_layer: int, n_stages: int, split: list[int]) -> list[range]:
@@ -255,6 +260,26 @@ def loss_context(tc, env):
     from torch.distributed.tensor.parallel import loss_parallel
 
     return loss_parallel() if env.tp > 1 and tc.loss_parallel else nullcontext()
+
+
+def shard_for_inference(model: Transformer, tp: int) -> tuple[Transformer, int]:
+    """``(model split over tp processes, key/value heads each holds)`` for generation under
+    ``torchrun --nproc-per-node tp``: the plan of :func:`tp_plan` without sequence parallelism
+    (a decode step has one position) and with full logits on every process, so every process
+    samples the same token. The KV cache then holds ``n_kv_head / tp`` heads per process."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise UserError(f"--tp {tp} runs under `torchrun --nproc-per-node {tp} -m text2llm ...` "
+                        f"(this is {world} process{'es' if world > 1 else ''})")
+    check_tp(model.cfg, tp, "--tp")
+    device = D.join_process_group("auto", int(os.environ.get("LOCAL_RANK", "0")))
+    mesh = init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",))
+    apply_tp(model.to(device), mesh, sequence_parallel=False, loss_parallel=False)
+    return model, model.cfg.kv_heads // tp
 
 
 # ---- pipeline parallel ----------------------------------------------------------------------------------

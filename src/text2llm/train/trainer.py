@@ -427,6 +427,11 @@ class Trainer:
         if env.is_main:
             truncate_metrics(self.run_dir / METRICS, self.step)
             changed = _config_changes(ckpt, self.cfg)
+            layout = [c for c in changed if c.split(":")[0] in LAYOUT_KEYS]
+            changed = [c for c in changed if c not in layout]
+            if layout:
+                print(f"note: resuming {ckpt.name} on a different layout ({', '.join(layout)}): same weights, "
+                      f"optimizer state and data order")
             if changed:
                 print(f"note: resuming {ckpt.name} with a changed config ({', '.join(changed[:6])}); "
                       f"the continued run is not the one the checkpoint started")
@@ -716,6 +721,11 @@ class Trainer:
         if self.progress and env.is_main:
             _print_summary(result, env, self.k, self.peak, self.peak_src)
         return result
+
+
+# how the run is spread over processes: changing these on --resume continues the same run
+LAYOUT_KEYS = {f"train.{k}" for k in ("distributed", "tp", "pp", "pp_schedule", "pp_stages_per_rank", "pp_split",
+                                       "sequence_parallel", "loss_parallel")}
 
 
 def _config_changes(saved_dir: Path, cfg) -> list[str]:
