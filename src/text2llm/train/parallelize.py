@@ -233,6 +233,7 @@ def _blocks(model: nn.Module):
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool = True) -> nn.Module:
     """Split ``model`` (a Transformer, or a pipeline part of one) over ``tp_mesh`` in place.
     A tied head is tied again afterwards: both styles shard the shared (V, D) weight by rows."""
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
 
     tied = (getattr(model, "lm_head", None) is not None and getattr(model, "embed", None) is not None
@@ -240,7 +241,20 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_par
     parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel, loss_parallel))
     if tied:
         model.lm_head.weight = model.embed.weight
+    for p in model.parameters():
+        if isinstance(p, DTensor) and p.requires_grad:
+            p.register_post_accumulate_grad_hook(_shard_grad_like_param)
     return model
+
+
+def _shard_grad_like_param(p) -> None:
+    """The vocab-parallel embedding's backward returns a replicated (full-size) gradient for its
+    sharded weight: keep only this process's rows (a local slice, no communication). Partial
+    gradients (the replicated norms' under sequence parallelism) stay as they are: reducing them
+    here would cost one all-reduce per micro-batch instead of one per step."""
+    g = p.grad
+    if g is not None and g.placements != p.placements and not any(pl.is_partial() for pl in g.placements):
+        p.grad = g.redistribute(g.device_mesh, p.placements)
 
 
 def vocab_parallel_nll(tp_mesh):
