@@ -10,8 +10,9 @@ Order (torchtitan's): tensor parallel first (:func:`tp_plan`), then the pipeline
 (:func:`cut_stages`), then the data-parallel wrapper (FSDP2 ``fully_shard`` per block and per stage
 root, or DDP) over the ``dp`` dim. Everything goes through PyTorch's own APIs: DTensor
 ``parallelize_module``, ``torch.distributed.pipelining`` (stages and schedules), ``fully_shard``
-and the ``torch.distributed.checkpoint.state_dict`` helpers; there is no hand-written collective
-apart from the pipeline's share of the gradient norm (one all-reduce of a scalar over ``pp``).
+and the ``torch.distributed.checkpoint.state_dict`` helpers; the only collectives written here are
+the pipeline's share of the gradient norm (one all-reduce of a scalar over ``pp``) and, for a
+checkpoint, each stage sending its gathered tensors to rank 0 (``gather_object``).
 
 Tensor parallel (Megatron-LM's split, torchtitan's ``apply_tp``): see the table in
 :func:`tp_plan`. Column-wise q/k/v and gate/up split heads and hidden units, row-wise o/down sum
@@ -49,10 +50,7 @@ from text2llm.model.transformer import Transformer
 from text2llm.train import distributed as D
 
 # torch.distributed.tensor, .tensor.parallel, .checkpoint and .pipelining are imported inside the
-# functions that use them: together they add about half a second to every `text2llm train`, and a
-# run on one process never needs them.
-
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+# functions that use them: they are slow to import, and a run on one process never needs them.
 
 
 # ---- the layout, checked before anything is built ---------------------------------------------------------

@@ -1,18 +1,24 @@
 """The training loop behind ``text2llm train`` and ``text2llm.train``.
 
-One optimizer step on each of ``world`` processes, with ``k`` micro-batches each::
+One optimizer step on each of ``dp`` data-parallel replicas, with ``k`` micro-batches each::
 
     for each micro-batch i of k:   (no gradient sync until the last one)
         loss_i = sum of token cross-entropy / (target tokens of the whole global batch)  [+ MoE aux / k]
-        backward(loss_i * world)     # DDP / FSDP average gradients over processes
+        backward(loss_i * dp)        # DDP / FSDP average gradients over replicas
     grad_norm = clip(global grad norm)          # logged every step it is logged
     skip the step if loss or grad_norm is non-finite (stop after train.max_bad_steps such steps)
     lr = schedule(step); AdamW step; zero grads
 
-Data: the train stream is cut into ``world * k`` parts and micro-batch slot ``rank * k + i``
-always reads part ``rank * k + i``. What a step sees depends only on the number of slots, so
-1 process with ``grad_accum=2`` computes the same steps as 2 processes with ``grad_accum=1``,
-and a run can resume on a different process count when ``world * k`` stays the same.
+Under ``train.pp`` the k micro-batches go through a pipeline schedule instead of this loop (same
+loss); see :mod:`text2llm.train.parallelize`.
+
+Data: the train stream is cut into ``dp * k`` parts and micro-batch slot ``dp_rank * k + i``
+always reads part ``dp_rank * k + i`` (``dp`` data-parallel replicas: the processes, or under
+``train.tp`` / ``train.pp`` (:mod:`text2llm.train.parallelize`) processes / (tp * pp), every
+process of a replica reading its slots). What a step sees depends only on the number of slots,
+so 1 process with ``grad_accum=2`` computes the same steps as 2 processes with ``grad_accum=1``
+(or as tp=2, or pp=2, with ``grad_accum=2``), and a run can resume on a different layout when
+``dp * k`` stays the same.
 
 Every ``log_every`` steps a line goes to ``metrics.jsonl`` (and TensorBoard); every
 ``eval_every`` steps the val split is evaluated (loss, perplexity, bits-per-byte), samples are
@@ -379,7 +385,8 @@ class Trainer:
         self.sync = (lambda last: D.grad_sync(parallel, env, last)) if env.dp > 1 and parallel is not None else None
 
     def setup_data(self) -> None:
-        """Micro-batch slot p = rank * k + i reads part p of ``slots`` parts of the train stream."""
+        """Micro-batch slot p = dp_rank * k + i reads part p of ``slots`` parts of the train stream (the
+        processes of one model replica, under tp / pp, read the same slots)."""
         tc, env, k = self.tc, self.env, self.k
         self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
                                     rank=env.dp_rank * k + i, world_size=self.slots) for i in range(k)]
