@@ -52,11 +52,13 @@ def load(path: str | Path, device: str = "cpu"):
     return model, load_tokenizer(ckpt)
 
 
-def open_engine(path: str | Path, engine: str = "auto", compile: bool = False) -> Served:
+def open_engine(path: str | Path, engine: str = "auto", compile: bool = False, tp: int = 1) -> Served:
     """The engine that serves ``path``; ``engine`` = auto (by what the dir holds) | torch | onnx.
 
     ``compile``: decode through ``torch.compile`` (PyTorch checkpoints only; an AOT dir is
-    compiled already). An explicit engine that does not fit the dir is a one-line error.
+    compiled already). ``tp`` > 1: a float checkpoint split over the ``tp`` processes torchrun
+    started (tensor parallel; each holds a slice of every weight). An explicit engine that does
+    not fit the dir is a one-line error.
     """
     if engine not in ENGINES:
         raise UserError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
@@ -70,6 +72,7 @@ def open_engine(path: str | Path, engine: str = "auto", compile: bool = False) -
 
     from text2llm.infer.aot import is_aot_dir
     from text2llm.infer.generate import TorchEngine
+    from text2llm.model.transformer import Transformer
 
     if ort_runtime.is_export_dir(p):
         raise UserError(f"{p}: an ONNX export dir; run it with --engine onnx (or without --engine)")
@@ -78,5 +81,13 @@ def open_engine(path: str | Path, engine: str = "auto", compile: bool = False) -
         raise UserError(f"{p}: an AOT export is compiled already (drop --compile)")
     model, tok = load(p)
     kind = "torch, compiled ahead of time" if aot else "torch, compiled" if compile else "torch"
-    e = TorchEngine(model, compile=compile, aot_dir=aot)
+    kv_heads = None
+    if tp > 1:
+        from text2llm.train.parallelize import shard_for_inference
+
+        if aot is not None or compile or type(model) is not Transformer:
+            raise UserError(f"{p}: --tp runs a float checkpoint eagerly (no int8, AOT or --compile)")
+        model, kv_heads = shard_for_inference(model, tp)
+        kind = f"torch, tensor parallel over {tp} processes"
+    e = TorchEngine(model, compile=compile, aot_dir=aot, kv_heads=kv_heads)
     return Served(e, tok, name, kind, model.cfg.positions == "learned")

@@ -8,6 +8,7 @@ so ``text2llm --help`` is instant. A :class:`text2llm.errors.UserError` is print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -139,11 +140,18 @@ COMPILE_HELP = ("PyTorch engine: decode through torch.compile (a first step that
 
 def cmd_generate(a) -> int:
     from text2llm.artifacts import open_engine
+    from text2llm.errors import UserError
     from text2llm.infer.decoding import cli_loop
 
     if a.chat and (a.interactive or a.prompt is not None):
         raise _usage("generate: --chat reads the turns from stdin (drop --prompt / --interactive)")
-    served = open_engine(a.ckpt, a.engine or "auto", compile=a.compile)
+    if a.tp > 1 and (a.interactive or a.chat):
+        raise UserError("generate: --interactive / --chat with --tp is not supported (every process would need each "
+                        "prompt)")
+    served = open_engine(a.ckpt, a.engine or "auto", compile=a.compile, tp=a.tp)
+    if a.tp > 1 and int(os.environ.get("RANK", "0")) != 0:  # every process decodes; rank 0 prints
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return cli_loop(served.engine, served.tokenizer, a, learned_positions=served.learned_positions)
     return cli_loop(served.engine, served.tokenizer, a, learned_positions=served.learned_positions)
 
 
@@ -332,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["torch", "onnx"], default=None,
                    help="default: by what CKPT holds (an ONNX export dir runs with onnxruntime)")
     s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    s.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes: run under `torchrun --nproc-per-node N -m text2llm "
+                        "generate ...`; each holds a slice of every weight, rank 0 prints")
 
     s = verb("run", "the whole pipeline on the bundled corpus (or the config's run.inputs)", cmd_run)
     s.add_argument("config", nargs="?", metavar="CONFIG", help="config preset (TOML); default: built-in tiny-cpu")

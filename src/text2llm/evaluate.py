@@ -126,27 +126,34 @@ def score_rows(model, ids: torch.Tensor, row_len: int, pad_id: int, batch_size: 
     return total, count
 
 
+def val_batches(loader, n_batches: int):
+    """The first ``n_batches`` (x, y) batches of a sequential
+    :class:`~text2llm.loader.TokenLoader`, restarted from its beginning (fewer when the split is short)."""
+    loader.pos = loader.lo
+    for _ in range(max(1, min(n_batches, loader.num_windows() // loader.B or 1))):
+        yield next(loader)
+
+
 @torch.no_grad()
 def loader_nll(model, loader, n_batches: int, device, amp_dtype=None, pad_id: int | None = None,
-               attn_mask_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+               attn_mask_fn=None, nll_fn=token_nll_sum) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token NLL in nats, number of predicted tokens) over ``n_batches`` batches of a
     sequential :class:`~text2llm.loader.TokenLoader`, restarted from its beginning; both are tensors
     on ``device`` so a distributed caller can all-reduce them before dividing. Targets equal to
-    ``pad_id`` do not count. The model is put in eval mode and back in train mode."""
+    ``pad_id`` do not count. The model is put in eval mode and back in train mode. ``nll_fn(logits,
+    targets)`` is the summed token NLL (tensor parallel training passes one over vocab-split logits)."""
     was_training = model.training
     model.eval()
-    loader.pos = loader.lo
-    n_batches = max(1, min(n_batches, loader.num_windows() // loader.B or 1))
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(n_batches):
-        x, y = (t.to(device) for t in next(loader))
+    for x, y in val_batches(loader, n_batches):
+        x, y = x.to(device), y.to(device)
         if pad_id is not None:
             y = ignore_padding(y, pad_id)
         kwargs = {"attn_mask": attn_mask_fn(x)} if attn_mask_fn is not None else {}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x, **kwargs).logits
-        total += token_nll_sum(logits, y).double()
+        total += nll_fn(logits, y).double()
         count += count_targets(y)
     model.train(was_training)
     return total, count

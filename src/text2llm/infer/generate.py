@@ -66,15 +66,21 @@ class TorchEngine:
     ``aot_dir`` (a ``text2llm export aot`` dir, :mod:`text2llm.infer.aot`) runs each decode step
     through the step compiled there ahead of time instead: loaded, not compiled; batches larger
     than its ``max_batch`` decode eagerly.
+
+    ``kv_heads``: the key/value heads this process holds, when a tensor-parallel model holds
+    ``n_kv_head / tp`` of them (``text2llm.train.parallelize.shard_for_inference``); the cache is
+    sized for those.
     """
 
     def __init__(self, model, use_cache: bool = True, max_len: int | None = None, compile: bool = False,
-                 aot_dir=None, fast_step: bool = True):
+                 aot_dir=None, fast_step: bool = True, kv_heads: int | None = None):
         if (compile or aot_dir) and not use_cache:
             raise ValueError("a compiled step needs use_cache=True (the compiled step is the KV-cache step)")
         if compile and aot_dir:
             raise ValueError("compile=True and aot_dir: the AOT export is already compiled")
         self.model, self.use_cache = model, use_cache
+        self.cache_cfg = model.cfg if kv_heads is None else model.cfg.model_copy(
+            update={"n_kv_head": kv_heads, "head_size": model.cfg.head_dim})
         # packed weights (text2llm.infer.packing); not for FSDP-sharded parameters, which exist
         # whole only inside each block's forward
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
@@ -150,7 +156,7 @@ class TorchEngine:
         self.len = T
         # (the AOT program takes buffers of the model's full context: that axis is not symbolic)
         cache_len = self.model.cfg.max_seq_len if self.aot is not None else L
-        self.cache = KVCache(self.model.cfg, B, cache_len, self.device, self.dtype) if self.use_cache else None
+        self.cache = KVCache(self.cache_cfg, B, cache_len, self.device, self.dtype) if self.use_cache else None
         # the eager decode step (text2llm.infer.fast_step), built per generation: weights may change
         # between generations (samples during training); not with torch.compile, which runs every step
         eager_steps = self.use_cache and self.fast and self.compiled is None

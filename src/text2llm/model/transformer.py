@@ -170,10 +170,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD, rope, cache: KVCache | None, attn_mask):
         B, T, _ = x_BTD.shape
-        H, K, Dh = self.n_head, self.n_kv, self.head_dim
-        q = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)  # B H T Dh
-        k = self.k_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
-        v = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)  # B K T Dh
+        Dh = self.head_dim  # (views by -1: under tensor parallelism a process holds H/tp and K/tp heads)
+        q = self.q_proj(x_BTD).view(B, T, -1, Dh).transpose(1, 2)  # B H T Dh
+        k = self.k_proj(x_BTD).view(B, T, -1, Dh).transpose(1, 2)  # B K T Dh
+        v = self.v_proj(x_BTD).view(B, T, -1, Dh).transpose(1, 2)  # B K T Dh
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.o_proj(self.attend(q, k, v, cache, attn_mask))
@@ -182,7 +182,7 @@ class Attention(nn.Module):
         """The heads' attention, from rotated q/k and v to the merged heads (B, T, H Dh): stores the
         new keys/values in the cache and attends over all of them."""
         B, H, T, Dh = q_BHTD.shape
-        K = self.n_kv
+        K = k_BKTD.size(1)
         k, v = (k_BKTD, v_BKTD) if cache is None else cache.update(self.layer_idx, k_BKTD, v_BKTD)  # B K S Dh
         if K != H:  # GQA: each K/V head serves n_head/n_kv query heads
             k = k.repeat_interleave(H // K, dim=1)  # B H S Dh

@@ -2,7 +2,7 @@
 
 Batch geometry::
 
-    tokens per optimizer step = batch_size * seq_len * grad_accum * world_size
+    tokens per optimizer step = batch_size * seq_len * grad_accum * dp     (dp = processes / (tp * pp))
 
 Set ``tokens_per_step`` to fix the left side instead of ``grad_accum``: the trainer then picks
 ``grad_accum`` for the number of processes it runs on (it must divide evenly), so the same config
@@ -74,8 +74,21 @@ class TrainConfig(BaseModel):
                                                                "support it, fp32 on CPU (no fast bf16 there); fp16 uses a grad scaler")
     compile: bool = Field(False, description="torch.compile the model (slow first step; see benchmarks/train.py)")
     threads: int = Field(0, ge=0, description="torch CPU threads per process (0 = leave torch's default)")
-    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field("auto", description="auto = ddp under torchrun with >1 "
-                                                                "process; fsdp = FSDP2 fully_shard per block")
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field("auto", description="how the data-parallel dimension "
+                                                                "runs: auto = ddp (fsdp when tp > 1); fsdp = FSDP2 "
+                                                                "fully_shard per block")
+    # ---- model parallelism (train/parallelize.py): data-parallel degree = processes / (tp * pp) ----
+    tp: int = Field(1, ge=1, description="tensor-parallel degree: every weight matrix split over this many processes")
+    pp: int = Field(1, ge=1, description="pipeline-parallel degree: the layer stack cut into stages on this many processes")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = Field(
+        "1f1b", description="pipeline schedule over the grad_accum micro-batches of a step")
+    pp_stages_per_rank: int = Field(0, ge=0, description="pipeline stages each process holds; 0 = 1 "
+                                    "(2 for interleaved-1f1b, which needs >= 2)")
+    pp_split: list[int] = Field(default_factory=list, description="layers per pipeline stage, first to last; "
+                                "[] = an even split")
+    sequence_parallel: bool = Field(True, description="tp: shard the norms' activations along the sequence "
+                                    "(train.seq_len must divide by tp)")
+    loss_parallel: bool = Field(True, description="tp: cross-entropy on the vocab-sharded logits (no gathered logits)")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -87,11 +100,11 @@ class TrainConfig(BaseModel):
         return self
 
     def accum_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each of ``world_size`` processes."""
+        """Micro-batches per optimizer step on each of ``world_size`` data-parallel replicas."""
         if not self.tokens_per_step:
             return self.grad_accum
         micro = self.batch_size * self.seq_len * world_size
         if self.tokens_per_step % micro:
             raise UserError(f"train.tokens_per_step ({self.tokens_per_step}) is not a multiple of batch_size * "
-                             f"seq_len * world_size ({micro}); change train.batch_size or the process count")
+                             f"seq_len * data-parallel degree ({micro}); change train.batch_size or the process count")
         return self.tokens_per_step // micro

@@ -1,10 +1,15 @@
-"""torchrun environment, DDP / FSDP2 wrapping, and rank-0 helpers.
+"""torchrun environment, the device mesh, DDP / FSDP2 wrapping, and rank-0 helpers.
 
-The model is single-device code; parallelism is applied here, from outside (torchtitan style)::
+The model is single-device code; parallelism is applied here and in :mod:`text2llm.train.parallelize`
+(tensor and pipeline parallel), from outside (torchtitan style)::
 
     dist = init_distributed(train_cfg)            # reads RANK / WORLD_SIZE / LOCAL_RANK set by torchrun
     fwd  = wrap_model(model, dist, compile=...)   # DDP, or FSDP2 fully_shard per block + root
     sd   = full_model_state(model, dist)          # full, plain state dict on rank 0 (FSDP2 gathers shards)
+
+One device mesh holds every process, with named dims ``("pp", "dp", "tp")`` (tp innermost, so a
+tensor-parallel group is neighbouring ranks, on one node): ``world = pp * dp * tp``, and
+``train.distributed`` says how the ``dp`` dim runs (DDP or FSDP2).
 
 Backends: gloo on CPU, NCCL on CUDA. Under FSDP2 the parameters are DTensor shards; checkpoints
 stay plain safetensors because rank 0 writes a gathered full state dict.
@@ -33,12 +38,17 @@ joined_process_group = False
 
 @dataclass
 class DistEnv:
-    mode: str = "none"  # none | ddp | fsdp
+    mode: str = "none"  # how the data-parallel dim runs: none (dp == 1) | ddp | fsdp
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: object = None
+    mesh: object = None  # DeviceMesh ("pp", "dp", "tp") when world_size > 1
+    tp: int = 1
+    pp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -47,6 +57,25 @@ class DistEnv:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: the number of model replicas, each reading its own data."""
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tp > 1 or self.pp > 1
+
+    @property
+    def reads_new_data(self) -> bool:
+        """The one process of each model replica whose data (and loader state) is that replica's."""
+        return self.tp_rank == 0 and self.pp_rank == 0
+
+    @property
+    def holds_loss(self) -> bool:
+        """The one process of each model replica that reports its loss (last pipeline stage, tp rank 0)."""
+        return self.tp_rank == 0 and self.pp_rank == self.pp - 1
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -62,29 +91,48 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(tc) -> DistEnv:
-    """Join the process group torchrun describes (no-op for one process). ``tc`` is a TrainConfig."""
+    """Join the process group torchrun describes (no-op for one process) and build the device mesh.
+    ``tc`` is a TrainConfig; ``tc.tp * tc.pp`` must divide the number of processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    tp, pp = tc.tp, tc.pp
+    if world % (tp * pp):
+        raise UserError(f"train.tp ({tp}) x train.pp ({pp}) = {tp * pp} does not divide the {world} processes "
+                        f"(start a multiple of {tp * pp} with torchrun --nproc-per-node)")
+    dp = world // (tp * pp)
     mode = tc.distributed
     if world <= 1:
         return DistEnv(mode="none", device=pick_device(tc.device))
-    if mode == "none":
-        raise UserError(f"train.distributed=none but torchrun started {world} processes (use ddp or fsdp)")
-    mode = "ddp" if mode == "auto" else mode
-    device = pick_device(tc.device, local_rank)
+    if mode == "none" and dp > 1:
+        raise UserError(f"train.distributed=none but torchrun started {world} processes for {dp} data-parallel "
+                        f"replicas (use ddp or fsdp, or raise train.tp / train.pp)")
+    if mode == "auto":
+        mode = "fsdp" if tp > 1 else "ddp"  # DDP does not take tensor-parallel (DTensor) parameters
+    if dp == 1:
+        mode = "none"
+    if mode == "ddp" and tp > 1:
+        raise UserError("train.distributed=ddp with train.tp > 1: DDP does not take tensor-parallel (DTensor) "
+                        "parameters; use train.distributed=fsdp for the data-parallel dim")
+    device = join_process_group(tc.device, local_rank)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    pp_rank, dp_rank, tp_rank = mesh.get_coordinate()
+    return DistEnv(mode=mode, rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh,
+                   tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+
+
+def join_process_group(device_name: str, local_rank: int) -> torch.device:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA); this process's device."""
+    device = pick_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     global joined_process_group
     joined_process_group = True
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    mesh = None
-    if mode == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (world,))
-    return DistEnv(mode=mode, rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                 device_id=device if device.type == "cuda" else None)
+    return device
 
 
 def shutdown(env: DistEnv, barrier: bool = False) -> None:
@@ -107,16 +155,21 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, compile: bool = False):
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
-            fully_shard(block, mesh=env.mesh)
-        fully_shard(model, mesh=env.mesh)
+            fully_shard(block, mesh=env.mesh["dp"])
+        fully_shard(model, mesh=env.mesh["dp"])
         return (torch.compile(model) if compile else model), model
     if env.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        wrapped = DDP(model, device_ids=ids)
+        wrapped = ddp(model, env)
         return (torch.compile(wrapped) if compile else wrapped), wrapped
     return (torch.compile(model) if compile else model), None
+
+
+def ddp(module: torch.nn.Module, env: DistEnv):
+    """``module`` under DDP over the data-parallel dim of the mesh."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DDP(module, device_ids=ids, process_group=env.mesh["dp"].get_group())
 
 
 @contextmanager
@@ -185,8 +238,10 @@ def full_optimizer_state(model: torch.nn.Module, optimizer, env: DistEnv) -> dic
     return optimizer.state_dict() if env.is_main else None
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, env: DistEnv) -> None:
-    if env.mode == "fsdp":
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, by_name: bool) -> None:
+    """Load ``state``: keyed by parameter name (``by_name``; what FSDP2 and the tp / pp layouts save,
+    loaded through ``set_optimizer_state_dict`` on any layout), or a plain numbered ``state_dict()``."""
+    if by_name:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,18 +1,24 @@
 """The training loop behind ``text2llm train`` and ``text2llm.train``.
 
-One optimizer step on each of ``world`` processes, with ``k`` micro-batches each::
+One optimizer step on each of ``dp`` data-parallel replicas, with ``k`` micro-batches each::
 
     for each micro-batch i of k:   (no gradient sync until the last one)
         loss_i = sum of token cross-entropy / (target tokens of the whole global batch)  [+ MoE aux / k]
-        backward(loss_i * world)     # DDP / FSDP average gradients over processes
+        backward(loss_i * dp)        # DDP / FSDP average gradients over replicas
     grad_norm = clip(global grad norm)          # logged every step it is logged
     skip the step if loss or grad_norm is non-finite (stop after train.max_bad_steps such steps)
     lr = schedule(step); AdamW step; zero grads
 
-Data: the train stream is cut into ``world * k`` parts and micro-batch slot ``rank * k + i``
-always reads part ``rank * k + i``. What a step sees depends only on the number of slots, so
-1 process with ``grad_accum=2`` computes the same steps as 2 processes with ``grad_accum=1``,
-and a run can resume on a different process count when ``world * k`` stays the same.
+Under ``train.pp`` the k micro-batches go through a pipeline schedule instead of this loop (same
+loss); see :mod:`text2llm.train.parallelize`.
+
+Data: the train stream is cut into ``dp * k`` parts and micro-batch slot ``dp_rank * k + i``
+always reads part ``dp_rank * k + i`` (``dp`` data-parallel replicas: the processes, or under
+``train.tp`` / ``train.pp`` (:mod:`text2llm.train.parallelize`) processes / (tp * pp), every
+process of a replica reading its slots). What a step sees depends only on the number of slots,
+so 1 process with ``grad_accum=2`` computes the same steps as 2 processes with ``grad_accum=1``
+(or as tp=2, or pp=2, with ``grad_accum=2``), and a run can resume on a different layout when
+``dp * k`` stays the same.
 
 Every ``log_every`` steps a line goes to ``metrics.jsonl`` (and TensorBoard); every
 ``eval_every`` steps the val split is evaluated (loss, perplexity, bits-per-byte), samples are
@@ -59,6 +65,7 @@ from text2llm.pack import read_meta
 from text2llm.tokenizer import Tokenizer
 from text2llm.train import checkpoint as ckpt_mod
 from text2llm.train import distributed as D
+from text2llm.train import parallelize as P
 from text2llm.train.mfu import device_peak_flops
 from text2llm.train.optim import lr_at, make_optimizer
 
@@ -102,7 +109,8 @@ class StepStats:
 
 def forward_backward(fwd, batches, device: torch.device, amp_dtype: torch.dtype | None = None,
                      loss_fn: Callable | None = None, denom: float | None = None, world_size: int = 1,
-                     sync: Callable | None = None, scaler=None, attn_mask_fn: Callable | None = None) -> StepStats:
+                     sync: Callable | None = None, scaler=None, attn_mask_fn: Callable | None = None,
+                     nll_fn: Callable = token_nll_sum) -> StepStats:
     """Accumulate the gradients of one optimizer step over ``batches`` [(x_BT, y_BT), ...].
 
     Default loss: the gradient of (sum of token cross-entropy over every micro-batch of every
@@ -110,6 +118,8 @@ def forward_backward(fwd, batches, device: torch.device, amp_dtype: torch.dtype 
     micro-batches weigh each token the same (4 x micro-batch 2 == micro-batch 8). ``loss_fn(model,
     x, y) -> (loss, extras)`` replaces it (distillation); its losses are averaged over micro-batches.
     ``sync(is_last)`` returns a context that turns gradient sync off on all but the last micro-batch.
+    ``world_size`` is the number of data-parallel replicas (whose gradients are averaged);
+    ``nll_fn(logits, y)`` the summed token NLL (tensor parallel: over vocab-split logits).
     """
     k = len(batches)
     if denom is None:
@@ -124,7 +134,7 @@ def forward_backward(fwd, batches, device: torch.device, amp_dtype: torch.dtype 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if loss_fn is None:
                     out = fwd(x, **kwargs)
-                    share = token_nll_sum(out.logits, y) / max(1.0, denom)
+                    share = nll_fn(out.logits, y) / max(1.0, denom)
                     objective = share * world_size
                     if out.aux_loss is not None:
                         objective = objective + out.aux_loss / k
@@ -318,8 +328,8 @@ class Trainer:
         if self.amp_dtype is not None and self.device.type == "cpu" and env.is_main:
             print(f"warning: train.precision={tc.precision} on CPU: autocast to {self.amp_dtype} is usually much "
                   f"slower than fp32")
-        self.k = tc.accum_steps(env.world_size)
-        self.slots = env.world_size * self.k
+        self.k = tc.accum_steps(env.dp)
+        self.slots = env.dp * self.k  # micro-batch slots per step: each data-parallel replica reads k
         self.write_config()
         if env.is_main:
             (run_dir / "run.json").write_text(json.dumps({"data": str(data_dir.resolve())}) + "\n", encoding="utf-8")
@@ -345,8 +355,10 @@ class Trainer:
     # ---- setup ----
 
     def setup_model(self, init_from: str | Path | None) -> None:
-        """Model and optimizer: identical init on every rank, weights loaded before wrapping."""
+        """Model and optimizer: identical init on every rank, weights loaded before wrapping (under
+        train.tp / train.pp: split by :mod:`text2llm.train.parallelize`, then wrapped)."""
         tc, env = self.tc, self.env
+        P.check_layout(self.cfg.model, tc, env, self.k)
         torch.manual_seed(tc.seed)
         model = Transformer(self.cfg.model).to(self.device)
         if init_from is not None:
@@ -356,22 +368,28 @@ class Trainer:
             load_weights(model, src / "model.safetensors")
         if self.start_ckpt is not None:
             load_weights(model, self.start_ckpt / "model.safetensors")
-        if env.rank:
-            torch.manual_seed(tc.seed + env.rank)  # dropout differs between ranks
-        self.model = model
+        if env.rank // env.tp:
+            torch.manual_seed(tc.seed + env.rank // env.tp)  # dropout differs between replicas and stages
         self.params = model.num_params()
         self.flops_per_token = (model.flops_per_token(tc.seq_len) if hasattr(model, "flops_per_token")
                                 else 6.0 * self.params)
-        self.fwd, parallel = D.wrap_model(model, env, compile=tc.compile)
-        self.optimizer = make_optimizer(model, tc)
+        self.parallel = None
+        if env.model_parallel:  # tp / pp (and DDP / FSDP2 on the dp dim)
+            self.parallel = P.ParallelModel(model, tc, env, self.k)
+            self.model, self.fwd, parallel = self.parallel.module, self.parallel.fwd, self.parallel.dp_wrapper
+        else:
+            self.model = model
+            self.fwd, parallel = D.wrap_model(model, env, compile=tc.compile)
+        self.optimizer = make_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self.sync = (lambda last: D.grad_sync(parallel, env, last)) if env.enabled else None
+        self.sync = (lambda last: D.grad_sync(parallel, env, last)) if env.dp > 1 and parallel is not None else None
 
     def setup_data(self) -> None:
-        """Micro-batch slot p = rank * k + i reads part p of ``slots`` parts of the train stream."""
+        """Micro-batch slot p = dp_rank * k + i reads part p of ``slots`` parts of the train stream (the
+        processes of one model replica, under tp / pp, read the same slots)."""
         tc, env, k = self.tc, self.env, self.k
         self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
-                                    rank=env.rank * k + i, world_size=self.slots) for i in range(k)]
+                                    rank=env.dp_rank * k + i, world_size=self.slots) for i in range(k)]
         self.attn_mask_fn = None
         if tc.document_mask:
             bos = self.meta.get("bos_id")
@@ -380,8 +398,8 @@ class Trainer:
         self.val_info = self.meta["splits"].get("val", {"tokens": 0, "bytes": 0})
         if self.val_info["tokens"] > tc.seq_len:
             # too small to split: every rank scores it all
-            self.val_shared = self.val_info["tokens"] // env.world_size <= tc.seq_len
-            r, w = (0, 1) if self.val_shared else (env.rank, env.world_size)
+            self.val_shared = self.val_info["tokens"] // env.dp <= tc.seq_len
+            r, w = (0, 1) if self.val_shared else (env.dp_rank, env.dp)
             self.val_loader = TokenLoader(self.data_dir, "val", tc.batch_size, tc.seq_len, "sequential", rank=r,
                                           world_size=w)
 
@@ -392,25 +410,35 @@ class Trainer:
         saved_slots = state.get("loaders") or [state["loader"]]
         if len(saved_slots) != self.slots:
             raise UserError(
-                f"{ckpt}: written with {len(saved_slots)} micro-batch slots per step (processes x grad_accum); "
-                f"this run has {env.world_size} x {k} = {self.slots}. Resume with the same product (set "
+                f"{ckpt}: written with {len(saved_slots)} micro-batch slots per step (data-parallel replicas x "
+                f"grad_accum); this run has {env.dp} x {k} = {self.slots}. Resume with the same product (set "
                 f"train.tokens_per_step to keep it fixed across process counts)")
-        fmt = "fqn" if env.mode == "fsdp" else "torch"
-        if state.get("optimizer_format", "torch") != fmt:
-            raise UserError(f"{ckpt}: optimizer state was saved by a {state.get('distributed')} run; resume it "
-                            f"with train.distributed={state.get('distributed')} (or start a new run with init_from)")
-        D.load_optimizer_state(self.model, self.optimizer,
-                               torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device), env)
+        # any layout resumes any other's optimizer state: sharded layouts read it by parameter name
+        osd = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device)
+        by_name = state.get("optimizer_format", "torch") == "fqn"
+        if not by_name and self._optimizer_format() == "fqn":
+            osd, by_name = P.optimizer_state_by_name(osd), True
+        if self.parallel is not None:
+            self.parallel.load_optimizer_state(self.optimizer, osd)
+        else:
+            D.load_optimizer_state(self.model, self.optimizer, osd, by_name)
         for i, loader in enumerate(self.loaders):
-            loader.load_state_dict(saved_slots[env.rank * k + i])
+            loader.load_state_dict(saved_slots[env.dp_rank * k + i])
         rngs = state.get("rng_ranks")
-        ckpt_mod.set_rng_state(rngs[env.rank] if rngs and len(rngs) == env.world_size else state["rng"])
+        same_layout = (rngs and len(rngs) == env.world_size and state.get("tp", 1) == env.tp
+                       and state.get("pp", 1) == env.pp)
+        ckpt_mod.set_rng_state(rngs[env.rank] if same_layout else state["rng"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state.get("bad_steps", 0)
         if env.is_main:
             truncate_metrics(self.run_dir / METRICS, self.step)
             changed = _config_changes(ckpt, self.cfg)
+            layout = [c for c in changed if c.split(":")[0] in LAYOUT_KEYS]
+            changed = [c for c in changed if c not in layout]
+            if layout:
+                print(f"note: resuming {ckpt.name} on a different layout ({', '.join(layout)}): same weights, "
+                      f"optimizer state and data order")
             if changed:
                 print(f"note: resuming {ckpt.name} with a changed config ({', '.join(changed[:6])}); "
                       f"the continued run is not the one the checkpoint started")
@@ -423,9 +451,12 @@ class Trainer:
         if env.is_main or self.device.type == "cuda":
             cache = Path(tc.peak_cache) if tc.peak_cache else self.run_dir / "peak_flops.json"
             self.peak, self.peak_src = device_peak_flops(self.device, tc.peak_flops, cache if env.is_main else None)
-        self.tokens_per_step = tc.batch_size * tc.seq_len * self.k * env.world_size
+        self.tokens_per_step = tc.batch_size * tc.seq_len * self.k * env.dp
         self.tokenizer = None
-        if self.tokenizer_dir is not None and tc.samples and (env.is_main or env.mode == "fsdp"):
+        if self.tokenizer_dir is not None and tc.samples and env.model_parallel and env.is_main:
+            print("note: train.samples are not written under train.tp / train.pp (the training layout shards the "
+                  "sequence); generate from a checkpoint instead")
+        elif self.tokenizer_dir is not None and tc.samples and (env.is_main or env.mode == "fsdp"):
             self.tokenizer = Tokenizer.load(self.tokenizer_dir)
 
     # ---- one step ----
@@ -437,14 +468,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [next(loader) for loader in self.loaders]  # padded data: padding targets are IGNORE_INDEX
-        stats = forward_backward(self.fwd, batches, self.device, self.amp_dtype, self.loss_fn, self._denom(batches),
-                                 env.world_size, self.sync, self.scaler, self.attn_mask_fn)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = D.local_value(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        if self.parallel is None:
+            stats = forward_backward(self.fwd, batches, self.device, self.amp_dtype, self.loss_fn,
+                                     self._denom(batches), env.dp, self.sync, self.scaler, self.attn_mask_fn)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = D.local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        else:
+            stats = self.parallel_forward_backward(batches)
+            grad_norm = self.parallel.clip_grad_norm_(max_norm)
         self.stop_flag.fill_(1.0 if stopper.signal else 0.0)
-        shared = D.all_reduce_sum(torch.stack([stats.loss, self.stop_flag]), env)
+        loss = stats.loss if env.holds_loss else torch.zeros_like(stats.loss)  # one process per replica reports
+        shared = D.all_reduce_sum(torch.stack([loss, self.stop_flag]), env)
         loss, stop_any, gnorm = torch.stack([shared[0], shared[1], grad_norm.float().to(self.device)]).tolist()
         self.step += 1
         if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(gnorm)):
@@ -461,12 +497,28 @@ class Trainer:
         self.train_tokens += self.tokens_per_step
         return StepOutcome(loss, lr, gnorm, stats, bool(stop_any))
 
+    def parallel_forward_backward(self, batches) -> StepStats:
+        """One step's gradients under train.tp / train.pp: the pipeline schedule, or the usual
+        accumulation over micro-batches with the (vocab-parallel) loss."""
+        par, env = self.parallel, self.env
+        if self.loss_fn is not None:
+            raise UserError("train: a custom loss_fn (distillation) is not supported with train.tp / train.pp")
+        if par.schedule is not None:
+            return StepStats(loss=par.pipeline_step(batches, self._denom(batches), self.amp_dtype))
+        with par.context():
+            return forward_backward(self.fwd, batches, self.device, self.amp_dtype, None, self._denom(batches),
+                                    env.dp, self.sync, None, self.attn_mask_fn, nll_fn=par.nll)
+
     def _denom(self, batches) -> float:
         """Target tokens of the whole global batch (only padded data has targets the loss ignores)."""
         if not self.padded:
             return float(self.tokens_per_step)
-        local = float(sum(int(count_targets(y)) for _, y in batches))
+        local = float(sum(int(count_targets(y)) for _, y in batches)) if self.env.reads_new_data else 0.0
         return float(D.all_reduce_sum(torch.tensor(local, device=self.device), self.env))
+
+    def _optimizer_format(self) -> str:
+        """How optimizer.pt is keyed: "fqn" (by parameter name; sharded layouts) or "torch" (numbered)."""
+        return "fqn" if self.env.mode == "fsdp" or self.env.model_parallel else "torch"
 
     def _skip_step(self, loss: float, gnorm: float) -> None:
         """A non-finite step: drop its gradients; stop the run after ``train.max_bad_steps`` of them."""
@@ -527,9 +579,15 @@ class Trainer:
         """Val loss, perplexity and bits-per-byte over ``train.eval_batches`` batches (logged); {} without val data."""
         if self.val_loader is None:
             return {}
-        nll, count = loader_nll(self.fwd, self.val_loader, self.tc.eval_batches, self.device, self.amp_dtype, None,
-                                self.attn_mask_fn)
-        if not self.val_shared:
+        if self.parallel is not None:  # the loss lives on one process per replica: always all-reduced
+            nll, count = self.parallel.eval_nll(self.val_loader, self.tc.eval_batches, self.amp_dtype,
+                                                self.attn_mask_fn)
+            if self.val_shared and self.env.dp_rank:
+                nll, count = nll.zero_(), count.zero_()
+        else:
+            nll, count = loader_nll(self.fwd, self.val_loader, self.tc.eval_batches, self.device, self.amp_dtype,
+                                    None, self.attn_mask_fn)
+        if not self.val_shared or self.parallel is not None:
             both = D.all_reduce_sum(torch.stack([nll, count]), self.env)
             nll, count = both[0], both[1]
         loss = float(nll / count.clamp(min=1))
@@ -562,16 +620,20 @@ class Trainer:
     def save(self, val: dict) -> Path | None:
         """A checkpoint of this step (every rank takes part; rank 0 writes); its path on every rank."""
         env, tc = self.env, self.tc
-        loader_states = [s for per_rank in D.all_gather_objects([l.state_dict() for l in self.loaders], env)
-                         for s in per_rank]
+        mine = [l.state_dict() for l in self.loaders] if env.reads_new_data else []  # one process per replica
+        loader_states = [s for per_rank in D.all_gather_objects(mine, env) for s in per_rank]
         rngs = D.all_gather_objects(ckpt_mod.rng_state(), env)
-        msd = D.full_model_state(self.model, env)
-        osd = D.full_optimizer_state(self.model, self.optimizer, env)
+        if self.parallel is not None:
+            msd, osd = self.parallel.model_state(), self.parallel.optimizer_state(self.optimizer)
+        else:
+            msd = D.full_model_state(self.model, env)
+            osd = D.full_optimizer_state(self.model, self.optimizer, env)
         path = None
         if env.is_main:
             state = {"tokens_seen": self.tokens_seen, "loaders": loader_states, "rng": rngs[0], "rng_ranks": rngs,
                      "world_size": env.world_size, "grad_accum": self.k, "distributed": env.mode,
-                     "optimizer_format": "fqn" if env.mode == "fsdp" else "torch", "bad_steps": self.bad_steps,
+                     "tp": env.tp, "pp": env.pp, "optimizer_format": self._optimizer_format(),
+                     "bad_steps": self.bad_steps,
                      "config_hash": self.cfg.hash(), "tokenizer": "tokenizer" if self.tokenizer_dir else None,
                      "val_loss": val.get("val_loss") if val.get("step") == self.step else None,
                      "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -668,6 +730,11 @@ class Trainer:
         return result
 
 
+# how the run is spread over processes: changing these on --resume continues the same run
+LAYOUT_KEYS = {f"train.{k}" for k in ("distributed", "tp", "pp", "pp_schedule", "pp_stages_per_rank", "pp_split",
+                                       "sequence_parallel", "loss_parallel")}
+
+
 def _config_changes(saved_dir: Path, cfg) -> list[str]:
     """``key: old -> new`` for every config value that differs from the one saved in ``saved_dir``
     (a checkpoint, or a run dir's config.toml)."""
@@ -690,7 +757,8 @@ def _config_changes(saved_dir: Path, cfg) -> list[str]:
 def _print_summary(r: TrainResult, env: D.DistEnv, k: int, peak, peak_src: str) -> None:
     rows = [("steps", f"{r.step:,}" + (f" (stopped by {r.interrupted})" if r.interrupted else "")),
             ("parameters", f"{r.params:,}"),
-            ("processes x grad_accum", f"{env.world_size} x {k} ({env.mode})"),
+            ("processes x grad_accum", f"{env.world_size} x {k} ({env.mode}"
+                                       + (f", tp={env.tp} pp={env.pp} dp={env.dp})" if env.model_parallel else ")")),
             ("tokens/s", f"{r.train_tokens_per_s:,.0f}")]
     if r.mfu is not None:
         rows.append(("MFU", f"{100 * r.mfu:.1f}% of {peak / 1e9:,.0f} GFLOP/s ({peak_src})"))

@@ -1,0 +1,577 @@
+"""Tensor and pipeline parallelism, applied to the single-device model from outside (torchtitan's
+``parallelize.py`` and ``pipeline_parallel.py``), composed with DDP / FSDP2 on one device mesh.
+
+The mesh (:func:`text2llm.train.distributed.init_distributed`) has named dims ``("pp", "dp", "tp")``::
+
+    world = pp * dp * tp          e.g. 8 processes, train.pp=2 train.tp=2 -> dp = 2
+    rank  = (pp_rank * dp + dp_rank) * tp + tp_rank
+
+Order (torchtitan's): tensor parallel first (:func:`tp_plan`), then the pipeline cut
+(:func:`cut_stages`), then the data-parallel wrapper (FSDP2 ``fully_shard`` per block and per stage
+root, or DDP) over the ``dp`` dim. Everything goes through PyTorch's own APIs: DTensor
+``parallelize_module``, ``torch.distributed.pipelining`` (stages and schedules), ``fully_shard``
+and the ``torch.distributed.checkpoint.state_dict`` helpers; the only collectives written here are
+the pipeline's share of the gradient norm (one all-reduce of a scalar over ``pp``) and, for a
+checkpoint, each stage sending its gathered tensors to rank 0 (``gather_object``).
+
+Tensor parallel (Megatron-LM's split, torchtitan's ``apply_tp``): see the table in
+:func:`tp_plan`. Column-wise q/k/v and gate/up split heads and hidden units, row-wise o/down sum
+the partial outputs, so each block costs one all-gather + one reduce-scatter per sublayer with
+sequence parallelism (one all-reduce without). A process holds ``n_head / tp`` query heads and
+``n_kv_head / tp`` key/value heads (GQA: each KV head stays with the query heads that use it).
+The token embedding and the head are vocab-parallel; with ``train.loss_parallel`` the
+cross-entropy runs on the vocab-sharded logits (``loss_parallel``), so full logits never exist.
+MoE layers: every process holds every expert, and each expert's MLP is split like the dense
+MLP; the router is replicated. Expert parallelism (experts placed on different processes) needs
+all-to-all, which gloo lacks, so it is not offered.
+
+Pipeline parallel: the blocks are cut into ``pp * stages_per_rank`` stages (an even split, or
+``train.pp_split``); a stage is a :class:`StageModule` holding its blocks (plus the embedding on
+the first stage, the final norm and head on the last) under the full model's parameter names, so
+state dicts stay those of one process. Process ``pp_rank`` holds stages ``pp_rank, pp_rank + pp,
+...`` ("loop" placement, which interleaved 1F1B needs). The ``k = grad_accum`` micro-batches of a
+step are the schedule's micro-batches; its loss is the same sum of token losses over the global
+batch as without a pipeline, so the losses equal one process's.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+
+from text2llm.errors import UserError
+from text2llm.evaluate import loader_nll, val_batches
+from text2llm.loss import IGNORE_INDEX, count_targets, token_nll_sum
+from text2llm.model.transformer import Transformer
+from text2llm.train import distributed as D
+
+# torch.distributed.tensor, .tensor.parallel, .checkpoint and .pipelining are imported inside the
+# functions that use them: they are slow to import, and a run on one process never needs them.
+
+
+# ---- the layout, checked before anything is built ---------------------------------------------------------
+
+
+def stages_per_rank(tc) -> int:
+    return tc.pp_stages_per_rank or (2 if tc.pp_schedule == "interleaved-1f1b" else 1)
+
+
+def check_layout(mc, tc, env, k: int) -> None:
+    """One clear line for a layout the model or the batch cannot take (``mc`` ModelConfig, ``tc``
+    TrainConfig, ``k`` micro-batches per step). The process count itself is checked when the mesh
+    is built."""
+    tp, pp = tc.tp, tc.pp
+    check_tp(mc, tp)
+    if tp > 1:
+        if tc.sequence_parallel and tc.seq_len % tp:
+            raise UserError(f"train.tp={tp} does not divide train.seq_len={tc.seq_len} (sequence parallel shards "
+                            f"the sequence; or set train.sequence_parallel=false)")
+        if tc.sequence_parallel and mc.positions == "learned" and mc.max_seq_len % tp:
+            raise UserError(f"train.tp={tp} does not divide model.max_seq_len={mc.max_seq_len} (the learned "
+                            f"position table is sharded with the sequence)")
+    if tc.pp_split and pp == 1:
+        raise UserError("train.pp_split is set but train.pp = 1")
+    if pp > 1:
+        v = stages_per_rank(tc)
+        n_stages = pp * v
+        if tc.pp_schedule == "interleaved-1f1b" and v < 2:
+            raise UserError("train.pp_schedule=interleaved-1f1b needs train.pp_stages_per_rank >= 2")
+        if tc.pp_schedule != "interleaved-1f1b" and v > 1:
+            raise UserError(f"train.pp_schedule={tc.pp_schedule} runs one stage per process; "
+                            f"train.pp_stages_per_rank={v} needs interleaved-1f1b")
+        split_layers(mc.n_layer, n_stages, tc.pp_split)
+        if mc.tie_embeddings:
+            raise UserError("train.pp > 1 with model.tie_embeddings=true: the embedding (first stage) and the head "
+                            "(last stage) would live on different processes; set model.tie_embeddings=false")
+        if mc.n_experts:
+            raise UserError("train.pp > 1 with MoE layers is not supported (the router's auxiliary loss would have "
+                            "to cross stages); use train.tp or data parallelism for MoE models")
+        if tc.document_mask:
+            raise UserError("train.pp > 1 with train.document_mask=true is not supported (the mask would have to "
+                            "travel with the activations)")
+        if tc.pp_schedule in ("1f1b", "interleaved-1f1b") and k < pp:
+            raise UserError(f"train.pp_schedule={tc.pp_schedule} needs at least train.pp={pp} micro-batches per step; "
+                            f"set train.grad_accum >= {pp} (or use gpipe)")
+        if tc.pp_schedule == "interleaved-1f1b" and k % max(1, k // pp):
+            raise UserError(f"train.pp_schedule=interleaved-1f1b needs train.grad_accum ({k}) to be a multiple of "
+                            f"{max(1, k // pp)} (grad_accum // pp)")
+    if env.model_parallel:
+        if tc.precision == "fp16":
+            raise UserError("train.tp / train.pp with train.precision=fp16 is not supported (no grad scaler across "
+                            "stages); use bf16 or fp32")
+        if tc.compile:
+            raise UserError("train.compile with train.tp / train.pp is not supported here yet")
+
+
+def check_tp(mc, tp: int, what_tp: str = "train.tp") -> None:
+    """A one-line error when ``tp`` does not divide the heads, KV heads, hidden sizes or vocab of ``mc``."""
+    if tp == 1:
+        return
+    for what, n in (("model.n_head", mc.n_head), ("model.n_kv_head (key/value heads)", mc.kv_heads),
+                    ("the MLP hidden size (model.ffn_hidden)", mc.ffn_dim), ("model.vocab_size", mc.vocab_size)):
+        if n % tp:
+            hint = f"; set model.vocab_size to a multiple of {tp} (>= {n})" if what == "model.vocab_size" else ""
+            raise UserError(f"{what_tp}={tp} does not divide {what} = {n}{hint}")
+    if mc.n_experts and mc.moe_dim % tp:
+        raise UserError(f"{what_tp}={tp} does not divide the expert hidden size (model.moe_ffn_hidden) = {mc.moe_dim}")
+
+
+def split_layers(n_layer: int, n_stages: int, split: list[int]) -> list[range]:
+    """The blocks of each pipeline stage: ``split`` (layers per stage) or an even split."""
+    if split:
+        if len(split) != n_stages or sum(split) != n_layer or min(split) < 1:
+            raise UserError(f"train.pp_split={split} must give {n_stages} stages (pp x stages per process) of >= 1 "
+                            f"layer summing to model.n_layer={n_layer}")
+        sizes = split
+    else:
+        if n_layer % n_stages:
+            raise UserError(f"model.n_layer={n_layer} does not split evenly into {n_stages} pipeline stages; set "
+                            f"train.pp_split (layers per stage)")
+        sizes = [n_layer // n_stages] * n_stages
+    starts = [sum(sizes[:i]) for i in range(n_stages)]
+    return [range(a, a + n) for a, n in zip(starts, sizes)]
+
+
+# ---- tensor parallel ------------------------------------------------------------------------------------
+
+
+def tp_plan(model: nn.Module, sequence_parallel: bool = True, loss_parallel: bool = True) -> dict:
+    """Module name -> how it is split over the ``tp`` dim (DTensor ``ParallelStyle``)::
+
+        module                      style                       weight shard        output
+        embed                       Rowwise (vocab-parallel)    vocab rows          seq shards (SP) | full
+        pos_embed (learned)         Rowwise                     position rows       seq shards (SP) | full
+        blocks.i.attn_norm          SequenceParallel (SP only)  replicated          seq shards
+        blocks.i.attn               PrepareModuleInput          -                   gathers the sequence
+        blocks.i.attn.q_proj/k/v    Colwise                     heads (H/tp, K/tp)  local heads
+        blocks.i.attn.o_proj        Rowwise                     heads               reduce-scatter (SP) | all-reduce
+        blocks.i.mlp_norm           SequenceParallel (SP only)  replicated          seq shards
+        blocks.i.mlp.gate/up_proj   Colwise                     hidden units        local hidden units
+        blocks.i.mlp.down_proj      Rowwise                     hidden units        reduce-scatter (SP) | all-reduce
+        blocks.i.mlp (MoE)          Prepare input / output      router replicated   every expert split as the MLP
+        norm                        SequenceParallel (SP only)  replicated          seq shards
+        lm_head                     Colwise (vocab-parallel)    vocab rows          vocab shards (loss parallel) | full
+
+    ``sequence_parallel`` (training) shards the activations that are not split otherwise (norms,
+    residual stream) along the sequence; without it (decoding one token at a time) they are
+    replicated. ``loss_parallel`` leaves the logits split by vocab for :func:`vocab_parallel_nll`.
+    Only modules the model (or a pipeline stage's part of it) holds are in the plan.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    seq = Shard(1) if sequence_parallel else Replicate()
+    plan: dict = {}
+    if getattr(model, "embed", None) is not None:
+        plan["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if getattr(model, "pos_embed", None) is not None:  # (T, D) table rows: the sequence is dim 0 of its output
+        plan["pos_embed"] = RowwiseParallel(input_layouts=Replicate(),
+                                            output_layouts=Shard(0) if sequence_parallel else Replicate())
+    for name, block in _blocks(model):
+        b = f"blocks.{name}"
+        if sequence_parallel:
+            plan[f"{b}.attn_norm"] = SequenceParallel()
+            plan[f"{b}.mlp_norm"] = SequenceParallel()
+            # (x, rope, cache, attn_mask): only x is a sequence-sharded activation
+            plan[f"{b}.attn"] = PrepareModuleInput(input_layouts=(seq, None, None, None),
+                                                   desired_input_layouts=(Replicate(), None, None, None))
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            plan[f"{b}.attn.{proj}"] = ColwiseParallel()
+        plan[f"{b}.attn.o_proj"] = RowwiseParallel(output_layouts=seq)
+        if block.is_moe:
+            plan.update(_moe_plan(f"{b}.mlp", block.mlp, sequence_parallel))
+        else:
+            if sequence_parallel:
+                plan[f"{b}.mlp"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+            plan.update(_mlp_plan(f"{b}.mlp", block.mlp, output=seq))
+    if getattr(model, "norm", None) is not None and sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    if getattr(model, "lm_head", None) is not None:
+        plan["lm_head"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1) if loss_parallel else Replicate())
+    return plan
+
+
+def _mlp_plan(prefix: str, mlp: nn.Module, output) -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {f"{prefix}.up_proj": ColwiseParallel(), f"{prefix}.down_proj": RowwiseParallel(output_layouts=output)}
+    if mlp.swiglu:
+        plan[f"{prefix}.gate_proj"] = ColwiseParallel()
+    return plan
+
+
+def _moe_plan(prefix: str, moe: nn.Module, sequence_parallel: bool) -> dict:
+    """Experts replicated on every process, each expert's MLP split like the dense MLP, with its
+    output summed (all-reduce) before the router's weights multiply it: the routing math after
+    the experts then sees full values, so the router's gradient is exact (a reduce over the
+    weighted partial outputs would count the load-balancing term's gradient tp times)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInputOutput
+
+    plan = {}
+    if sequence_parallel:  # in: the whole sequence, as a plain tensor for the router; out: (y, RouterStats)
+        plan[prefix] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(), None), desired_output_layouts=(Shard(1), None), use_local_output=True)
+    for e in range(len(moe.experts)):
+        plan.update(_mlp_plan(f"{prefix}.experts.{e}", moe.experts[e], output=Replicate()))
+    return plan
+
+
+def _blocks(model: nn.Module):
+    blocks = model.blocks
+    return blocks.items() if isinstance(blocks, nn.ModuleDict) else enumerate(blocks)
+
+
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool = True) -> nn.Module:
+    """Split ``model`` (a Transformer, or a pipeline part of one) over ``tp_mesh`` in place.
+    A tied head is tied again afterwards: both styles shard the shared (V, D) weight by rows."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    tied = (getattr(model, "lm_head", None) is not None and getattr(model, "embed", None) is not None
+            and model.lm_head.weight is model.embed.weight)
+    parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel, loss_parallel))
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    for p in model.parameters():
+        if isinstance(p, DTensor) and p.requires_grad:
+            p.register_post_accumulate_grad_hook(_shard_grad_like_param)
+    return model
+
+
+def _shard_grad_like_param(p) -> None:
+    """The vocab-parallel embedding's backward returns a replicated (full-size) gradient for its
+    sharded weight: keep only this process's rows (a local slice, no communication). Partial
+    gradients (the replicated norms' under sequence parallelism) stay as they are: reducing them
+    here would cost one all-reduce per micro-batch instead of one per step."""
+    g = p.grad
+    if g is not None and g.placements != p.placements and not any(pl.is_partial() for pl in g.placements):
+        p.grad = g.redistribute(g.device_mesh, p.placements)
+
+
+def vocab_parallel_nll(tp_mesh):
+    """``token_nll_sum`` over logits split by vocab (B, T, V/tp on each process), without
+    gathering them; call it, and backward, inside :func:`loss_context`."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    def nll(logits_local, targets_BT):
+        logits = DTensor.from_local(logits_local, tp_mesh, [Shard(2)], run_check=False)
+        return token_nll_sum(logits, targets_BT).to_local()
+
+    return nll
+
+
+def loss_context(tc, env):
+    """``loss_parallel()`` when the logits are split by vocab, else a no-op context."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel() if env.tp > 1 and tc.loss_parallel else nullcontext()
+
+
+def shard_for_inference(model: Transformer, tp: int) -> tuple[Transformer, int]:
+    """``(model split over tp processes, key/value heads each holds)`` for generation under
+    ``torchrun --nproc-per-node tp``: the plan of :func:`tp_plan` without sequence parallelism
+    (a decode step has one position) and with full logits on every process, so every process
+    samples the same token. The KV cache then holds ``n_kv_head / tp`` heads per process."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise UserError(f"--tp {tp} runs under `torchrun --nproc-per-node {tp} -m text2llm ...` "
+                        f"(this is {world} process{'es' if world > 1 else ''})")
+    check_tp(model.cfg, tp, "--tp")
+    device = D.join_process_group("auto", int(os.environ.get("LOCAL_RANK", "0")))
+    mesh = init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",))
+    apply_tp(model.to(device), mesh, sequence_parallel=False, loss_parallel=False)
+    return model, model.cfg.kv_heads // tp
+
+
+# ---- pipeline parallel ----------------------------------------------------------------------------------
+
+
+class StageModule(nn.Module):
+    """One pipeline stage cut from a :class:`Transformer`: blocks ``layers``, with the token (and
+    position) embedding on the first stage and the final norm and head on the last. Parameter
+    names are the full model's (``blocks`` is a ModuleDict keyed by layer index).
+
+    ``forward(h)``: token ids (B, T) on the first stage, else the previous stage's hidden states
+    (B, T / seq_shards, D); returns hidden states, or logits on the last stage.
+    """
+
+    def __init__(self, model: Transformer, layers: range, first: bool, last: bool, seq_shards: int = 1):
+        super().__init__()
+        self.cfg, self.seq_shards = model.cfg, seq_shards
+        self.embed = model.embed if first else None
+        self.pos_embed = getattr(model, "pos_embed", None) if first else None
+        self.drop = model.drop
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        if model.cfg.positions == "rope":
+            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            T = h.size(1)
+            ids, h = h, self.embed(h)
+            if self.pos_embed is not None:
+                h = h + self.pos_embed(torch.arange(T, device=ids.device))
+            h = self.drop(h)
+        else:
+            T = h.size(1) * self.seq_shards
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.positions == "rope" else None
+        for block in self.blocks.values():
+            h, _ = block(h, rope, None, None)
+        if self.lm_head is None:
+            return h
+        return self.lm_head(self.norm(h))
+
+
+def cut_stages(model: Transformer, tc, env) -> tuple[nn.Module, list[tuple[int, StageModule]]]:
+    """``(part, [(stage index, StageModule), ...])``: this process's stages, and ``part``, one
+    module holding all their parameters under the full model's names (what the optimizer,
+    gradient clipping and checkpoints see). The blocks of other processes are dropped."""
+    v = stages_per_rank(tc)
+    n_stages = tc.pp * v
+    ranges = split_layers(model.cfg.n_layer, n_stages, tc.pp_split)
+    shards = env.tp if (env.tp > 1 and tc.sequence_parallel) else 1
+    mine = [env.pp_rank + j * tc.pp for j in range(v)]
+    stages = [(s, StageModule(model, ranges[s], s == 0, s == n_stages - 1, shards)) for s in mine]
+    part = nn.Module()
+    for name in ("embed", "pos_embed", "norm", "lm_head"):
+        owners = [m for _, m in stages if getattr(m, name) is not None]
+        setattr(part, name, getattr(owners[0], name) if owners else None)
+    part.blocks = nn.ModuleDict({i: b for _, m in stages for i, b in m.blocks.items()})
+    return part, stages
+
+
+def build_schedule(stage_modules, tc, env, n_micro: int, loss_fn):
+    """PipelineStage objects over the ``pp`` group and the schedule that runs them."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    group = env.mesh["pp"].get_group()
+    n_stages = tc.pp * stages_per_rank(tc)
+    stages = [PipelineStage(m, s, n_stages, env.device, group=group) for s, m in stage_modules]
+    if tc.pp_schedule == "interleaved-1f1b":
+        return ScheduleInterleaved1F1B(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+    kind = ScheduleGPipe if tc.pp_schedule == "gpipe" else Schedule1F1B
+    return kind(stages[0], n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+
+
+# ---- the model as this process holds it --------------------------------------------------------------------
+
+
+class ParallelModel:
+    """The model under ``train.tp`` / ``train.pp`` (with DDP / FSDP2 on the dp dim), and the
+    parts of a training step that change with the layout: the loss over (maybe vocab-split)
+    logits, a pipelined step, evaluation, the global gradient norm, and full state dicts.
+
+    ``module``: what this process holds, under the full model's parameter names (the whole
+    Transformer for tp alone, the stages' part of it under pp). ``fwd``: the forward a training
+    step calls (None under pp, where the schedule runs the stages).
+    """
+
+    def __init__(self, model: Transformer, tc, env, k: int):
+        self.tc, self.env, self.k = tc, env, k
+        tp_mesh = env.mesh["tp"]
+        self.nll = vocab_parallel_nll(tp_mesh) if env.tp > 1 and tc.loss_parallel else token_nll_sum
+        self.schedule, self.fwd, self.stage_modules = None, None, []
+        if env.pp == 1:
+            if env.tp > 1:
+                apply_tp(model, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
+            self.fwd, self.dp_wrapper = D.wrap_model(model, env)
+            self.module = model
+            return
+        self.dp_wrapper = None
+        self.module, stage_modules = cut_stages(model, tc, env)
+        if env.tp > 1:
+            apply_tp(self.module, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
+        stage_modules = [(s, self._wrap_dp(m)) for s, m in stage_modules]
+        self.stage_modules = [m for _, m in stage_modules]
+        self._scale = 1.0
+        self.schedule = build_schedule(stage_modules, tc, env, k, self._pp_loss)
+
+    def _wrap_dp(self, stage: StageModule):
+        env = self.env
+        if env.mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in stage.blocks.values():
+                fully_shard(block, mesh=env.mesh["dp"])
+            return fully_shard(stage, mesh=env.mesh["dp"])
+        if env.mode == "ddp":
+            return D.ddp(stage, env)
+        return stage
+
+    def context(self):
+        return loss_context(self.tc, self.env)
+
+    # ---- a pipelined step ----
+
+    def _pp_loss(self, logits, targets):
+        return self.nll(logits, targets) * self._scale
+
+    def pipeline_step(self, batches, denom: float, amp_dtype=None):
+        """Forward and backward of the ``k`` micro-batches through the schedule; returns this
+        process's share of the global mean loss (0 on processes without the last stage)."""
+        env = self.env
+        x = torch.cat([b[0] for b in batches]).to(env.device)
+        y = torch.cat([b[1] for b in batches]).to(env.device)
+        self._scale = env.dp / max(1.0, denom)  # d(objective) = d(sum of token NLL / denom) * dp (DP averages)
+        losses: list = []
+        with self.context(), torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            self._run(self.schedule.step, x, y, losses)
+        if not losses:
+            return torch.zeros((), device=env.device)
+        return torch.stack([l.detach().float() for l in losses]).sum() / env.dp
+
+    def _run(self, fn, x, y, losses):
+        first = self.module.embed is not None
+        kwargs = {"target": y, "losses": losses} if self.module.lm_head is not None else {}
+        if first:
+            fn(x, **kwargs)
+        else:
+            fn(**kwargs)
+
+    # ---- evaluation ----
+
+    def eval_nll(self, loader, n_batches: int, amp_dtype=None, attn_mask_fn=None):
+        """(sum of token NLL, target count) over ``n_batches`` val batches on the processes that
+        hold the loss (zeros elsewhere, for the caller's all-reduce). Under pp the batches go
+        through the schedule ``k`` at a time, the last group filled up with batches that score nothing."""
+        env = self.env
+        if self.schedule is None:
+            with self.context():
+                total, count = loader_nll(self.fwd, loader, n_batches, env.device, amp_dtype, None, attn_mask_fn,
+                                          nll_fn=self.nll)
+        else:
+            total = torch.zeros((), dtype=torch.float64, device=env.device)
+            count = torch.zeros((), dtype=torch.float64, device=env.device)
+            batches = list(val_batches(loader, n_batches))
+            self._scale = 1.0
+            for m in self.stage_modules:
+                m.eval()
+            with torch.no_grad(), self.context(), torch.autocast(env.device.type, dtype=amp_dtype,
+                                                                   enabled=amp_dtype is not None):
+                for i in range(0, len(batches), self.k):
+                    group = batches[i : i + self.k]
+                    group += [(group[-1][0], torch.full_like(group[-1][1], IGNORE_INDEX))] * (self.k - len(group))
+                    y = torch.cat([b[1] for b in group]).to(env.device)
+                    losses: list = []
+                    self._run(self.schedule.eval, torch.cat([b[0] for b in group]).to(env.device), y, losses)
+                    if losses:
+                        total += torch.stack([loss.double() for loss in losses]).sum()
+                        count += count_targets(y)
+            for m in self.stage_modules:
+                m.train()
+        if not env.holds_loss:
+            total.zero_(), count.zero_()
+        return total, count
+
+    # ---- the global gradient norm ----
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm`` (inf = only measure) by the norm over every parameter of the
+        model: DTensor shards (tp, fsdp) summed through their meshes, pipeline stages through
+        one all-reduce of the squared norm over the ``pp`` dim."""
+        from torch.distributed.tensor import DTensor
+
+        by_mesh: dict = {}  # plain tensors (None), and DTensors by mesh: foreach ops take one kind at a time
+        for p in self.module.parameters():
+            if p.grad is not None:
+                by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        sq = torch.zeros((), device=self.env.device)
+        for params in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            sq = sq + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+        if self.env.pp > 1:
+            tdist.all_reduce(sq, group=self.env.mesh["pp"].get_group())
+        total = sq.sqrt()
+        if math.isfinite(max_norm):
+            for params in by_mesh.values():
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    # ---- full state dicts for checkpoints (rank 0) ----
+
+    def model_state(self) -> dict | None:
+        """The full, plain state dict on rank 0 (None elsewhere): DTensor shards gathered; under pp
+        each stage's first process sends its stage's tensors to rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.env.pp == 1:
+            sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if self.env.is_main else None
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        return self._merge({k: v.cpu() for k, v in sd.items()}, lambda parts: {k: v for p in parts for k, v in p.items()})
+
+    def optimizer_state(self, optimizer) -> dict | None:
+        """The full optimizer state keyed by parameter name, on rank 0 (None elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if self.env.pp == 1:
+            sd = get_optimizer_state_dict(self.module, optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if self.env.is_main else None
+        sd = get_optimizer_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True))
+        sd = {"state": {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in sd["state"].items()},
+              "param_groups": sd["param_groups"]}
+        return self._merge(sd, merge_optimizer_states)
+
+    def _merge(self, mine, merge):
+        env = self.env
+        send = mine if (env.dp_rank == 0 and env.tp_rank == 0) else None
+        parts = [None] * env.world_size if env.is_main else None
+        tdist.gather_object(send, parts, dst=0)
+        return merge([p for p in parts if p is not None]) if env.is_main else None
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Load a full, name-keyed optimizer state (any layout wrote it); a stage takes its own parameters."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {n for n, _ in self.module.named_parameters()}
+        set_optimizer_state_dict(self.module, optimizer, restrict_optimizer_state(state, names),
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+# ---- name-keyed optimizer states --------------------------------------------------------------------------
+
+
+def merge_optimizer_states(parts: list[dict]) -> dict:
+    """One name-keyed optimizer state from the pipeline stages' (their groups concatenated in order)."""
+    state, groups = {}, []
+    for part in parts:
+        state.update(part["state"])
+        for i, g in enumerate(part["param_groups"]):
+            if i == len(groups):
+                groups.append({**g, "params": [], "names": []})
+            groups[i]["params"] += g["params"]
+            groups[i]["names"] += g.get("names", g["params"])
+    return {"state": state, "param_groups": groups}
+
+
+def restrict_optimizer_state(state: dict, names: set[str]) -> dict:
+    """The part of a name-keyed optimizer state that covers the parameters ``names``."""
+    groups = []
+    for g in state["param_groups"]:
+        keep = [p for p in g["params"] if p in names]
+        groups.append({**g, "params": keep, **({"names": keep} if "names" in g else {})})
+    return {"state": {k: v for k, v in state["state"].items() if k in names},
+            "param_groups": [g for g in groups if g["params"]]}
+
+
+def optimizer_state_by_name(state: dict) -> dict:
+    """A plain ``optimizer.state_dict()`` (parameters numbered) keyed by parameter name instead,
+    from the ``names`` each of our parameter groups carries (:func:`text2llm.train.optim.param_groups`)."""
+    number_to_name = {i: n for g in state["param_groups"] for i, n in zip(g["params"], g["names"])}
+    return {"state": {number_to_name[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": list(g["names"])} for g in state["param_groups"]]}

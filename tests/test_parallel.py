@@ -1,0 +1,217 @@
+"""Tensor and pipeline parallelism (train/parallelize.py) under torchrun, gloo on CPU, one thread
+per process. Each parallel run is compared with one process training the same micro-batch slots:
+
+* tp=2 (GQA: 4 query heads, 2 KV heads, one per process; sequence parallel, vocab-parallel
+  embedding tied to the head, loss parallel) == one process within 1e-5, val loss included; its
+  checkpoint holds plain full tensors, resumes bitwise on tp=2 and within 1e-5 in one process;
+* tp=2 with MoE layers (experts replicated, each expert's MLP split) == one process;
+* pp=2 with GPipe and with 1F1B == one process; interleaved 1F1B (4 layers, 2 stages per
+  process) == one process, resumes bitwise on the same layout and continues in one process;
+* tp=2 x FSDP2 dp=2 on 4 processes (a 2-D mesh) == one process;
+* tp=2 greedy and seeded generation (`generate --tp 2`) == one process's text;
+* layouts that do not fit give one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import losses, make_tokens, tiny_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TRAIN = dict(max_steps=8, batch_size=4, checkpoint_every=4, eval_every=4, grad_accum=2)
+NO_TIE = ["model.tie_embeddings=false"]
+GQA = ["model.n_kv_head=2"]
+MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def torchrun(*args: str, nproc: int = 2) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "text2llm", *args]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p.stdout
+
+
+def train_parallel(tokens: Path, run: Path, *over: str, nproc: int = 2, **train) -> Path:
+    from test_checkpoint import _overrides
+
+    torchrun("train", "-q", "--data", str(tokens), "--out", str(run), *_overrides(**{**TRAIN, **train}), *over,
+             nproc=nproc)
+    return run
+
+
+def train_one(tokens: Path, run: Path, *over: str, **train) -> Path:
+    """The one-process reference (same micro-batch slots: grad_accum = dp * the parallel run's)."""
+    from text2llm.config import load_config
+    from test_checkpoint import _overrides
+    from text2llm.train.trainer import train as train_fn
+
+    train_fn(load_config(None, _overrides(**{**TRAIN, **train}) + list(over)), tokens, run, progress=False)
+    return run
+
+
+def val_losses(run: Path) -> dict[int, float]:
+    from text2llm.metrics import read_metrics
+
+    return {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    return max(abs(a[s] - b[s]) for s in a)
+
+
+def resume_from_step_4(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    shutil.rmtree(dest / "checkpoints" / "step_0000008")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    return make_tokens(tmp_path_factory.mktemp("tok") / "tokens")
+
+
+# ---- tensor parallel ----------------------------------------------------------------------------------------
+
+
+def test_tp2_gqa_matches_one_process_and_resumes(tokens, tmp_path):
+    from safetensors.torch import load_file
+
+    from text2llm.checkpoint import load_model, read_state
+    from text2llm.config import load_config
+    from text2llm.train.trainer import train
+
+    one = train_one(tokens, tmp_path / "one", *GQA)
+    run = train_parallel(tokens, tmp_path / "tp2", *GQA, "train.tp=2")
+    ref = losses(run)
+    assert max_diff(ref, losses(one)) <= 1e-5
+    assert max_diff(val_losses(run), val_losses(one)) <= 1e-5
+    ck = run / "checkpoints" / "step_0000008"
+    sd = load_file(str(ck / "model.safetensors"))
+    assert all(type(v) is torch.Tensor for v in sd.values()) and sd["blocks.0.attn.k_proj.weight"].shape == (16, 32)
+    assert "lm_head.weight" not in sd  # tied to the embedding, stored once
+    state = read_state(ck)
+    assert (state["tp"], state["pp"], state["optimizer_format"], len(state["loaders"])) == (2, 1, "fqn", 2)
+    load_model(ck)  # every other verb reads it as usual
+    # the same layout resumes bitwise
+    same = resume_from_step_4(run, tmp_path / "tp2-resumed")
+    torchrun("train", "-q", "--resume", str(same))
+    assert max_diff(losses(same), ref) == 0.0
+    # one process continues the tp=2 run from its step-4 checkpoint
+    single = resume_from_step_4(run, tmp_path / "tp2-resumed-1proc")
+    saved = load_config(single / "config.toml")
+    train(saved.model_copy(update={"train": saved.train.model_copy(update={"tp": 1})}), tokens, single, resume=True,
+          progress=False)
+    assert max_diff(losses(single), ref) <= 1e-5
+
+
+def test_tp2_moe_matches_one_process(tokens, tmp_path):
+    one = train_one(tokens, tmp_path / "one", *MOE)
+    run = train_parallel(tokens, tmp_path / "tp2-moe", *MOE, "train.tp=2")
+    assert max_diff(losses(run), losses(one)) <= 1e-5
+
+
+def test_tp2_fsdp2_on_four_processes_matches_one_process(tokens, tmp_path):
+    """A 2-D mesh: each of 2 FSDP2 replicas is split over 2 tensor-parallel processes."""
+    one = train_one(tokens, tmp_path / "one", grad_accum=2)
+    run = train_parallel(tokens, tmp_path / "tp2-dp2", "train.tp=2", "train.distributed=fsdp", nproc=4, grad_accum=1)
+    assert max_diff(losses(run), losses(one)) <= 1e-5
+
+
+# ---- pipeline parallel ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_untied(tokens, tmp_path_factory) -> Path:
+    return train_one(tokens, tmp_path_factory.mktemp("one") / "run", *NO_TIE)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pp2_matches_one_process(tokens, one_untied, tmp_path, schedule):
+    run = train_parallel(tokens, tmp_path / schedule, *NO_TIE, "train.pp=2", f"train.pp_schedule={schedule}")
+    assert max_diff(losses(run), losses(one_untied)) <= 1e-5
+    assert max_diff(val_losses(run), val_losses(one_untied)) <= 1e-5
+
+
+def test_pp2_interleaved_1f1b_matches_one_process_and_resumes(tokens, tmp_path):
+    from text2llm.config import load_config
+    from text2llm.train.trainer import train
+
+    four = [*NO_TIE, "model.n_layer=4"]  # 4 stages of one layer: stages 0 and 2 on rank 0, 1 and 3 on rank 1
+    one = train_one(tokens, tmp_path / "one", *four)
+    run = train_parallel(tokens, tmp_path / "interleaved", *four, "train.pp=2", "train.pp_schedule=interleaved-1f1b")
+    ref = losses(run)
+    assert max_diff(ref, losses(one)) <= 1e-5
+    same = resume_from_step_4(run, tmp_path / "resumed")
+    torchrun("train", "-q", "--resume", str(same))
+    assert max_diff(losses(same), ref) == 0.0
+    single = resume_from_step_4(run, tmp_path / "resumed-1proc")
+    saved = load_config(single / "config.toml")
+    train(saved.model_copy(update={"train": saved.train.model_copy(update={"pp": 1, "pp_schedule": "1f1b"})}),
+          tokens, single, resume=True, progress=False)
+    assert max_diff(losses(single), ref) <= 1e-5
+
+
+# ---- tensor-parallel generation ----------------------------------------------------------------------------------
+
+
+def test_tp2_generation_matches_one_process(tmp_path):
+    import text2llm
+    from test_generate import tiny_checkpoint
+    from text2llm.infer.generate import generate
+
+    ckpt = tiny_checkpoint(tmp_path, n_kv_head=2)
+    model, tok = text2llm.load(ckpt)
+    for flags, kw in ((["--temperature", "0"], dict(temperature=0)),
+                      (["--temperature", "1", "--top-k", "20", "--seed", "3"], dict(temperature=1, top_k=20, seed=3))):
+        out = torchrun("generate", str(ckpt), "--tp", "2", "--max-new-tokens", "24", "--prompt", "Tom", *flags)
+        assert out.strip() == generate(model, tok, "Tom", 24, **kw)
+
+
+# ---- layouts that do not fit ------------------------------------------------------------------------------------
+
+
+def test_layouts_that_do_not_fit_give_one_line(monkeypatch):
+    from text2llm.errors import UserError
+    from text2llm.train.distributed import DistEnv, init_distributed
+    from text2llm.train.parallelize import check_layout
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"train.tp \(4\) x train.pp \(1\) = 4 does not divide the 2 processes"):
+        init_distributed(tiny_config(tp=4).train)
+
+    def check(k=2, **changes):
+        model = {key[6:]: v for key, v in changes.items() if key.startswith("model_")}
+        cfg = tiny_config(**{key: v for key, v in changes.items() if not key.startswith("model_")})
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": 64, **model})})
+        env = DistEnv(world_size=cfg.train.tp * cfg.train.pp, tp=cfg.train.tp, pp=cfg.train.pp)
+        check_layout(cfg.model, cfg.train, env, k)
+
+    check(tp=2)  # fits: 4 heads, 64 vocab, seq_len 32
+    cases = [
+        (dict(tp=3), "train.tp=3 does not divide model.n_head = 4"),
+        (dict(tp=4, model_n_kv_head=2), r"train.tp=4 does not divide model.n_kv_head \(key/value heads\) = 2"),
+        (dict(tp=2, model_vocab_size=63), "set model.vocab_size to a multiple of 2"),
+        (dict(tp=2, seq_len=31), "train.tp=2 does not divide train.seq_len=31"),
+        (dict(pp=3, model_tie_embeddings=False), "model.n_layer=2 does not split evenly into 3 pipeline stages"),
+        (dict(pp=2), "model.tie_embeddings=false"),
+        (dict(pp=2, model_tie_embeddings=False, pp_split=[2, 1]), r"train.pp_split=\[2, 1\] must give 2 stages"),
+        (dict(pp=2, model_tie_embeddings=False, k=1), "needs at least train.pp=2 micro-batches per step"),
+        (dict(pp=2, model_tie_embeddings=False, pp_schedule="interleaved-1f1b"),
+         "does not split evenly into 4 pipeline stages"),
+        (dict(pp=2, model_tie_embeddings=False, model_n_experts=4), "MoE layers is not supported"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(UserError, match=message):
+            check(**changes)
