@@ -66,10 +66,8 @@ class KVCache:
         if T == 1:
             k_buf.select(2, pos % W).copy_(k_BKTD[:, :, 0])
             v_buf.select(2, pos % W).copy_(v_BKTD[:, :, 0])
-            if attn_mask is not None and pos >= W:  # positions pos-W+1 .. pos -> slots (pos+1+i) % W
-                attn_mask = attn_mask[..., -W:].roll((pos + 1) % W, dims=-1)
             S = min(pos + 1, W)
-            return k_buf.narrow(2, 0, S), v_buf.narrow(2, 0, S), attn_mask
+            return k_buf.narrow(2, 0, S), v_buf.narrow(2, 0, S), ring_mask(attn_mask, pos, W)
         seen = min(pos, W - 1)  # cached positions pos-seen .. pos-1 are within the first new token's window
         old = torch.arange(pos - seen, pos, device=k_buf.device) % W
         k = torch.cat([k_buf.index_select(2, old), k_BKTD], dim=2)  # B K seen+T Dh, in position order
@@ -89,3 +87,11 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+
+def ring_mask(attn_mask: torch.Tensor | None, pos: int, W: int) -> torch.Tensor | None:
+    """The mask (..., pos + 1) of one query at ``pos`` over positions 0..pos, moved to the ring
+    slots (..., min(pos + 1, W)) of a window W: positions pos-W+1+i sit in slots (pos+1+i) % W."""
+    if attn_mask is None or pos < W:
+        return attn_mask
+    return attn_mask[..., -W:].roll((pos + 1) % W, dims=-1)
