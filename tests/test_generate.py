@@ -24,8 +24,9 @@ ASSET = Path(__file__).resolve().parents[1] / "src" / "text2llm" / "assets" / "t
 PROMPTS = ["Once upon a time", "Tom", "The little dog ran to the park and"]
 
 
-def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0) -> Path:
-    """A checkpoint dir with a random tiny model and a trained tiny tokenizer."""
+def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0, **model_kw) -> Path:
+    """A checkpoint dir with a random tiny model and a trained tiny tokenizer (``model_kw``: more
+    ModelConfig fields)."""
     from text2llm.config import Config
     from text2llm.model.config import ModelConfig
     from text2llm.model.transformer import Transformer
@@ -44,7 +45,7 @@ def tiny_checkpoint(root: Path, positions: str = "rope", n_kv_head: int = 0) -> 
     tok = train_tokenizer(texts, root / "tok", cfg.tokenizer)
     cfg.train.seq_len = 64
     cfg.model = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, n_kv_head=n_kv_head,
-                            max_seq_len=64, positions=positions, init_std=0.1)
+                            max_seq_len=64, positions=positions, init_std=0.1, **model_kw)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     return save_checkpoint(root / "run", 1, model, None, {}, cfg.to_toml(), root / "tok")
