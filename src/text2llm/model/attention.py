@@ -57,7 +57,8 @@ def windowed_attention(q_BHTD, k_BHSD, v_BHSD, window: int, attn_mask=None, drop
     """softmax(q k^T / sqrt(Dh) + band + mask) v -> (B, H, T, Dh), by the path :func:`pick_path` picks."""
     T, S = q_BHTD.size(2), k_BHSD.size(2)
     float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
-    path = "dense" if float_mask else pick_path(T, S, window, q_BHTD.device)
+    symbolic = isinstance(T, torch.SymInt) or isinstance(S, torch.SymInt)  # a graph for every length: no branches
+    path = "dense" if float_mask or symbolic else pick_path(T, S, window, q_BHTD.device)
     if path == "flex":
         return flex_band_attention(q_BHTD, k_BHSD, v_BHSD, window, attn_mask)
     if path == "blocks":

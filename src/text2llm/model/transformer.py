@@ -126,9 +126,9 @@ def attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=None, dropout_p: float = 0.0, wi
     (``F.scaled_dot_product_attention``). Without a mask: causal when T > 1 (a whole sequence),
     none when T == 1 (one new token sees every cached key). ``window`` > 0: a sliding window
     (:mod:`text2llm.model.attention`, computed sparsely) wherever it cuts keys off, S > window
-    (and always while compiling, where S is symbolic); otherwise it changes nothing."""
+    (and always when S is symbolic, in a graph that serves every length); otherwise it changes nothing."""
     T, S = q_BHTD.size(2), k_BHSD.size(2)
-    if window and (S > window or torch.compiler.is_compiling()):
+    if window and (isinstance(S, torch.SymInt) or S > window):
         return windowed_attention(q_BHTD, k_BHSD, v_BHSD, window, attn_mask, dropout_p)
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=attn_mask,
                                           is_causal=attn_mask is None and T > 1, dropout_p=dropout_p)
