@@ -34,14 +34,15 @@ def plan(quick: bool, ckpt: str | None) -> dict[str, list[str]]:
     gen = ["--ckpt", ckpt] if ckpt else []
     comp = ["--ckpt", ckpt] if ckpt else []
     if not quick:
-        return {"scaling": [], "clean": [], "tokenize": [], "model": [], "train": [], "generate": gen, "compress": comp,
-                "loss_compare": ["--work", str(Path("runs") / "bench-loss-compare")]}
+        return {"scaling": [], "clean": [], "tokenize": [], "model": [], "train": [], "attention": [], "generate": gen,
+                "compress": comp, "loss_compare": ["--work", str(Path("runs") / "bench-loss-compare")]}
     return {
         "scaling": ["--repeats", "2"],
         "clean": ["--quick", "--repeats", "1"],
         "tokenize": ["--quick", "--types", "bpe,bytelevel", "--min-seconds", "0"],
         "model": ["--steps", "2"],
         "train": ["--steps", "5"],
+        "attention": ["--quick"],
         "generate": [*gen, "--models", "ckpt" if ckpt else "default", "--new-tokens", "16", "--prefill-tokens", "64",
                      "--batches", "1", "--skip-nocache", "--no-hf"],
         "compress": [*comp, "--models", "demo", "--cases", "quantize", "--demo-steps", "50", "--batch-size", "8",

@@ -151,7 +151,7 @@ def test_document_mask_and_window_together():
     q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.float64) for _ in range(3))
     ref = reference_attention(q, k, v, window, dm)
     torch.testing.assert_close(block_attention(q, k, v, window, dm), ref, atol=1e-10, rtol=0)
-    assert pick_path(T, T, window, q.device) == "blocks"
+    torch.testing.assert_close(dense_band_attention(q, k, v, window, dm), ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(windowed_attention(q, k, v, window, dm), ref, atol=1e-10, rtol=0)
 
     model = build(tiny())
@@ -166,11 +166,20 @@ def test_document_mask_and_window_together():
 
 
 def test_path_rule():
+    """The measured rule (docs/attention.md): blocks from 3 windows of queries and 768 tokens on."""
     cpu = torch.device("cpu")
-    assert pick_path(512, 512, 128, cpu) == "blocks"
-    assert pick_path(300, 300, 128, cpu) == "dense"  # under 3 windows of queries
-    assert pick_path(1, 600, 128, cpu) == "dense"  # a decode step
+    assert pick_path(768, 768, 256, cpu) == pick_path(2048, 2048, 128, cpu) == "blocks"
+    assert pick_path(512, 512, 128, cpu) == "dense"  # under 768 tokens
+    assert pick_path(1024, 1024, 512, cpu) == "dense"  # under 3 windows
+    assert pick_path(1, 2048, 128, cpu) == "dense"  # a decode step
     assert pick_path(64, 64, 64, cpu) == "dense"
+
+
+def test_long_sequence_takes_the_blocks_and_equals_the_reference():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 800, 8) for _ in range(3))
+    assert pick_path(800, 800, 64, q.device) == "blocks"
+    torch.testing.assert_close(windowed_attention(q, k, v, 64), reference_attention(q, k, v, 64), atol=1e-5, rtol=0)
 
 
 def test_flops_count_the_window():

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-# blocks beat the band-masked dense SDPA on the CPU from this many windows of queries on
-# (benchmarks/attention.py --cases paths; docs/attention.md)
-BLOCKS_FROM_WINDOWS = 3
+# where the blocks beat the band-masked dense SDPA on the CPU: T >= 3 windows and T >= 768
+# (benchmarks/attention.py --cases paths; docs/attention.md has the table)
+BLOCKS_MIN_WINDOWS = 3
+BLOCKS_MIN_T = 768
 
 
 def band_mask(T: int, S: int, window: int, device=None) -> torch.Tensor:
@@ -48,9 +49,9 @@ def pick_path(T: int, S: int, window: int, device: torch.device) -> str:
     """"dense", "blocks" or "flex" for T queries over S keys (see the module docstring)."""
     if T != S or window >= T:
         return "dense"
-    if device.type == "cuda" and _compiled_flex() is not None:
+    if device.type == "cuda" and flex_available():
         return "flex"
-    return "blocks" if T >= BLOCKS_FROM_WINDOWS * window else "dense"
+    return "blocks" if T >= BLOCKS_MIN_WINDOWS * window and T >= BLOCKS_MIN_T else "dense"
 
 
 def windowed_attention(q_BHTD, k_BHSD, v_BHSD, window: int, attn_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
@@ -139,6 +140,11 @@ def _compiled_flex():
         return fn
     except Exception:  # noqa: BLE001 - any compile failure means: use the other path
         return None
+
+
+def flex_available() -> bool:
+    """Whether the flex path can run here (CUDA, and FlexAttention compiles)."""
+    return _compiled_flex() is not None
 
 
 def _band_mod(window: int):
