@@ -158,7 +158,7 @@ class FastDecodeStep:
         elif pos < self.cos.size(0):
             cos, sin, half = self.cos[pos], self.sin[pos], Dh // 2
         else:  # past max_seq_len (every layer windowed): this position's row
-            cos, sin = (t[0].to(self.embed.dtype) for t in rope_tables(Dh, S, self.rope_theta, pos, x.device))
+            cos, sin = (t[0].to(self.embed.dtype) for t in rope_tables(Dh, S, self.rope_theta, pos, x.device, True))
             half = Dh // 2
         HK = (H + K) * Dh
         for i, (norm1, qkv_mm, o_add, norm2, mlp_in, down_add) in enumerate(self.layers):

@@ -45,11 +45,11 @@ def band_mask(T: int, S: int, window: int, device=None) -> torch.Tensor:
     return (k_1S <= q_T1) & (k_1S > q_T1 - window)
 
 
-def pick_path(T: int, S: int, window: int, device: torch.device) -> str:
+def pick_path(T: int, S: int, window: int, device: torch.device, dropout_p: float = 0.0) -> str:
     """"dense", "blocks" or "flex" for T queries over S keys (see the module docstring)."""
     if T != S or window >= T:
         return "dense"
-    if device.type == "cuda" and flex_available():
+    if device.type == "cuda" and not dropout_p and flex_available():  # (FlexAttention has no dropout)
         return "flex"
     return "blocks" if T >= BLOCKS_MIN_WINDOWS * window and T >= BLOCKS_MIN_T else "dense"
 
@@ -59,7 +59,7 @@ def windowed_attention(q_BHTD, k_BHSD, v_BHSD, window: int, attn_mask=None, drop
     T, S = q_BHTD.size(2), k_BHSD.size(2)
     float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
     symbolic = isinstance(T, torch.SymInt) or isinstance(S, torch.SymInt)  # a graph for every length: no branches
-    path = "dense" if float_mask or symbolic else pick_path(T, S, window, q_BHTD.device)
+    path = "dense" if float_mask or symbolic else pick_path(T, S, window, q_BHTD.device, dropout_p)
     if path == "flex":
         return flex_band_attention(q_BHTD, k_BHSD, v_BHSD, window, attn_mask)
     if path == "blocks":
@@ -158,15 +158,21 @@ def flex_band_attention(q_BHTD, k_BHTD, v_BHTD, window: int, attn_mask=None) -> 
     """FlexAttention over the band (and a bool ``attn_mask`` of (B', 1, T, T)): only the key blocks
     that the band touches are computed."""
     B, H, T, _ = q_BHTD.shape
-    band = _band_mod(window)
     if attn_mask is None:
-        mask_mod, mb = band, None
+        block_mask = _band_block_mask(T, window, str(q_BHTD.device))
     else:
+        band = _band_mod(window)
         m = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         mb = B if m.size(0) > 1 else None
 
         def mask_mod(b, h, q_idx, kv_idx):
             return band(b, h, q_idx, kv_idx) & m[b if mb else 0, 0, q_idx, kv_idx]
 
-    block_mask = create_block_mask(mask_mod, mb, None, T, T, device=q_BHTD.device)
+        block_mask = create_block_mask(mask_mod, mb, None, T, T, device=q_BHTD.device)
     return _compiled_flex()(q_BHTD, k_BHTD, v_BHTD, block_mask=block_mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _band_block_mask(T: int, window: int, device: str):
+    """The band's block mask, built once per (length, window): the same for every batch and head."""
+    return create_block_mask(_band_mod(window), None, None, T, T, device=device)

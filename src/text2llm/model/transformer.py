@@ -75,14 +75,17 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, start: int = 0,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device | str | None = None, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len - start, Dh) of positions start..max_len-1 for rotary embeddings
     (Su et al. 2021). Each frequency appears twice, once for the first half of the head dim and once
-    for the second (the Llama / HF layout)."""
+    for the second (the Llama / HF layout). ``exact``: angles in float64, then rounded, for the rows
+    past the model's table (a windowed model decoding beyond max_seq_len): a float32 angle
+    position x frequency loses precision as the position grows (its spacing at 10^6 is 0.06 rad)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    angles = torch.outer(torch.arange(start, max_len, dtype=torch.float32, device=device), inv_freq)
+    dtype = torch.float64 if exact else torch.float32
+    angles = torch.outer(torch.arange(start, max_len, dtype=dtype, device=device), inv_freq.to(dtype))
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
@@ -257,8 +260,10 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         x = self.embed(input_ids)  # B T D
         if self.cfg.positions == "rope":
-            if start + T > self.rope_cos.size(0):  # past max_seq_len (a windowed model): rows computed here
-                return x, rope_tables(self.cfg.head_dim, start + T, self.cfg.rope_theta, start, x.device)
+            n = self.rope_cos.size(0)
+            if start + T > n:  # past max_seq_len (every layer windowed): the rows past the table, computed here
+                cos, sin = rope_tables(self.cfg.head_dim, start + T, self.cfg.rope_theta, max(start, n), x.device, True)
+                return x, (torch.cat([self.rope_cos[start:], cos]), torch.cat([self.rope_sin[start:], sin]))
             return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         return x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device)), None
 
