@@ -6,7 +6,7 @@
 Cases (one JSON object per line, each naming the CPU or GPU; ratios are within one run, the cases
 of a comparison interleaved step by step so that background load hits them alike):
 
-  paths   one attention call, forward + backward, of the demo model's heads (B 4, H 4, Dh 48): dense
+  paths   one attention call, forward + backward (the fastest of the repeats), of the demo model's heads (B 4, H 4, Dh 48): dense
           causal SDPA (what a dense model runs), the band as a masked dense SDPA, the blocks path
           (text2llm/model/attention.py; FlexAttention on CUDA) at T = 192 .. 2048, windows 64, 128,
           256 and 512. ``BLOCKS_MIN_WINDOWS`` / ``BLOCKS_MIN_T`` in attention.py (which path runs
@@ -82,8 +82,8 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, repeats: int, dev: torch.device, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable, run in turns (a, b, c, a, b, c, ...)."""
+def interleaved(fns: dict, repeats: int, dev: torch.device, warmup: int = 1, stat=statistics.median) -> dict[str, float]:
+    """``stat`` (median; min for single kernels) of each callable's seconds, run in turns (a, b, c, a, b, c, ...)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
@@ -93,7 +93,7 @@ def interleaved(fns: dict, repeats: int, dev: torch.device, warmup: int = 1) -> 
             sync(dev)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: stat(v) for k, v in times.items()}
 
 
 # ---- paths --------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def case_paths(dev: torch.device, quick: bool, repeats: int) -> None:
                "blocks": fwd_bwd(lambda: block_attention(q, k, v, W))}
         if dev.type == "cuda" and flex_available():
             fns["flex"] = fwd_bwd(lambda: flex_band_attention(q, k, v, W))
-        t = interleaved(fns, repeats, dev)
+        t = interleaved(fns, repeats, dev, stat=min)  # (the least disturbed call of each)
         fastest_band = min((k_ for k_ in t if k_ != "dense_causal"), key=t.get)
         emit({"case": "paths", "T": T, "window": W, "T_over_window": round(T / W, 2),
               **{f"{k_}_ms": round(s * 1e3, 2) for k_, s in t.items()}, "fastest_windowed": fastest_band,
@@ -246,7 +246,7 @@ def case_decode(dev: torch.device, quick: bool, new_tokens: int) -> None:
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {k: [] for k in engines}
-    for _ in range(2):  # interleaved rounds
+    for _ in range(3):  # interleaved rounds; the fastest of each counts
         for name, eng in engines.items():
             times[name].append(decode(eng))
     dense_bytes = engines["dense"].cache.nbytes

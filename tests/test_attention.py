@@ -165,11 +165,22 @@ def test_document_mask_and_window_together():
                 torch.testing.assert_close(packed[b, cols], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", ["T T", "1 1 T T", "B 1 T T", "B H T T"])
+def test_blocked_path_takes_masks_of_every_broadcast_shape(shape):
+    torch.manual_seed(1)
+    B, H, T = 2, 3, 29
+    q, k, v = (torch.randn(B, H, T, 8, dtype=torch.float64) for _ in range(3))
+    full = (torch.rand(B, H, T, T) > 0.3) | torch.eye(T, dtype=torch.bool)  # the diagonal: no empty row
+    mask = {"T T": full[0, 0], "1 1 T T": full[:1, :1], "B 1 T T": full[:, :1], "B H T T": full}[shape]
+    ref = reference_attention(q, k, v, 6, mask)
+    torch.testing.assert_close(block_attention(q, k, v, 6, mask), ref, atol=1e-10, rtol=0)
+
+
 def test_path_rule():
-    """The measured rule (docs/attention.md): blocks from 3 windows of queries and 768 tokens on."""
+    """The measured rule (docs/attention.md): blocks from 3 windows of queries and 512 tokens on."""
     cpu = torch.device("cpu")
-    assert pick_path(768, 768, 256, cpu) == pick_path(2048, 2048, 128, cpu) == "blocks"
-    assert pick_path(512, 512, 128, cpu) == "dense"  # under 768 tokens
+    assert pick_path(768, 768, 256, cpu) == pick_path(512, 512, 128, cpu) == "blocks"
+    assert pick_path(384, 384, 64, cpu) == "dense"  # under 512 tokens
     assert pick_path(1024, 1024, 512, cpu) == "dense"  # under 3 windows
     assert pick_path(1, 2048, 128, cpu) == "dense"  # a decode step
     assert pick_path(64, 64, 64, cpu) == "dense"
@@ -177,8 +188,8 @@ def test_path_rule():
 
 def test_long_sequence_takes_the_blocks_and_equals_the_reference():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 800, 8) for _ in range(3))
-    assert pick_path(800, 800, 64, q.device) == "blocks"
+    q, k, v = (torch.randn(1, 2, 600, 8) for _ in range(3))
+    assert pick_path(600, 600, 64, q.device) == "blocks"
     torch.testing.assert_close(windowed_attention(q, k, v, 64), reference_attention(q, k, v, 64), atol=1e-5, rtol=0)
 
 

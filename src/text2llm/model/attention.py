@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-# where the blocks beat the band-masked dense SDPA on the CPU: T >= 3 windows and T >= 768
+# where the blocks beat the band-masked dense SDPA on the CPU: T >= 3 windows and T >= 512
 # (benchmarks/attention.py --cases paths; docs/attention.md has the table)
 BLOCKS_MIN_WINDOWS = 3
-BLOCKS_MIN_T = 768
+BLOCKS_MIN_T = 512
 
 
 def band_mask(T: int, S: int, window: int, device=None) -> torch.Tensor:
@@ -85,32 +85,44 @@ def block_attention(q_BHTD, k_BHTD, v_BHTD, window: int, attn_mask=None, dropout
     One SDPA call over the n blocks as a batch, with a (W, 2W) band mask per block: the query at
     row r of a block sees key j of its 2W iff r < j <= r + W. T is padded up to n W (the padded
     queries' rows are dropped); block 0's previous block is padding, which its mask hides.
-    ``attn_mask``: bool, broadcastable to (B, H, T, T), e.g. a document mask."""
+    ``attn_mask``: bool, broadcastable to (B, H, T, T), e.g. a document mask.
+
+    Layout: without a mask of its own per row, the SDPA batch is (B H) and its "heads" are the n
+    blocks, so one (n, W, 2W) mask serves every row and head. With one (a document mask), the
+    batch is (B n) and the heads are the heads: each (W, 2W) block of the mask then serves all H
+    heads, instead of being copied H times."""
     B, H, T, Dh = q_BHTD.shape
     W = window
     n = -(-T // W)
     pad = n * W - T
-    q = F.pad(q_BHTD, (0, 0, 0, pad)).reshape(B * H, n, W, Dh)  # (B H) n W Dh
-    k_blocks, v_blocks = (_key_blocks(t, W, pad) for t in (k_BHTD, v_BHTD))  # (B H) n 2W Dh
-    r_W1 = torch.arange(W, device=q.device)[:, None]
-    j_12W = torch.arange(2 * W, device=q.device)[None, :]
-    mask_nWL = ((j_12W > r_W1) & (j_12W <= r_W1 + W)).expand(n, W, 2 * W).clone()
-    mask_nWL[0, :, :W] = False  # block 0: nothing before it
-    if attn_mask is None:
-        mask = mask_nWL[None]  # 1 n W 2W, the same for every (batch, head)
+    r_W1 = torch.arange(W, device=q_BHTD.device)[:, None]
+    j_12W = torch.arange(2 * W, device=q_BHTD.device)[None, :]
+    band_nWL = ((j_12W > r_W1) & (j_12W <= r_W1 + W)).expand(n, W, 2 * W).clone()
+    band_nWL[0, :, :W] = False  # block 0: nothing before it
+    m = None if attn_mask is None else attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    per_row = m is not None and m.size(0) > 1 and m.size(1) == 1  # B' H' T T
+    q = F.pad(q_BHTD, (0, 0, 0, pad)).view(B, H, n, W, Dh)
+    k, v = (_key_blocks(t, W, pad) for t in (k_BHTD, v_BHTD))  # B H n 2W Dh
+    if per_row:
+        q, k, v = (t.transpose(1, 2).reshape(B * n, H, -1, Dh) for t in (q, k, v))  # (B n) H W|2W Dh
+        mask = (_mask_blocks(m[:, 0], W, n) & band_nWL).reshape(B * n, 1, W, 2 * W)
     else:
-        m = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))  # B' H' T T
-        m = _mask_blocks(m, W, n) & mask_nWL  # B' H' n W 2W
-        mask = m.expand(B, H, n, W, 2 * W).reshape(B * H, n, W, 2 * W) if m.shape[:2] != (1, 1) else m[0]
-    y = F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=mask, dropout_p=dropout_p)
-    return y.view(B, H, n * W, Dh)[:, :, :T]
+        q, k, v = (t.reshape(B * H, n, -1, Dh) for t in (q, k, v))  # (B H) n W|2W Dh
+        mask = band_nWL[None]  # 1 n W 2W
+        if m is not None:
+            mask = _mask_blocks(m, W, n) & band_nWL  # B' H' n W 2W
+            mask = mask[0] if mask.shape[:2] == (1, 1) else mask.expand(B, H, n, W, 2 * W).reshape(B * H, n, W, 2 * W)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if per_row:
+        y = y.view(B, n, H, W, Dh).transpose(1, 2)
+    return y.reshape(B, H, n * W, Dh)[:, :, :T]
 
 
 def _key_blocks(x_BHTD: torch.Tensor, W: int, pad: int) -> torch.Tensor:
-    """(B, H, T, Dh) -> ((B H), n, 2W, Dh): for each block of W positions, the W before it and its own."""
+    """(B, H, T, Dh) -> (B, H, n, 2W, Dh): for each block of W positions, the W before it and its own."""
     B, H, _, Dh = x_BHTD.shape
-    x = F.pad(x_BHTD, (0, 0, W, pad)).view(B * H, -1, W, Dh)  # (B H) n+1 W Dh: a zero block in front
-    return torch.cat([x[:, :-1], x[:, 1:]], dim=2)
+    x = F.pad(x_BHTD, (0, 0, W, pad)).view(B, H, -1, W, Dh)  # B H n+1 W Dh: a zero block in front
+    return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
 
 
 def _mask_blocks(m_BHTT: torch.Tensor, W: int, n: int) -> torch.Tensor:
