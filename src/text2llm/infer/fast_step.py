@@ -119,8 +119,8 @@ class FastDecodeStep:
         self.layers, self.final_norm, self.head = layers, final_norm, head
         cfg = model.cfg
         self.H, self.K, self.Dh, self.max_seq_len = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.max_seq_len
-        self.windows, self.unbounded, self.rope_theta = [cfg.layer_window(i) for i in range(cfg.n_layer)], \
-            cfg.unbounded_context, cfg.rope_theta
+        self.windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]  # 0 = a full layer
+        self.unbounded, self.rope_theta = cfg.unbounded_context, cfg.rope_theta
         self.embed = model.embed.weight.detach()
         self.pos_embed = model.pos_embed.weight.detach() if cfg.positions == "learned" else None
         if cfg.positions == "rope":
