@@ -34,7 +34,8 @@ def plan(quick: bool, ckpt: str | None) -> dict[str, list[str]]:
     gen = ["--ckpt", ckpt] if ckpt else []
     comp = ["--ckpt", ckpt] if ckpt else []
     if not quick:
-        return {"scaling": [], "clean": [], "tokenize": [], "model": [], "train": [], "parallel": [], "generate": gen,
+        return {"scaling": [], "clean": [], "tokenize": [], "model": [], "train": [], "parallel": [], "attention": [],
+                "generate": gen,
                 "compress": comp, "loss_compare": ["--work", str(Path("runs") / "bench-loss-compare")]}
     return {
         "scaling": ["--repeats", "2"],
@@ -43,6 +44,7 @@ def plan(quick: bool, ckpt: str | None) -> dict[str, list[str]]:
         "model": ["--steps", "2"],
         "train": ["--steps", "5"],
         "parallel": ["--steps", "3", "--cases", "one,tp2,pp2-1f1b"],
+        "attention": ["--quick"],
         "generate": [*gen, "--models", "ckpt" if ckpt else "default", "--new-tokens", "16", "--prefill-tokens", "64",
                      "--batches", "1", "--skip-nocache", "--no-hf"],
         "compress": [*comp, "--models", "demo", "--cases", "quantize", "--demo-steps", "50", "--batch-size", "8",

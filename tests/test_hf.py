@@ -28,6 +28,11 @@ CASES = {
     "llama-untied-bias-mha": ({**LLAMA, "n_kv_head": 0, "bias": True, "tie_embeddings": False, "norm_eps": 1e-6},
                               "LlamaForCausalLM"),
     "mixtral": ({**LLAMA, "n_experts": 4, "moe_top_k": 2, "moe_ffn_hidden": 32}, "MixtralForCausalLM"),
+    # sliding windows (T = 20 > window 6, so the band bites): every layer, and local + global
+    "mistral": ({**LLAMA, "attention_window": 6}, "MistralForCausalLM"),
+    "ministral": ({**LLAMA, "n_layer": 3, "attention_window": 6, "window_pattern": "SL"}, "MinistralForCausalLM"),
+    "mixtral-window": ({**LLAMA, "n_experts": 4, "moe_top_k": 2, "moe_ffn_hidden": 32, "attention_window": 6},
+                       "MixtralForCausalLM"),
     "gpt2": (dict(d_model=32, n_layer=2, n_head=4, max_seq_len=64, positions="learned", norm="layernorm",
                   activation="gelu", bias=True), "GPT2LMHeadModel"),
     "gpt2-nobias-untied": (dict(d_model=32, n_layer=2, n_head=4, ffn_hidden=96, max_seq_len=64, positions="learned",
@@ -63,7 +68,7 @@ def make_checkpoint(root, tok_dir, model_kw, seed=0):
 def shape(cfg: ModelConfig) -> dict:
     keys = ("vocab_size", "d_model", "n_layer", "n_head", "kv_heads", "ffn_dim", "max_seq_len", "positions",
             "rope_theta", "norm", "norm_eps", "activation", "tie_embeddings", "bias", "n_experts", "moe_top_k",
-            "moe_dim", "aux_loss_weight")
+            "moe_dim", "aux_loss_weight", "pattern", "attention_window")
     out = {k: getattr(cfg, k) for k in keys}
     if cfg.n_experts and cfg.moe_every == 1:
         out["ffn_dim"] = None  # no dense MLP left: the dense width means nothing
@@ -151,6 +156,9 @@ def test_mixtral_saved_by_transformers_imports_back(tmp_path, tok_dir):
     (dict(positions="learned", norm="layernorm", activation="gelu", n_kv_head=2), "model.n_kv_head"),
     (dict(n_experts=4, n_layer=2, moe_every=2), "model.moe_every"),
     (dict(n_experts=4, bias=True), "model.bias"),
+    (dict(attention_window=8, bias=True), "model.bias"),
+    (dict(attention_window=8, positions="learned", norm="layernorm", activation="gelu"), "model.attention_window"),
+    (dict(attention_window=8, window_pattern="SL", n_experts=4), "model.window_pattern"),
 ])
 def test_unrepresentable_configs_are_refused_naming_the_field(kw, field):
     cfg = ModelConfig(**{**LLAMA, "vocab_size": 100, **kw})
@@ -236,3 +244,28 @@ def test_import_reads_bin_sharded_and_bf16_weights(tmp_path, tok_dir, layout):
         diff = (model2.eval()(x).logits - model(x).logits).abs().max().item()
     assert diff <= (TOL if layout != "bf16" else 0.05)
     assert next(model2.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["mistral", "ministral"])
+def test_import_reads_a_sliding_window_checkpoint_written_by_transformers(tmp_path, kind):
+    """A Mistral (``sliding_window``) or Ministral (``layer_types``) model made and saved by
+    transformers itself imports as our window and pattern, with its logits."""
+    common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=5,
+                  tie_word_embeddings=False)  # (head_dim: MinistralConfig does not derive it)
+    if kind == "mistral":
+        hf_model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    else:
+        types = ["sliding_attention"] * 3 + ["full_attention"]
+        hf_model = transformers.MinistralForCausalLM(transformers.MinistralConfig(**common, layer_types=types))
+    hf_model.eval().save_pretrained(tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no text2llm tokenizer in a dir transformers wrote
+        back = import_hf(tmp_path / "hf", tmp_path / "back")
+    from text2llm.checkpoint import load_model
+
+    model, _ = load_model(back)
+    assert model.cfg.attention_window == 5 and model.cfg.window_pattern == ("" if kind == "mistral" else "SSSL")
+    x = input_ids(100, T=24)
+    with torch.no_grad():
+        assert (model(x).logits - hf_model(x).logits).abs().max().item() <= TOL

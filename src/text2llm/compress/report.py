@@ -24,7 +24,8 @@ import torch
 from text2llm.evaluate import evaluate_tokens
 from text2llm.infer.fast_step import FastDecodeStep
 from text2llm.infer.packing import pack_weights
-from text2llm.model.transformer import KVCache, Transformer
+from text2llm.model.cache import KVCache
+from text2llm.model.transformer import Transformer
 
 METRICS = [  # key, label, format (lower is better for all)
     ("size_bytes", "size on disk (MB)", lambda v: f"{v / 1e6:.2f}"),

@@ -11,7 +11,8 @@ shared library, and ``generate DIR`` / ``serve DIR`` load that instead, in a few
 
 The compiled program is :class:`DecodeStep`: one new token per row, the attention mask of that
 position (B, 1, 1, S), and the KV-cache buffers, which it writes in place at position S - 1 (the
-same :class:`~text2llm.model.transformer.KVCache` code as the eager step, over the buffers). The
+same :class:`~text2llm.model.cache.KVCache` code as the eager step, over the buffers; windowed
+layers get full buffers too, and the band as part of their mask: no ring buffer in a graph). The
 batch (up to ``max_batch``) and S (up to ``max_seq_len - 1``) are symbolic: one program serves
 every batch, prompt length, padding and position. Rows beyond ``max_batch`` decode eagerly.
 A package runs only with the torch version and device type it was built with; the runtime says
@@ -31,7 +32,7 @@ from torch import nn
 from text2llm.checkpoint import is_int8, load_model, resolve_checkpoint
 from text2llm.errors import UserError
 from text2llm.files import check_output_dir, read_metadata, staged_output
-from text2llm.model.transformer import KVCache
+from text2llm.model.cache import KVCache
 
 META_FILE = "text2llm-aot.json"
 PACKAGE = "decode_step.pt2"
@@ -48,8 +49,7 @@ class DecodeStep(nn.Module):
 
     def forward(self, ids_B1: torch.Tensor, mask_B11S: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
         n = len(kv) // 2
-        cache = KVCache.__new__(KVCache)  # a view over the caller's buffers, nothing allocated
-        cache.k, cache.v, cache.max_len = list(kv[:n]), list(kv[n:]), kv[0].size(2)
+        cache = KVCache.over(kv[:n], kv[n:])  # a view over the caller's buffers, nothing allocated
         return self.model.decode_step(ids_B1, mask_B11S.size(-1) - 1, cache, mask_B11S)
 
 

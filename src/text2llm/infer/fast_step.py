@@ -14,8 +14,10 @@ weights) into a flat list, and runs the step as one loop::
         h = norm(x)                                 RMSNorm as x * rsqrt(|x|^2 / D + eps) * g
         qkv = h W_qkv                               one matmul for q, k and v
         q, k = rope(q, k)                           on views of qkv, q and k heads together
-        cache.k[pos], cache.v[pos] = k, v           written in place, no concatenation
+        cache.k[pos], cache.v[pos] = k, v           written in place, no concatenation (a windowed
+                                                    layer's ring buffer: at slot pos % window)
         y = attention(q, cache.k[:pos+1], ...)      GQA: each K/V head's query heads are its queries
+                                                    (a windowed layer: its last window keys only)
         x = x + y W_o                               the residual add fused into the matmul (addmm)
         h = norm(x)
         x = x + (silu(h W_gate) * h W_up) W_down    gate and up in one matmul; addmm again
@@ -49,7 +51,8 @@ import torch.nn.functional as F
 
 from text2llm.infer.packing import PackedAttention, PackedMLP, PackedTransformer, drop_stale, packed_matmul
 from text2llm.model.mlp import MLP
-from text2llm.model.transformer import KVCache, RMSNorm
+from text2llm.model.cache import KVCache, ring_mask
+from text2llm.model.transformer import RMSNorm, rope_tables
 
 
 def _norm(m: nn.Module):
@@ -105,7 +108,7 @@ def _add_to(matmul):
 class FastDecodeStep:
     """``step(ids_B, pos, cache, attn_mask=None) -> logits (B, V)``: the decode step of ``model``
     for one new token per row at position ``pos``, writing its keys and values into ``cache``
-    (a :class:`~text2llm.model.transformer.KVCache`) and advancing ``cache.pos``.
+    (a :class:`~text2llm.model.cache.KVCache`) and advancing ``cache.pos``.
 
     Build it with :meth:`build` after ``pack_weights(model)``, and again whenever the weights
     may have changed (the engines build it at every prefill); ``build`` returns None for a model it
@@ -116,6 +119,8 @@ class FastDecodeStep:
         self.layers, self.final_norm, self.head = layers, final_norm, head
         cfg = model.cfg
         self.H, self.K, self.Dh, self.max_seq_len = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.max_seq_len
+        self.windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]  # 0 = a full layer
+        self.unbounded, self.rope_theta = cfg.unbounded_context, cfg.rope_theta
         self.embed = model.embed.weight.detach()
         self.pos_embed = model.pos_embed.weight.detach() if cfg.positions == "learned" else None
         if cfg.positions == "rope":
@@ -145,13 +150,16 @@ class FastDecodeStep:
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         H, K, Dh = self.H, self.K, self.Dh
         B, S = ids_B.size(0), pos + 1
-        if S > cache.max_len or S > self.max_seq_len:
+        if (S > self.max_seq_len and not self.unbounded) or (S > cache.max_len and not all(cache.ring)):
             raise ValueError(f"KV cache full: {pos} + 1 tokens > max_len {min(cache.max_len, self.max_seq_len)}")
         x = F.embedding(ids_B, self.embed)  # B D
         if self.pos_embed is not None:
             x = x + self.pos_embed[pos]
-        else:
+        elif pos < self.cos.size(0):
             cos, sin, half = self.cos[pos], self.sin[pos], Dh // 2
+        else:  # past max_seq_len (every layer windowed): this position's row
+            cos, sin = (t[0].to(self.embed.dtype) for t in rope_tables(Dh, S, self.rope_theta, pos, x.device, True))
+            half = Dh // 2
         HK = (H + K) * Dh
         for i, (norm1, qkv_mm, o_add, norm2, mlp_in, down_add) in enumerate(self.layers):
             qkv = qkv_mm(x if norm1 is None else norm1(x))  # B (H+2K)*Dh  (norm None: the matmul applies it)
@@ -159,12 +167,19 @@ class FastDecodeStep:
             if self.pos_embed is None:  # RoPE: qk * cos + rotate_half(qk) * sin
                 rotated = torch.cat([qk[..., half:].neg(), qk[..., :half]], dim=-1)
                 qk = torch.addcmul(qk * cos, rotated, sin)
-            k_cache, v_cache = cache.k[i], cache.v[i]  # B K max_len Dh
-            k_cache.select(2, pos).copy_(qk[:, H:])
-            v_cache.select(2, pos).copy_(qkv[:, HK:].view(B, K, Dh))
+            k_cache, v_cache = cache.k[i], cache.v[i]  # B K max_len Dh (a ring layer: B K window Dh)
+            ring, window = cache.ring[i], self.windows[i]
+            slot, first, n, mask = pos, 0, S, attn_mask  # write at slot; attend to n keys from first
+            if ring:  # every filled slot is within the window (see KVCache)
+                slot, n, mask = pos % ring, min(S, ring), ring_mask(attn_mask, pos, ring)
+            elif window and S > window:  # a full buffer: the window's keys are its last ones
+                first, n = S - window, window
+                mask = None if attn_mask is None else attn_mask[..., first:]
+            k_cache.select(2, slot).copy_(qk[:, H:])
+            v_cache.select(2, slot).copy_(qkv[:, HK:].view(B, K, Dh))
             q = qk[:, :H].reshape(B, K, H // K, Dh)  # the query heads of each K/V head as its queries
-            y = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, S), v_cache.narrow(2, 0, S),
-                                               attn_mask=attn_mask)
+            y = F.scaled_dot_product_attention(q, k_cache.narrow(2, first, n), v_cache.narrow(2, first, n),
+                                               attn_mask=mask)
             x = o_add(x, y.reshape(B, H * Dh))
             x = down_add(x, mlp_in(x if norm2 is None else norm2(x)))
         cache.pos = S

@@ -28,10 +28,13 @@ from text2llm.infer.aot import load_step
 from text2llm.infer.decoding import SamplingParams, complete, fit_prompts, iter_tokens
 from text2llm.infer.fast_step import FastDecodeStep
 from text2llm.infer.packing import pack_weights
-from text2llm.model.transformer import KVCache, Transformer
+from text2llm.model.cache import KVCache
+from text2llm.model.transformer import Transformer
 
 
 # ---- engines -------------------------------------------------------------------------------------
+
+UNBOUNDED_LEN = 1 << 20  # prompt + new tokens, for a model whose context has no limit (every layer windowed)
 
 
 def _attn_mask(valid_BS: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -52,7 +55,11 @@ class TorchEngine:
     With the cache, each decode step runs :class:`~text2llm.infer.fast_step.FastDecodeStep` (the
     same arithmetic as the model's ``forward`` in far fewer PyTorch calls) where it covers the
     model, else ``forward``; ``fast_step=False`` forces ``forward`` (for comparisons).
-    ``max_len`` caps prompt + new tokens (default: the model's ``max_seq_len``).
+    ``max_len`` caps prompt + new tokens (default: the model's ``max_seq_len``; a model whose every
+    layer is windowed, with RoPE, has no cap but ``max_len``: its KV cache is a ring buffer of the
+    window per layer, and RoPE rows past the table are computed for their positions).
+    Windowed layers keep ring buffers (O(window) memory); the compiled steps (``compile``,
+    ``aot_dir``) read fixed full buffers instead, where the band mask does the windowing.
 
     ``compile=True`` runs each decode step through ``torch.compile(dynamic=True)`` of
     :meth:`~text2llm.model.transformer.Transformer.decode_step`, with inductor's ``freezing``
@@ -95,7 +102,9 @@ class TorchEngine:
         # inference tensor cannot be written to outside inference mode (a small two-process test
         # trained on fine after an inference_mode forward; the sample path is not worth the risk).
         self.grad_mode = torch.no_grad if sharded else torch.inference_mode
-        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        unbounded = model.cfg.unbounded_context and not (compile or aot_dir) and use_cache
+        self.max_len = (max_len or UNBOUNDED_LEN) if unbounded else min(max_len or model.cfg.max_seq_len,
+                                                                         model.cfg.max_seq_len)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.float32
         self.attention = contextlib.nullcontext  # what the forward passes run under
@@ -156,7 +165,8 @@ class TorchEngine:
         self.len = T
         # (the AOT program takes buffers of the model's full context: that axis is not symbolic)
         cache_len = self.model.cfg.max_seq_len if self.aot is not None else L
-        self.cache = KVCache(self.cache_cfg, B, cache_len, self.device, self.dtype) if self.use_cache else None
+        ring = self.aot is None and self.compiled is None
+        self.cache = KVCache(self.cache_cfg, B, cache_len, self.device, self.dtype, ring) if self.use_cache else None
         # the eager decode step (text2llm.infer.fast_step), built per generation: weights may change
         # between generations (samples during training); not with torch.compile, which runs every step
         eager_steps = self.use_cache and self.fast and self.compiled is None

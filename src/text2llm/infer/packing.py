@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from text2llm.model.cache import KVCache
 from text2llm.model.mlp import MLP
-from text2llm.model.transformer import Attention, KVCache, Transformer, apply_rope
+from text2llm.model.transformer import Attention, Transformer, apply_rope
 
 
 class FloatPacker:

@@ -2,7 +2,8 @@
 
 ``export_hf(CKPT, OUT)`` writes::
 
-    OUT/config.json              LlamaConfig (dense, RoPE), MixtralConfig (MoE) or GPT2Config (learned positions)
+    OUT/config.json              LlamaConfig (dense, RoPE), MistralConfig / MinistralConfig (sliding windows),
+                                 MixtralConfig (MoE) or GPT2Config (learned positions)
     OUT/model.safetensors        the weights under transformers' names (fp32, as trained)
     OUT/generation_config.json   BOS / EOS / PAD ids, so ``model.generate`` stops at EOS
     OUT/tokenizer.json ...       ``Tokenizer.save_hf``: loads with ``AutoTokenizer.from_pretrained(OUT)``
@@ -14,8 +15,18 @@ model (parity tests: tests/test_hf.py). Which architecture a config maps to:
 | our config                                          | transformers class  |
 |-----------------------------------------------------|---------------------|
 | rope, rmsnorm, swiglu (bias on/off), dense          | LlamaForCausalLM    |
-| the same with n_experts > 0 and moe_every = 1       | MixtralForCausalLM  |
+| the same, no bias, every layer windowed             | MistralForCausalLM (``sliding_window``) |
+| the same, no bias, windowed and full layers mixed   | MinistralForCausalLM (``layer_types``)  |
+| the same with n_experts > 0 and moe_every = 1       | MixtralForCausalLM (all layers windowed or none) |
 | learned positions, layernorm, gelu, n_kv_head = n_head, dense | GPT2LMHeadModel |
+
+Windows: our ``attention_window`` W means what transformers' ``sliding_window`` W means (a query
+sees itself and the W-1 keys before it). For a mix of local and full layers, Ministral is Mistral
+with a per-layer ``layer_types`` list ("sliding_attention" / "full_attention") and nothing else:
+the same RMSNorm, SwiGLU, bias-free projections and RoPE as ours, so the logits are equal. (Qwen2's
+``layer_types`` would need zero q/k/v biases; Qwen3 adds q/k norms, Gemma 2/3 norms after each
+branch, logit soft-capping and scaled embeddings, GPT-OSS attention sinks: each computes
+something else.)
 
 Anything else (e.g. rope with layernorm, MoE in every 2nd layer) is refused with a message naming
 the field. Weight names, ours -> Llama/Mixtral (``model.layers.{i}.`` prefix)::
@@ -29,7 +40,8 @@ the field. Weight names, ours -> Llama/Mixtral (``model.layers.{i}.`` prefix)::
     blocks.{i}.mlp.experts.{e}.{gate,down,up}_proj  block_sparse_moe.experts.{e}.{w1,w2,w3}
     norm.weight / lm_head.weight      model.norm.weight / lm_head.weight (omitted when tied)
 
-``import_hf(HF_DIR, OUT)`` reads such a dir (ours or a hub model of those three families, fp32/
+``import_hf(HF_DIR, OUT)`` reads such a dir (ours or a hub model of those families, with its
+``sliding_window`` and Ministral's ``layer_types`` as our window and pattern; fp32/
 bf16/fp16 safetensors, sharded or not, or ``pytorch_model.bin`` loaded with ``weights_only=True``)
 and writes a text2llm checkpoint dir (model.safetensors, config.toml, state.json at step 0,
 tokenizer/ when the dir carries a text2llm tokenizer) that ``text2llm.load``, ``text2llm generate``
@@ -66,9 +78,12 @@ TOKENIZER_COPY = "text2llm-tokenizer"
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
-    """"llama", "mixtral" or "gpt2" for this config, or a UserError naming the field that no
-    transformers architecture we export can represent."""
+    """"llama", "mistral", "ministral", "mixtral" or "gpt2" for this config, or a UserError naming
+    the field that no transformers architecture we export can represent."""
     if cfg.positions == "learned":
+        if cfg.attention_window:
+            raise UserError(f"model.attention_window = {cfg.attention_window}: GPT-2 (learned positions) "
+                            "has no sliding window (Mistral needs positions = 'rope')")
         gpt2 = "learned positions export as GPT-2, which needs"
         if cfg.norm != "layernorm":
             raise UserError(f"model.norm = {cfg.norm!r}: {gpt2} layernorm (Llama needs positions = 'rope')")
@@ -85,8 +100,14 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if cfg.activation != "swiglu":
         raise UserError(f"model.activation = {cfg.activation!r}: Llama/Mixtral need swiglu "
                         "(GPT-2 export needs positions = 'learned' with layernorm and gelu)")
+    mixed = "L" in cfg.pattern
+    if cfg.attention_window and cfg.bias:
+        raise UserError("model.bias = true: Mistral / Ministral (sliding windows) have no biases")
     if not cfg.n_experts:
-        return "llama"
+        return "llama" if not cfg.attention_window else "ministral" if mixed else "mistral"
+    if cfg.attention_window and mixed:
+        raise UserError(f"model.window_pattern = {cfg.window_pattern!r}: Mixtral windows every layer or none "
+                        "(no transformers MoE architecture mixes local and full layers like ours)")
     if cfg.moe_every != 1:
         raise UserError(f"model.moe_every = {cfg.moe_every}: Mixtral has experts in every layer (needs moe_every = 1)")
     if cfg.bias:
@@ -106,7 +127,7 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 
                 "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new",
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                 "attn_pdrop": cfg.dropout, "scale_attn_weights": True}
-    out = {"architectures": ["LlamaForCausalLM" if arch == "llama" else "MixtralForCausalLM"], "model_type": arch,
+    out = {"architectures": [f"{_CLASS_PREFIX[arch]}ForCausalLM"], "model_type": arch,
            **common, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
            "intermediate_size": cfg.ffn_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
@@ -115,11 +136,19 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 
            "attention_dropout": cfg.dropout}
     if arch == "llama":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
-    else:
+    elif arch == "mixtral":
         out.update(intermediate_size=cfg.moe_dim, num_local_experts=cfg.n_experts,
                    num_experts_per_tok=cfg.moe_top_k, router_aux_loss_coef=cfg.aux_loss_weight / cfg.moe_top_k,
-                   output_router_logits=False, router_jitter_noise=0.0, sliding_window=None)
+                   output_router_logits=False, router_jitter_noise=0.0, sliding_window=cfg.attention_window or None)
+    else:
+        out.update(sliding_window=cfg.attention_window)
+    if arch == "ministral":
+        out.update(layer_types=[_LAYER_TYPE[c] for c in cfg.pattern])
     return out
+
+
+_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "mixtral": "Mixtral"}
+_LAYER_TYPE = {"S": "sliding_attention", "L": "full_attention"}
 
 
 # ---- weight renaming -------------------------------------------------------------------------
@@ -183,7 +212,7 @@ def _to_gpt2_state(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
-    """A transformers config.json (llama, mixtral, gpt2) -> our ModelConfig, or a UserError."""
+    """A transformers config.json (llama, mistral, ministral, mixtral, gpt2) -> our ModelConfig, or a UserError."""
     try:
         return _from_hf_config(hf, where)
     except ValidationError as e:
@@ -211,8 +240,8 @@ def _from_hf_config(hf: dict, where: str) -> ModelConfig:
                            positions="learned", norm="layernorm", activation="gelu", bias=True,
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie,
                            init_std=hf.get("initializer_range", 0.02))
-    if mt not in ("llama", "mixtral"):
-        raise UserError(f"{where}: model_type {mt!r} is not supported (llama, mixtral, gpt2)")
+    if mt not in ("llama", "mistral", "ministral", "mixtral"):
+        raise UserError(f"{where}: model_type {mt!r} is not supported (llama, mistral, ministral, mixtral, gpt2)")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu, as SwiGLU)")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -223,20 +252,41 @@ def _from_hf_config(hf: dict, where: str) -> ModelConfig:
     d, n_head = need("hidden_size"), need("num_attention_heads")
     if hf.get("head_dim") not in (None, d // n_head):
         raise UserError(f"{where}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads ({d // n_head})")
-    if hf.get("sliding_window") and hf["sliding_window"] < need("max_position_embeddings"):
-        raise UserError(f"{where}: sliding-window attention ({hf['sliding_window']}) is not supported")
+    window, pattern = _window_of(hf, mt, need("num_hidden_layers"), need("max_position_embeddings"), where)
     bias = bool(hf.get("attention_bias", False))
     if bias != bool(hf.get("mlp_bias", False)):
         raise UserError(f"{where}: attention_bias != mlp_bias; text2llm has one 'bias' switch for all layers")
     kw = dict(vocab_size=need("vocab_size"), d_model=d, n_layer=need("num_hidden_layers"), n_head=n_head,
               n_kv_head=0 if hf.get("num_key_value_heads") in (None, n_head) else hf["num_key_value_heads"], ffn_hidden=need("intermediate_size"),
               max_seq_len=need("max_position_embeddings"), rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
-              tie_embeddings=tie, bias=bias, init_std=hf.get("initializer_range", 0.02))
+              tie_embeddings=tie, bias=bias, init_std=hf.get("initializer_range", 0.02),
+              attention_window=window, window_pattern=pattern)
     if mt == "mixtral":
         k = hf.get("num_experts_per_tok", 2)
         kw.update(n_experts=need("num_local_experts"), moe_top_k=k, moe_ffn_hidden=kw["ffn_hidden"],
                   aux_loss_weight=hf.get("router_aux_loss_coef", 0.001) * k)
     return ModelConfig(**kw)
+
+
+def _window_of(hf: dict, mt: str, n_layer: int, max_len: int, where: str) -> tuple[int, str]:
+    """(attention_window, window_pattern) of a llama / mistral / ministral / mixtral config.json:
+    ``sliding_window`` (ignored by Llama, and where it covers the whole context) and, for
+    Ministral-style configs, ``layer_types``."""
+    window = hf.get("sliding_window") or 0
+    if mt == "llama" or window >= max_len:
+        return 0, ""
+    types = hf.get("layer_types") if mt == "ministral" else None
+    if not types:
+        return window, ""
+    if len(types) != n_layer or set(types) - set(_LAYER_TYPE.values()):
+        raise UserError(f"{where}: layer_types must list {n_layer} of 'sliding_attention' / 'full_attention'")
+    pattern = "".join("S" if t == "sliding_attention" else "L" for t in types)
+    if "S" not in pattern:
+        return 0, ""
+    if "L" not in pattern:
+        return window, ""
+    period = next(p for p in range(1, n_layer + 1) if (pattern[:p] * n_layer)[:n_layer] == pattern)
+    return window, pattern[:period]  # the shortest pattern that repeats to it, e.g. SSSL
 
 
 def from_hf_state(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -336,7 +386,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Turn a transformers Llama / Mixtral / GPT-2 dir into a text2llm checkpoint dir."""
+    """Turn a transformers Llama / Mistral / Ministral / Mixtral / GPT-2 dir into a text2llm checkpoint dir."""
     src = Path(hf_dir)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: not a Hugging Face model dir (no config.json)")

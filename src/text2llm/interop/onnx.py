@@ -17,7 +17,7 @@ capacity (all dynamic)::
       -> logits      float32 (B, 1, V)         the next-token logits: the last position's only
          present.{i}.key / present.{i}.value  (B, K, M, Dh)   the buffer with the new tokens at P..P+T-1
 
-The cache is a preallocated buffer, as in PyTorch's :class:`~text2llm.model.transformer.KVCache`:
+The cache is a preallocated buffer, as in PyTorch's :class:`~text2llm.model.cache.KVCache`:
 the caller allocates zeros of capacity M (prompt + new tokens) once and binds the *same* memory as
 ``past`` and ``present`` (onnxruntime's IOBinding); each call then writes only its T new keys and
 values into the buffer. (Fed plain arrays instead, ``present`` is a new array, a copy of the buffer
@@ -36,7 +36,9 @@ onnxruntime's fused ``com.microsoft.GroupQueryAttention`` op (:meth:`_BufferCach
 rotates q and k (RoPE, from the model's own tables; the op needs a head dim that is a multiple of
 16, else the graph rotates them first), writes the new keys/values into the buffer at P..P+T-1,
 groups the query heads over the K key/value heads (no repeated K/V) and applies the causal mask;
-the padding goes in as an additive bias. (Version 1 of this format concatenated ``past`` and the
+the padding goes in as an additive bias. A windowed layer's node gets the window as its
+``local_window_size``; its buffer stays a full one (the op has no ring buffer), so ONNX decoding
+saves the attention work of a window, not its cache memory. (Version 1 of this format concatenated ``past`` and the
 new tokens into a new ``present`` at every step, so each step copied the whole cache;
 :mod:`text2llm.infer.ort_runtime` asks for a fresh export of a version-1 dir.)
 We use the dynamo exporter (``torch.export``) with ``Dim.AUTO`` axes and save the weights inside
@@ -90,8 +92,10 @@ class _BufferCache:
         self.rope = None if rope is None else \
             tuple(t[:, : t.size(1) // 2] for t in rope) if self.fused_rope else tuple(t[start:S] for t in rope)
 
-    def attend(self, layer: int, qkv_BTE: torch.Tensor, H: int, K: int) -> torch.Tensor:
-        """q, k, v packed as one (B, T, (H + 2K) Dh) tensor -> attention output (B, T, H Dh)."""
+    def attend(self, layer: int, qkv_BTE: torch.Tensor, H: int, K: int, window: int = 0) -> torch.Tensor:
+        """q, k, v packed as one (B, T, (H + 2K) Dh) tensor -> attention output (B, T, H Dh).
+        ``window`` > 0: a sliding window, the op's ``local_window_size``, which counts the keys a
+        query sees as we do, itself included (checked against PyTorch: tests/test_attention.py)."""
         B, T, E = qkv_BTE.shape
         Dh = E // (H + 2 * K)
         pk, pv = self.past[layer]
@@ -104,7 +108,8 @@ class _BufferCache:
         y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             [qkv_BTE, None, None, pk, pv, self.seqlens, self.total, cos, sin, None, self.bias],
-            {"num_heads": H, "kv_num_heads": K, "do_rotary": int(self.fused_rope), "rotary_interleaved": 0},
+            {"num_heads": H, "kv_num_heads": K, "do_rotary": int(self.fused_rope), "rotary_interleaved": 0,
+             "local_window_size": window if window else -1},
             dtypes=[qkv_BTE.dtype, pk.dtype, pv.dtype], shapes=[(B, T, H * Dh), pk.shape, pv.shape], version=1,
         )
         self.present[layer] = (present_k, present_v)
@@ -129,7 +134,7 @@ class OnnxAttention(Attention):
         packed = packable(self)
         qkv_BTE = packed_linear(x_BTD, self, QKV) if packed else \
             torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], dim=-1)
-        y_BTD = cache.attend(self.layer_idx, qkv_BTE, self.n_head, self.n_kv)  # B T (H Dh)
+        y_BTD = cache.attend(self.layer_idx, qkv_BTE, self.n_head, self.n_kv, self.window)  # B T (H Dh)
         return packed_linear(y_BTD, self, ("o_proj",)) if packed else self.o_proj(y_BTD)
 
 

@@ -1,5 +1,6 @@
-"""The model: a decoder-only Transformer (``transformer.py``, with its MLP in ``mlp.py`` and its
-Mixture-of-Experts layer in ``moe.py``) and its config (``config.py``)."""
+"""The model: a decoder-only Transformer (``transformer.py``, with its MLP in ``mlp.py``, its
+Mixture-of-Experts layer in ``moe.py`` and its sliding-window attention in ``attention.py``), the
+KV cache it decodes with (``cache.py``) and its config (``config.py``)."""
 
 from text2llm.model.config import ModelConfig
 

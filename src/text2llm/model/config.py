@@ -68,6 +68,9 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention and residual branches")
     bias: bool = Field(False, description="biases in Linear layers (and LayerNorm)")
     init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections are scaled by 1/sqrt(2*n_layer)")
+    # ---- sparse attention (model/attention.py) ----
+    attention_window: int = Field(0, ge=0, description="sliding-window attention: a token attends to itself and the window-1 tokens before it; 0 = dense (every earlier token)")
+    window_pattern: str = Field("", description="which layers use the window: S = windowed, L = full, repeated over the depth (e.g. SSSL); empty = every layer S")
     # ---- Mixture-of-Experts (model/moe.py) ----
     n_experts: int = Field(0, ge=0, description="experts per MoE layer; 0 = dense model (no MoE)")
     moe_top_k: int = Field(2, ge=1, description="experts each token is routed to (token-choice top-k)")
@@ -95,6 +98,17 @@ class ModelConfig(BaseModel):
             raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"model.d_model / model.n_head = {self.head_dim} must be even for RoPE")
+        if self.window_pattern and not self.attention_window:
+            raise ValueError(f"model.window_pattern ({self.window_pattern!r}) needs model.attention_window > 0")
+        if set(self.window_pattern) - {"S", "L"}:
+            raise ValueError(f"model.window_pattern ({self.window_pattern!r}): only the letters S (windowed) "
+                             "and L (full) are allowed")
+        if self.attention_window and "S" not in self.pattern:
+            raise ValueError(f"model.window_pattern ({self.window_pattern!r}) leaves none of the {self.n_layer} "
+                             "layers windowed (set model.attention_window = 0 for a dense model)")
+        if self.attention_window > self.max_seq_len:
+            raise ValueError(f"model.attention_window ({self.attention_window}) must be <= model.max_seq_len "
+                             f"({self.max_seq_len})")
         if self.n_experts:
             if self.moe_top_k > self.n_experts:
                 raise ValueError(f"model.moe_top_k ({self.moe_top_k}) must be <= model.n_experts ({self.n_experts})")
@@ -137,6 +151,25 @@ class ModelConfig(BaseModel):
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.n_layer) if self.is_moe_layer(i)]
+
+    @property
+    def pattern(self) -> str:
+        """``window_pattern`` repeated over the depth: one letter per layer (all L when dense)."""
+        if not self.attention_window:
+            return "L" * self.n_layer
+        p = self.window_pattern or "S"
+        return (p * -(-self.n_layer // len(p)))[: self.n_layer]
+
+    def layer_window(self, layer_idx: int) -> int:
+        """The attention window of layer ``i`` in tokens (itself included); 0 = full causal attention."""
+        return self.attention_window if self.pattern[layer_idx] == "S" else 0
+
+    @property
+    def unbounded_context(self) -> bool:
+        """Every layer windowed, with rotary positions: the model attends to at most ``attention_window``
+        tokens at any position, so its KV cache has a fixed size and it can decode past ``max_seq_len``
+        (a learned position table has no row there; a full layer would see distances it never trained on)."""
+        return self.positions == "rope" and "L" not in self.pattern
 
 
 def describe_presets() -> str:

@@ -12,14 +12,18 @@ Data flow of one forward pass::
     ids_BT -> embed -> [ Block ] x n_layer -> norm -> lm_head -> logits_BTV
     Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))     (MLP or MoE)
 
-Inference state (the KV cache) lives in a :class:`KVCache` object that the caller creates and
-passes to ``forward``; layers never allocate or keep caches themselves.
+Inference state (the KV cache) lives in a :class:`~text2llm.model.cache.KVCache` object that the
+caller creates and passes to ``forward``; layers never allocate or keep caches themselves.
 
 Attention masks: without ``attn_mask`` attention is causal. An ``attn_mask`` *replaces* the causal
 mask: bool, True = may attend, broadcastable to (B, 1, T, S) (a float mask is added to the scores).
 Build one with :func:`causal_mask` (padding, e.g. left-padded batched generation; HF's
 ``attention_mask`` of 1 = token, 0 = pad is its ``key_padding_BS``) or :func:`document_mask`
 (several documents in one row that must not see each other).
+
+Sparse attention: with ``model.attention_window`` the layers that ``model.window_pattern`` marks S
+attend only to the last ``window`` tokens (the band is combined with any ``attn_mask``), computed
+by blocks (``attention.py``), and keep only those tokens in the KV cache (a ring buffer).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from text2llm.model.attention import windowed_attention
+from text2llm.model.cache import KVCache
 from text2llm.model.config import ModelConfig
 from text2llm.model.mlp import MLP
 from text2llm.model.moe import MoE
@@ -44,38 +50,6 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None  # MoE load-balancing + z-loss, already weighted (None if dense)
     expert_load: torch.Tensor | None = None  # int64 (n_moe_layers, n_experts): assignments per expert; rows sum to B*T*top_k
     expert_dropped: torch.Tensor | None = None  # int64 (n_moe_layers, n_experts): of those, dropped by the capacity limit
-
-
-class KVCache:
-    """Preallocated keys and values for incremental decoding.
-
-    ``k[layer]``/``v[layer]`` are (B, K, max_len, Dh). ``pos`` counts the tokens already stored;
-    the model writes the new tokens of each layer at ``pos`` and advances ``pos`` once per forward.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.max_len = max_len or cfg.max_seq_len
-        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.pos = 0
-
-    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values of one layer; return all keys/values so far (B, K, S, Dh)."""
-        T = k_BKTD.size(2)
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
-        k, v = self.k[layer], self.v[layer]
-        k.narrow(2, self.pos, T).copy_(k_BKTD)  # (narrow: one op, cheaper than k[:, :, a:b] = ...)
-        v.narrow(2, self.pos, T).copy_(v_BKTD)
-        return k.narrow(2, 0, self.pos + T), v.narrow(2, 0, self.pos + T)
-
-    def advance(self, n: int) -> None:
-        self.pos += n
-
-    def reset(self) -> None:
-        self.pos = 0
 
 
 # ---- building blocks ------------------------------------------------------------------------
@@ -100,13 +74,18 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_len, Dh) for rotary embeddings (Su et al. 2021). Each frequency appears
-    twice, once for the first half of the head dim and once for the second (the Llama / HF layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+def rope_tables(head_dim: int, max_len: int, theta: float, start: int = 0,
+                device: torch.device | str | None = None, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len - start, Dh) of positions start..max_len-1 for rotary embeddings
+    (Su et al. 2021). Each frequency appears twice, once for the first half of the head dim and once
+    for the second (the Llama / HF layout). ``exact``: angles in float64, then rounded, for the rows
+    past the model's table (a windowed model decoding beyond max_seq_len): a float32 angle
+    position x frequency loses precision as the position grows (its spacing at 10^6 is 0.06 rad)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    dtype = torch.float64 if exact else torch.float32
+    angles = torch.outer(torch.arange(start, max_len, dtype=dtype, device=device), inv_freq.to(dtype))
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
@@ -145,18 +124,23 @@ def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
     return (same_BTT & causal_mask(T, device=doc_ids_BT.device))[:, None]
 
 
-def attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
+def attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=None, dropout_p: float = 0.0, window: int = 0) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh) + mask) v, by PyTorch's fused kernel
     (``F.scaled_dot_product_attention``). Without a mask: causal when T > 1 (a whole sequence),
-    none when T == 1 (one new token sees every cached key)."""
-    T = q_BHTD.size(2)
+    none when T == 1 (one new token sees every cached key). ``window`` > 0: a sliding window
+    (:mod:`text2llm.model.attention`, computed sparsely) wherever it cuts keys off, S > window
+    (and always when S is symbolic, in a graph that serves every length); otherwise it changes nothing."""
+    T, S = q_BHTD.size(2), k_BHSD.size(2)
+    if window and (isinstance(S, torch.SymInt) or S > window):
+        return windowed_attention(q_BHTD, k_BHSD, v_BHSD, window, attn_mask, dropout_p)
     return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=attn_mask,
                                           is_causal=attn_mask is None and T > 1, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and an optional KV cache:
-    x_BTD -> q (B, H, T, Dh), k and v (B, K, T, Dh) -> RoPE on q, k -> attention -> o_proj."""
+    x_BTD -> q (B, H, T, Dh), k and v (B, K, T, Dh) -> RoPE on q, k -> attention -> o_proj.
+    ``window`` > 0 (``cfg.layer_window``): each token sees only itself and the window-1 before it."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -167,6 +151,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
+        self.window = cfg.layer_window(layer_idx)
 
     def forward(self, x_BTD, rope, cache: KVCache | None, attn_mask):
         B, T, _ = x_BTD.shape
@@ -182,12 +167,14 @@ class Attention(nn.Module):
         """The heads' attention, from rotated q/k and v to the merged heads (B, T, H Dh): stores the
         new keys/values in the cache and attends over all of them."""
         B, H, T, Dh = q_BHTD.shape
-        K = k_BKTD.size(1)
-        k, v = (k_BKTD, v_BKTD) if cache is None else cache.update(self.layer_idx, k_BKTD, v_BKTD)  # B K S Dh
+        K = k_BKTD.size(1)  # (the KV heads of this rank's slice under tensor parallelism)
+        k, v = k_BKTD, v_BKTD
+        if cache is not None:  # (a windowed layer's ring buffer also cuts the mask to the keys it returns)
+            k, v, attn_mask = cache.update(self.layer_idx, k_BKTD, v_BKTD, attn_mask)  # B K S Dh
         if K != H:  # GQA: each K/V head serves n_head/n_kv query heads
             k = k.repeat_interleave(H // K, dim=1)  # B H S Dh
             v = v.repeat_interleave(H // K, dim=1)
-        y = attention(q_BHTD, k, v, attn_mask, self.dropout if self.training else 0.0)  # B H T Dh
+        y = attention(q_BHTD, k, v, attn_mask, self.dropout if self.training else 0.0, self.window)  # B H T Dh
         return y.transpose(1, 2).reshape(B, T, H * Dh)
 
 
@@ -273,6 +260,10 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         x = self.embed(input_ids)  # B T D
         if self.cfg.positions == "rope":
+            n = self.rope_cos.size(0)
+            if start + T > n:  # past max_seq_len (every layer windowed): the rows past the table, computed here
+                cos, sin = rope_tables(self.cfg.head_dim, start + T, self.cfg.rope_theta, max(start, n), x.device, True)
+                return x, (torch.cat([self.rope_cos[start:], cos]), torch.cat([self.rope_sin[start:], sin]))
             return x, (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         return x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device)), None
 
@@ -290,8 +281,9 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        if start + T > self.cfg.max_seq_len and not self.cfg.unbounded_context:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len {self.cfg.max_seq_len}"
+                             + self.context_note())
         x, rope = self.embed_positions(input_ids, start)
         x = self.drop(x)
         if cache is not None and start > 0 and T > 1 and attn_mask is None:
@@ -350,10 +342,22 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
-        6 * (active matmul parameters) + 12 * n_layer * d_model * seq_len for attention scores/values.
+        6 * (active matmul parameters) + 12 * n_layer * d_model * seq_len for attention scores/values
+        (a windowed layer counts its window instead of seq_len, when shorter).
         For MoE only the top-k experts (and the router) a token passes through count."""
         cfg = self.cfg
         matmul_params = self.num_params(non_embedding=True, active_only=True)  # includes an untied lm_head
         if cfg.tie_embeddings:
             matmul_params += cfg.vocab_size * cfg.d_model  # the tied head is still a matmul
-        return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+        keys = sum(min(seq_len, cfg.layer_window(i) or seq_len) for i in range(cfg.n_layer))  # a window caps the keys
+        return 6.0 * matmul_params + 12.0 * cfg.d_model * keys
+
+    def context_note(self) -> str:
+        """Why a windowed model cannot run past ``max_seq_len`` (for error messages); "" for a dense one.
+        (An all-windowed RoPE model can: ``cfg.unbounded_context``.)"""
+        cfg = self.cfg
+        if cfg.attention_window and cfg.positions == "learned":
+            return " (learned positions have no embedding past it, window or not)"
+        if cfg.attention_window:
+            return f" (window_pattern {cfg.window_pattern!r} has full layers, which would see unseen distances)"
+        return ""
