@@ -12,6 +12,9 @@ per process. Each parallel run is compared with one process training the same mi
   one process;
 * tp=2 x FSDP2 dp=2 on 4 processes (a 2-D mesh) == one process;
 * tp=2 greedy and seeded generation (`generate --tp 2`) == one process's text;
+* `serve --tp 2`: rank 0 answers HTTP, both ranks decode every request; greedy completions (plain
+  and streamed) == one process's text, a sampled request without a seed keeps the ranks in step,
+  and SIGTERM to rank 0 stops both ranks cleanly (torchrun exits 0);
 * layouts that do not fit give one clear line.
 """
 
@@ -240,6 +243,54 @@ def test_tp2_generation_matches_one_process(tmp_path):
                       (["--temperature", "1", "--top-k", "20", "--seed", "3"], dict(temperature=1, top_k=20, seed=3))):
         out = torchrun("generate", str(ckpt), "--tp", "2", "--max-new-tokens", "24", "--prompt", "Tom", *flags)
         assert out.strip() == generate(model, tok, "Tom", 24, **kw)
+
+
+def test_tp2_serve_matches_one_process(tmp_path):
+    import json
+    import queue
+    import re
+    import signal
+    import threading
+
+    import text2llm
+    from test_generate import tiny_checkpoint
+    from test_server import request
+    from text2llm.infer.generate import generate_batch
+
+    ckpt = tiny_checkpoint(tmp_path, n_kv_head=2)
+    model, tok = text2llm.load(ckpt)
+    want = {p: generate_batch(model, tok, [p], 12, temperature=0)[0] for p in ("Tom", "Once upon a time")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "text2llm",
+           "serve", str(ckpt), "--tp", "2", "--port", "0", "--max-tokens-limit", "32"]
+    with open(tmp_path / "stderr", "w") as err:
+        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, p.stdout), lines.put("")], daemon=True).start()
+    try:
+        line = lines.get(timeout=180)  # serving ... on http://127.0.0.1:PORT  (...; rank 0 is pid N; ...)
+        found = re.search(r"http://127\.0\.0\.1:(\d+) .*rank 0 is pid (\d+)", line)
+        assert found, line + (tmp_path / "stderr").read_text()[-3000:]
+        port, rank0 = map(int, found.groups())
+
+        def complete(prompt, **body):
+            status, _, text = request(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 12, **body})
+            assert status == 200, text
+            return text
+
+        assert json.loads(complete("Tom", temperature=0))["choices"][0]["text"] == want["Tom"]
+        events = [e[len("data: "):] for e in complete("Once upon a time", temperature=0, stream=True).split("\n\n") if e]
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want["Once upon a time"]
+        complete("Tom", temperature=1.0)  # no seed: rank 0 draws one for both
+        assert json.loads(complete("Tom", temperature=0))["choices"][0]["text"] == want["Tom"]
+        os.kill(rank0, signal.SIGTERM)
+        assert p.wait(timeout=60) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.terminate()  # torchrun passes it on to both ranks
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 # ---- layouts that do not fit ------------------------------------------------------------------------------------
