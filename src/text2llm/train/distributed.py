@@ -215,8 +215,10 @@ def broadcast_object(obj, env: DistEnv):
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, by_name: bool) -> None:
-    """Load ``state``: keyed by parameter name (``by_name``; what FSDP2 and the tp / pp layouts save,
-    loaded through ``set_optimizer_state_dict`` on any layout), or a plain numbered ``state_dict()``."""
+    """Load an ``optimizer.pt`` state: keyed by parameter name (``by_name``: a numbered one renamed for
+    a sharded layout, or one an earlier sharded run saved; loaded through ``set_optimizer_state_dict``,
+    which shards it), or a plain numbered ``state_dict()``. Sharded checkpoints (``dcp/``) load
+    through :func:`text2llm.train.checkpoint.load_sharded_checkpoint` instead."""
     if by_name:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

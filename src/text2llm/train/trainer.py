@@ -405,7 +405,8 @@ class Trainer:
                                           world_size=w)
 
     def resume(self, ckpt: Path) -> None:
-        """Optimizer, loader, RNG and grad-scaler state and the step counters of ``ckpt``."""
+        """Optimizer, loader, RNG and grad-scaler state and the step counters of ``ckpt`` (and, from a
+        sharded checkpoint, the weights: each process loads the chunks its shards need)."""
         env, k = self.env, self.k
         state = read_state(ckpt)
         saved_slots = state.get("loaders") or [state["loader"]]
