@@ -16,7 +16,15 @@ for GPipe and 1F1B, (p - 1) / (v m + p - 1) for interleaved 1F1B with v stages p
 measured, 1 - T(one process) / (p x T(pipeline)) (this includes the stages' communication).
 Every case takes the same global batch: 4 micro-batches of 4 x 256 tokens per step.
 
+``--consolidate 8,24`` measures instead what rank 0 pays to write ``model.safetensors`` from a
+sharded (DCP) checkpoint (``text2llm.train.checkpoint.consolidate``, one tensor at a time), against
+loading the whole state dict and writing it with ``save_weights`` (what a gathered save holds):
+the growth of peak resident memory and the seconds, for models of d_model 1024, vocab 32000
+(the largest tensor, the embedding, is 125 MiB) and the given layer counts. The DCP dir is
+written by one process, so each tensor is one chunk (the worst case for the consolidation).
+
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/parallel.py [--steps 8] [--cases one,tp2,...]
+    flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/parallel.py --consolidate 8,24
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     sys.path.pop(0)  # (see benchmarks/train.py: benchmarks/tokenize.py would shadow the stdlib module)
 
 import argparse
+import filecmp
 import json
 import platform
 import resource
@@ -121,6 +130,64 @@ def run_case(case: str, tokens: Path, root: Path, steps: int) -> dict:
     return {"case": case, "error": (p.stdout + p.stderr)[-1500:]}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM (ru_maxrss would include the parent's, across fork and exec)."""
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def consolidate_worker(how: str, n_layer: int, root: Path) -> None:
+    """One process: ``make`` a DCP dir of the model, or write model.safetensors from it ``how`` =
+    streamed | whole, printing the peak-RSS growth."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from text2llm.checkpoint import save_weights
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+    from text2llm.train.checkpoint import consolidate
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    if how == "make":
+        cfg = ModelConfig(vocab_size=32000, d_model=1024, n_layer=n_layer, n_head=16, ffn_hidden=2816,
+                          max_seq_len=256, tie_embeddings=False)
+        sd = Transformer(cfg).state_dict()
+        dcp.save({"model": sd}, checkpoint_id=root / "dcp", no_dist=True)
+        print("RESULT " + json.dumps({"params": sum(v.numel() for v in sd.values()),
+                                      "model_mib": round(sum(v.nbytes for v in sd.values()) / 2**20, 1),
+                                      "largest_tensor_mib": round(max(v.nbytes for v in sd.values()) / 2**20, 1)}))
+        return
+    before, t0 = peak_rss_mib(), time.perf_counter()
+    if how == "streamed":
+        consolidate(root / "dcp", root / f"{how}.safetensors", {"step": 1}, tie_embeddings=False)
+    else:
+        entries = dcp.FileSystemReader(str(root / "dcp")).read_metadata().state_dict_metadata
+        sd = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+              if isinstance(m, TensorStorageMetadata)}
+        dcp.load({"model": sd}, checkpoint_id=root / "dcp", no_dist=True)
+        save_weights(sd, root / f"{how}.safetensors", {"step": 1}, tie_embeddings=False)
+    grew = peak_rss_mib() - before
+    print("RESULT " + json.dumps({f"{how}_peak_growth_mib": round(grew, 1), f"{how}_s": round(time.perf_counter() - t0, 2)}))
+
+
+def consolidate_case(n_layer: int, root: Path) -> dict:
+    line = {"case": f"consolidate-{n_layer}-layers"}
+    for how in ("make", "streamed", "whole"):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--consolidate-worker", how,
+                            "--consolidate", str(n_layer), "--out", str(root)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        found = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if not found:
+            return {**line, "error": (p.stdout + p.stderr)[-1500:]}
+        line.update(json.loads(found[0][7:]))
+    line["identical_files"] = filecmp.cmp(root / "streamed.safetensors", root / "whole.safetensors", shallow=False)
+    return line
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(CASES))
@@ -128,11 +195,17 @@ def main() -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--consolidate", default=None, metavar="LAYERS",
+                   help="comma list of layer counts: the memory of writing model.safetensors from DCP shards")
+    p.add_argument("--consolidate-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         worker(a.worker, Path(a.tokens), Path(a.out), a.steps)
         sys.stdout.flush()
         os._exit(0)  # (the CLI's reason: text2llm.train.distributed.joined_process_group)
+    if a.consolidate_worker:
+        consolidate_worker(a.consolidate_worker, int(a.consolidate), Path(a.out))
+        return 0
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
@@ -144,6 +217,12 @@ def main() -> int:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    if a.consolidate:
+        for n_layer in map(int, a.consolidate.split(",")):
+            with tempfile.TemporaryDirectory() as tmp:
+                r = consolidate_case(n_layer, Path(tmp))
+            print(json.dumps({**r, "cpu": cpu, "torch": torch.__version__}), flush=True)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         tokens = bench_train.make_random_tokens(Path(tmp) / "tokens", MODEL["vocab_size"], 64 * BATCH * MICRO * (SEQ + 1),
                                     4 * (SEQ + 1))

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume (bitwise on CPU), SIGTERM saves and exits cleanly, SIGKILL during a
-write leaves the previous checkpoint loadable and chosen, non-finite steps, retention, init_from."""
+write leaves the previous checkpoint loadable and chosen, non-finite steps, retention, init_from,
+and model.safetensors written from sharded (DCP) files equal to the gathered one."""
 
 from __future__ import annotations
 
@@ -184,6 +185,28 @@ def test_retention_keeps_last_k_and_the_best(tmp_path):
     assert (w / "model.safetensors").is_file() and not list(w.parent.glob(".old-*"))
     state = json.loads((w / "state.json").read_text())
     assert "lm_head.weight" not in _weights(w) and state["step"] == 6 and "rng" in state
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_weights_written_from_dcp_shards_are_the_gathered_file(tmp_path):
+    """consolidate: model.safetensors from a torch.distributed.checkpoint dir, one tensor at a time,
+    is byte for byte what save_weights writes from the whole state dict (tied head once, any dtype)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from text2llm.checkpoint import save_weights
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+    from text2llm.train.checkpoint import consolidate
+
+    model = Transformer(ModelConfig(vocab_size=20, d_model=16, n_layer=2, n_head=2, max_seq_len=8))
+    sd = {**model.state_dict(), "extra.half": torch.randn(3, 5).bfloat16(), "extra.count": torch.tensor(7)}
+    dcp.save({"model": sd, "optimizer": {"lr": 0.1}}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    consolidate(tmp_path / "dcp", tmp_path / "streamed.safetensors", {"step": 3}, tie_embeddings=True)
+    save_weights(sd, tmp_path / "gathered.safetensors", {"step": 3}, tie_embeddings=True)
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "gathered.safetensors").read_bytes()
+    streamed = load_file(str(tmp_path / "streamed.safetensors"))
+    assert "lm_head.weight" not in streamed and torch.equal(streamed["embed.weight"], sd["embed.weight"])
 
 
 def test_init_from_starts_a_new_run_from_weights(reference, tokens, tmp_path):

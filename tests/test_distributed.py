@@ -3,8 +3,9 @@
 * DDP, 2 processes x micro-batch 4 == 1 process x 2 micro-batches of 4: same losses (<= 1e-5),
   because micro-batch slot ``rank * grad_accum + i`` reads the same data either way;
 * a DDP checkpoint resumes in 1 process with grad_accum=2 (same slots, different world size);
-* FSDP2 (fully_shard per block) trains, writes plain safetensors checkpoints, and resumes exactly,
-  and in one process (its optimizer state is keyed by parameter name).
+* FSDP2 (fully_shard per block) trains, writes sharded checkpoints (torch.distributed.checkpoint,
+  one file per process) with a plain model.safetensors beside them, and resumes from the shards
+  exactly, and in one process (DCP reshards them).
 
 Tensor and pipeline parallelism: tests/test_parallel.py.
 """
@@ -88,7 +89,8 @@ def test_fsdp2_trains_checkpoints_plain_weights_and_resumes(tokens, single, tmp_
     ck = run / "checkpoints" / "step_0000008"
     sd = load_file(str(ck / "model.safetensors"))
     assert "embed.weight" in sd and all(type(v) is torch.Tensor for v in sd.values())  # plain, full tensors
-    assert read_state(ck)["optimizer_format"] == "fqn"
+    assert read_state(ck)["optimizer_format"] == "dcp" and not (ck / "optimizer.pt").exists()
+    assert sorted(p.name for p in (ck / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     resumed = tmp_path / "fsdp-resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_0000008")
@@ -96,7 +98,7 @@ def test_fsdp2_trains_checkpoints_plain_weights_and_resumes(tokens, single, tmp_
     got = losses(resumed)
     assert sorted(got) == list(range(1, 9))
     assert _close(got, ref, 1e-6) <= 1e-6
-    # a different layout reads the name-keyed optimizer state: the step-4 checkpoint in one process
+    # a different layout reads the shards: the step-4 checkpoint in one process
     one = tmp_path / "fsdp-resumed-1proc"
     shutil.copytree(run, one)
     shutil.rmtree(one / "checkpoints" / "step_0000008")

@@ -3,12 +3,18 @@ per process. Each parallel run is compared with one process training the same mi
 
 * tp=2 (GQA: 4 query heads, 2 KV heads, one per process; sequence parallel, vocab-parallel
   embedding tied to the head, loss parallel) == one process within 1e-5, val loss included; its
-  checkpoint holds plain full tensors, resumes bitwise on tp=2 and within 1e-5 in one process;
+  checkpoint is sharded (torch.distributed.checkpoint: one file per process, no full state dict
+  and no full weight gathered anywhere), its model.safetensors is byte for byte the file of the
+  gathered weights, and it resumes from the shards bitwise on tp=2 and within 1e-5 in one process;
 * tp=2 with MoE layers (experts replicated, each expert's MLP split) == one process;
 * pp=2 with GPipe and with 1F1B == one process; interleaved 1F1B (4 layers, 2 stages per
-  process) == one process, resumes bitwise on the same layout and continues in one process;
+  process) == one process, resumes from its shards bitwise on the same layout and continues in
+  one process;
 * tp=2 x FSDP2 dp=2 on 4 processes (a 2-D mesh) == one process;
 * tp=2 greedy and seeded generation (`generate --tp 2`) == one process's text;
+* `serve --tp 2`: rank 0 answers HTTP, both ranks decode every request; greedy completions (plain
+  and streamed) == one process's text, a sampled request without a seed keeps the ranks in step,
+  and SIGTERM to rank 0 stops both ranks cleanly (torchrun exits 0);
 * layouts that do not fit give one clear line.
 """
 
@@ -34,19 +40,48 @@ MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-def torchrun(*args: str, nproc: int = 2) -> str:
+# run as the torchrun entry point instead of `-m text2llm`: the command, with the two ways of
+# gathering a whole model made to fail (a full state dict, or a DTensor's full value beyond a scalar)
+NO_GATHER = """
+import torch.distributed.checkpoint.state_dict as S
+from torch.distributed.tensor import DTensor
+
+def refuse_full(fn):
+    def checked(*args, options=None, **kw):
+        assert not (options and options.full_state_dict), f"{fn.__name__}: a full state dict was asked for"
+        return fn(*args, options=options, **kw)
+    return checked
+
+S.get_model_state_dict, S.get_optimizer_state_dict = refuse_full(S.get_model_state_dict), refuse_full(S.get_optimizer_state_dict)
+full_tensor = DTensor.full_tensor
+
+def scalars_only(self, **kw):
+    assert self.numel() == 1, f"a full {tuple(self.shape)} tensor was gathered"
+    return full_tensor(self, **kw)
+
+DTensor.full_tensor = scalars_only
+from text2llm.cli import entry
+entry()
+"""
+
+
+def torchrun(*args: str, nproc: int = 2, entry: tuple[str, ...] = ("-m", "text2llm")) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "text2llm", *args]
+           *entry, *args]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p.stdout
 
 
-def train_parallel(tokens: Path, run: Path, *over: str, nproc: int = 2, **train) -> Path:
+def train_parallel(tokens: Path, run: Path, *over: str, nproc: int = 2, no_gather: bool = False, **train) -> Path:
     from test_checkpoint import _overrides
 
+    entry = ("-m", "text2llm")
+    if no_gather:
+        (run.parent / "no_gather.py").write_text(NO_GATHER)
+        entry = (str(run.parent / "no_gather.py"),)
     torchrun("train", "-q", "--data", str(tokens), "--out", str(run), *_overrides(**{**TRAIN, **train}), *over,
-             nproc=nproc)
+             nproc=nproc, entry=entry)
     return run
 
 
@@ -72,8 +107,14 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def resume_from_step_4(run: Path, dest: Path) -> Path:
+    """A copy of a sharded run without its step-8 checkpoint, and with step 4's model.safetensors
+    zeroed: a resume that continues the run has read the weights from the shards (dcp/)."""
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "checkpoints" / "step_0000008")
+    weights = dest / "checkpoints" / "step_0000004" / "model.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(weights)).items()}, str(weights))
     return dest
 
 
@@ -86,24 +127,49 @@ def tokens(tmp_path_factory) -> Path:
 
 
 def test_tp2_gqa_matches_one_process_and_resumes(tokens, tmp_path):
-    from safetensors.torch import load_file
+    from collections import defaultdict
 
-    from text2llm.checkpoint import load_model, read_state
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from text2llm.checkpoint import load_model, read_state, save_weights
     from text2llm.config import load_config
     from text2llm.train.trainer import train
 
     one = train_one(tokens, tmp_path / "one", *GQA)
-    run = train_parallel(tokens, tmp_path / "tp2", *GQA, "train.tp=2")
+    run = train_parallel(tokens, tmp_path / "tp2", *GQA, "train.tp=2", no_gather=True)
     ref = losses(run)
     assert max_diff(ref, losses(one)) <= 1e-5
     assert max_diff(val_losses(run), val_losses(one)) <= 1e-5
     ck = run / "checkpoints" / "step_0000008"
+    # sharded: one file per process; every weight matrix and its Adam moments are stored as two
+    # halves, one written by each process; no optimizer.pt
+    assert sorted(p.name for p in (ck / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (ck / "optimizer.pt").exists()
+    md = FileSystemReader(str(ck / "dcp")).read_metadata()
+    files = defaultdict(set)
+    for index, where in md.storage_data.items():
+        files[index.fqn].add(where.relative_path)
+    matrices = {k: m for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata) and len(m.size) == 2}
+    model, _ = load_model(ck)  # every other verb reads model.safetensors as usual
+    weights = {f"model.{k}" for k, v in model.state_dict().items() if v.dim() == 2}  # (the tied head too)
+    assert {k for k in matrices if k.startswith("model.")} == weights and len(matrices) == len(weights) + 2 * 15
+    for key, m in matrices.items():
+        assert len(m.chunks) == 2 and all(2 * c.sizes.numel() == m.size.numel() for c in m.chunks), key
+        assert files[key] == {"__0_0.distcp", "__1_0.distcp"}, key
+    # model.safetensors, written from the shards one tensor at a time, is the gathered weights' file
+    dcp_to_torch_save(ck / "dcp", tmp_path / "gathered.pt")  # PyTorch's own full load of the shards
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)["model"]
+    save_weights(gathered, tmp_path / "gathered.safetensors", {"step": 8}, tie_embeddings=True)
+    assert (ck / "model.safetensors").read_bytes() == (tmp_path / "gathered.safetensors").read_bytes()
     sd = load_file(str(ck / "model.safetensors"))
     assert all(type(v) is torch.Tensor for v in sd.values()) and sd["blocks.0.attn.k_proj.weight"].shape == (16, 32)
     assert "lm_head.weight" not in sd  # tied to the embedding, stored once
     state = read_state(ck)
-    assert (state["tp"], state["pp"], state["optimizer_format"], len(state["loaders"])) == (2, 1, "fqn", 2)
-    load_model(ck)  # every other verb reads it as usual
+    assert (state["tp"], state["pp"], state["optimizer_format"], len(state["loaders"])) == (2, 1, "dcp", 2)
+    assert all(torch.equal(v, gathered[k]) for k, v in model.state_dict().items())
     # the same layout resumes bitwise
     same = resume_from_step_4(run, tmp_path / "tp2-resumed")
     torchrun("train", "-q", "--resume", str(same))
@@ -177,6 +243,54 @@ def test_tp2_generation_matches_one_process(tmp_path):
                       (["--temperature", "1", "--top-k", "20", "--seed", "3"], dict(temperature=1, top_k=20, seed=3))):
         out = torchrun("generate", str(ckpt), "--tp", "2", "--max-new-tokens", "24", "--prompt", "Tom", *flags)
         assert out.strip() == generate(model, tok, "Tom", 24, **kw)
+
+
+def test_tp2_serve_matches_one_process(tmp_path):
+    import json
+    import queue
+    import re
+    import signal
+    import threading
+
+    import text2llm
+    from test_generate import tiny_checkpoint
+    from test_server import request
+    from text2llm.infer.generate import generate_batch
+
+    ckpt = tiny_checkpoint(tmp_path, n_kv_head=2)
+    model, tok = text2llm.load(ckpt)
+    want = {p: generate_batch(model, tok, [p], 12, temperature=0)[0] for p in ("Tom", "Once upon a time")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "text2llm",
+           "serve", str(ckpt), "--tp", "2", "--port", "0", "--max-tokens-limit", "32"]
+    with open(tmp_path / "stderr", "w") as err:
+        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, p.stdout), lines.put("")], daemon=True).start()
+    try:
+        line = lines.get(timeout=180)  # serving ... on http://127.0.0.1:PORT  (...; rank 0 is pid N; ...)
+        found = re.search(r"http://127\.0\.0\.1:(\d+) .*rank 0 is pid (\d+)", line)
+        assert found, line + (tmp_path / "stderr").read_text()[-3000:]
+        port, rank0 = map(int, found.groups())
+
+        def complete(prompt, **body):
+            status, _, text = request(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 12, **body})
+            assert status == 200, text
+            return text
+
+        assert json.loads(complete("Tom", temperature=0))["choices"][0]["text"] == want["Tom"]
+        events = [e[len("data: "):] for e in complete("Once upon a time", temperature=0, stream=True).split("\n\n") if e]
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want["Once upon a time"]
+        complete("Tom", temperature=1.0)  # no seed: rank 0 draws one for both
+        assert json.loads(complete("Tom", temperature=0))["choices"][0]["text"] == want["Tom"]
+        os.kill(rank0, signal.SIGTERM)
+        assert p.wait(timeout=60) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.terminate()  # torchrun passes it on to both ranks
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 # ---- layouts that do not fit ------------------------------------------------------------------------------------

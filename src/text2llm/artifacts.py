@@ -34,6 +34,7 @@ class Served:
     name: str  # the model's name for /v1/models: the dir's name
     kind: str  # "torch", "torch, compiled", "torch, compiled ahead of time", "onnxruntime"
     learned_positions: bool  # left padding shifts learned positions (see infer.decoding)
+    tp: int = 1  # tensor-parallel processes that decode together (each holds a slice of every weight)
 
 
 def load(path: str | Path, device: str = "cpu"):
@@ -90,4 +91,4 @@ def open_engine(path: str | Path, engine: str = "auto", compile: bool = False, t
         model, kv_heads = shard_for_inference(model, tp)
         kind = f"torch, tensor parallel over {tp} processes"
     e = TorchEngine(model, compile=compile, aot_dir=aot, kv_heads=kv_heads)
-    return Served(e, tok, name, kind, model.cfg.positions == "learned")
+    return Served(e, tok, name, kind, model.cfg.positions == "learned", tp)

@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from text2llm.config import load_config
 from text2llm.errors import UserError
@@ -149,6 +151,37 @@ def save_weights(model: torch.nn.Module | dict, path: Path, metadata: dict | Non
                  tie_embeddings: bool | None = None) -> None:
     save_file(model_state(model, tie_embeddings), str(path),
               metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def save_weights_streamed(path: Path, tensors: dict[str, tuple[torch.Size, torch.dtype]],
+                          read: Callable[[str], torch.Tensor], metadata: dict | None = None) -> None:
+    """The file :func:`save_weights` writes, byte for byte, holding one tensor in memory at a time.
+
+    ``tensors``: name -> (shape, dtype) of every tensor to store; ``read(name)`` returns one of
+    them (e.g. from a sharded checkpoint's files). The header is laid out as safetensors lays it
+    out (its order comes from safetensors itself, serializing empty tensors of the same names and
+    dtypes); the data follows in that order.
+    """
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    probe = save({name: torch.empty(0, dtype=dtype) for name, (_, dtype) in tensors.items()}, metadata=metadata)
+    n = struct.unpack("<Q", probe[:8])[0]
+    header = json.loads(probe[8 : 8 + n])  # {"__metadata__": ..., name: {dtype, shape, data_offsets}} in file order
+    offset = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape, dtype = tensors[name]
+        size = shape.numel() * dtype.itemsize
+        entry["shape"], entry["data_offsets"] = list(shape), [offset, offset + size]
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in header:
+            if name != "__metadata__":
+                t = read(name).detach().to("cpu").contiguous()
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

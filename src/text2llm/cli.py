@@ -238,7 +238,8 @@ def cmd_serve(a) -> int:
     from text2llm.artifacts import open_engine
     from text2llm.infer.server import serve
 
-    serve(open_engine(a.model, compile=a.compile), host=a.host, port=a.port, max_tokens_limit=a.max_tokens_limit)
+    serve(open_engine(a.model, compile=a.compile, tp=a.tp), host=a.host, port=a.port,
+          max_tokens_limit=a.max_tokens_limit)
     return 0
 
 
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N", help="largest max_tokens a request may ask")
     s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    s.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes: run under `torchrun --nproc-per-node N -m text2llm "
+                        "serve ...`; rank 0 answers HTTP, every rank decodes every request over its slice")
     return p
 
 

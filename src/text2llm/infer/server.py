@@ -42,14 +42,27 @@ client raises as ``BadRequestError``, ``NotFoundError``, ...); the server keeps 
 Concurrency: each connection has its own thread (``ThreadingHTTPServer``); the model runs one
 request at a time behind a lock (a FIFO queue in practice), so concurrent requests are all
 answered, and a greedy request's text does not depend on what else is running.
+
+Tensor parallel (``torchrun --nproc-per-node N -m text2llm serve CKPT --tp N``): every process
+holds a slice of every weight, and all of them decode every request together. Rank 0 serves HTTP
+as above (:class:`TensorParallelBackend`); before decoding a request it hands its prompt ids and
+sampling settings to the other ranks with ``torch.distributed.broadcast_object_list``, and each
+of them (:func:`follow`) runs the same decode over its slices, in step. A sampled request without
+a seed gets one from rank 0, so every rank draws the same tokens. Ctrl-C or SIGTERM to rank 0
+(or to torchrun, which passes it on) stops it and sends the others a stop message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import secrets
+import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -98,11 +111,100 @@ class Backend:
             self.pending += 1
         try:
             with self.lock:
-                return complete(self.engine, self.tok, [], params, learned_positions=self.learned_positions,
-                                on_text=on_text, prompt_ids=prompt_ids, **kw)
+                return self.decode(prompt_ids, params, on_text, **kw)
         finally:
             with self.pending_lock:
                 self.pending -= 1
+
+    def decode(self, prompt_ids, params, on_text, **kw):
+        """One request's decode (the caller holds the lock)."""
+        return complete(self.engine, self.tok, [], params, learned_positions=self.learned_positions,
+                        on_text=on_text, prompt_ids=prompt_ids, **kw)
+
+    def keepalive(self) -> None:
+        """Called by the server between requests (every half second)."""
+
+    def close(self) -> None:
+        """The server stopped."""
+
+
+# ---- tensor parallel: every rank decodes every request -------------------------------------------
+
+KEEPALIVE_S = 60.0  # an idle rank 0 pings the others: a collective waits at most the group's timeout (30 min)
+
+
+def _broadcast(message):
+    """Rank 0's ``message`` on every rank (``torch.distributed.broadcast_object_list``)."""
+    import torch.distributed as tdist
+
+    box = [message]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class TensorParallelBackend(Backend):
+    """Rank 0's backend under ``serve --tp N``: each request goes to every rank before rank 0
+    decodes it, so all of them run the same decode (and its collectives) in step (:func:`follow`)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.last_message = time.monotonic()
+        self.closed = False
+
+    def _send(self, message) -> None:
+        _broadcast(message)
+        self.last_message = time.monotonic()
+
+    def decode(self, prompt_ids, params, on_text, **kw):
+        if self.closed:
+            raise ApiError(503, "the server is stopping", type_="server_error")
+        if params.temperature > 0 and params.seed is None:  # every rank must draw the same tokens
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        self._send(("complete", prompt_ids, params, kw))
+        lost: list[Exception] = []
+
+        def deliver(row: int, piece: str) -> None:
+            if not lost:  # a client gone mid-stream: finish the decode anyway, or the other ranks would wait
+                try:
+                    on_text(row, piece)
+                except Exception as e:  # (BrokenPipeError, ...): raised once the decode is done
+                    lost.append(e)
+
+        done = super().decode(prompt_ids, params, deliver if on_text is not None else None, **kw)
+        if lost:
+            raise lost[0]
+        return done
+
+    def keepalive(self) -> None:
+        if time.monotonic() - self.last_message > KEEPALIVE_S and self.lock.acquire(blocking=False):
+            try:
+                if not self.closed:
+                    self._send(("ping",))
+            finally:
+                self.lock.release()
+
+    def close(self) -> None:
+        with self.lock:  # after the request being decoded, if any
+            if not self.closed:
+                self.closed = True
+                self._send(None)
+
+
+def follow(served) -> None:
+    """Ranks 1..N-1 under ``serve --tp N``: decode every request rank 0 hands over, until its stop
+    message. Signals are left to rank 0 (torchrun passes Ctrl-C and SIGTERM to every rank), which
+    stops after the request in flight and then sends the stop message."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    while (message := _broadcast(None)) is not None:
+        if message[0] != "complete":  # a keep-alive ping
+            continue
+        _, prompt_ids, params, kw = message
+        try:
+            complete(served.engine, served.tokenizer, [], params, learned_positions=served.learned_positions,
+                     prompt_ids=prompt_ids, **kw)
+        except Exception:  # rank 0 meets the same error in the same place and answers it
+            traceback.print_exc()
 
 
 # ---- request parsing -----------------------------------------------------------------------------
@@ -483,6 +585,9 @@ class CompletionServer(ThreadingHTTPServer):
         super().__init__(addr, Handler)
         self.backend, self.max_tokens_limit, self.quiet = backend, max_tokens_limit, quiet
 
+    def service_actions(self) -> None:  # serve_forever calls it every poll interval
+        self.backend.keepalive()
+
 
 def make_server(served, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024,
                 quiet: bool = False) -> CompletionServer:
@@ -498,18 +603,32 @@ def make_server(served, host: str = "127.0.0.1", port: int = 8000, max_tokens_li
 
 
 def serve(served, host: str = "127.0.0.1", port: int = 8000, max_tokens_limit: int = 1024) -> None:
-    """``text2llm serve``: run until Ctrl-C."""
-    srv = make_server(served, host, port, max_tokens_limit)
-    h, p = srv.server_address[:2]
-    b = srv.backend
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach this port can use the model "
-              "(there is no authentication)", file=sys.stderr)
-    print(f"serving {b.name} ({b.kind}, context {b.engine.max_len}) on http://{h}:{p}  "
-          f"(POST /v1/completions and /v1/chat/completions, GET /health; Ctrl-C stops)", flush=True)
+    """``text2llm serve``: run until Ctrl-C (or SIGTERM, under ``--tp``). With ``served.tp`` > 1
+    (torchrun, ``open_engine(tp=N)``) rank 0 serves and the other ranks :func:`follow` it."""
+    tp = getattr(served, "tp", 1)
+    if tp > 1:
+        import torch.distributed as tdist
+
+        if tdist.get_rank() != 0:
+            return follow(served)
+    backend = TensorParallelBackend.of(served) if tp > 1 else Backend.of(served)
     try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        srv = make_server(backend, host, port, max_tokens_limit)
+        h, p = srv.server_address[:2]
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: listening on {host}: anyone who can reach this port can use the model "
+                  "(there is no authentication)", file=sys.stderr)
+        how = "Ctrl-C stops" if tp == 1 else f"rank 0 is pid {os.getpid()}; Ctrl-C or SIGTERM stops every rank"
+        print(f"serving {backend.name} ({backend.kind}, context {backend.engine.max_len}) on http://{h}:{p}  "
+              f"(POST /v1/completions and /v1/chat/completions, GET /health; {how})", flush=True)
+        if tp > 1:  # stop serve_forever from a thread: an exception raised by a signal could split a broadcast
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: threading.Thread(target=srv.shutdown, daemon=True).start())
+        try:
+            srv.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            srv.server_close()
     finally:
-        srv.server_close()
+        backend.close()

@@ -5,14 +5,13 @@ The model is single-device code; parallelism is applied here and in :mod:`text2l
 
     dist = init_distributed(train_cfg)            # reads RANK / WORLD_SIZE / LOCAL_RANK set by torchrun
     fwd  = wrap_model(model, dist, compile=...)   # DDP, or FSDP2 fully_shard per block + root
-    sd   = full_model_state(model, dist)          # full, plain state dict on rank 0 (FSDP2 gathers shards)
 
 One device mesh holds every process, with named dims ``("pp", "dp", "tp")`` (tp innermost, so a
 tensor-parallel group is neighbouring ranks, on one node): ``world = pp * dp * tp``, and
 ``train.distributed`` says how the ``dp`` dim runs (DDP or FSDP2).
 
-Backends: gloo on CPU, NCCL on CUDA. Under FSDP2 the parameters are DTensor shards; checkpoints
-stay plain safetensors because rank 0 writes a gathered full state dict.
+Backends: gloo on CPU, NCCL on CUDA. Under FSDP2 the parameters are DTensor shards; each process
+saves its own through ``torch.distributed.checkpoint`` (:mod:`text2llm.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -215,32 +214,11 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
-def full_model_state(model: torch.nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:
-    """The full, unsharded state dict of the unwrapped model on rank 0 (None elsewhere).
-    Under FSDP2 every rank must call this (it gathers shards)."""
-    if env.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if env.is_main else None
-    return model.state_dict() if env.is_main else None
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer, env: DistEnv) -> dict | None:
-    """Optimizer state to save on rank 0. FSDP2: a full state dict keyed by parameter name
-    (gathered from all ranks); otherwise the optimizer's own ``state_dict()``."""
-    if env.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        sd = get_optimizer_state_dict(model, optimizer,
-                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if env.is_main else None
-    return optimizer.state_dict() if env.is_main else None
-
-
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, by_name: bool) -> None:
-    """Load ``state``: keyed by parameter name (``by_name``; what FSDP2 and the tp / pp layouts save,
-    loaded through ``set_optimizer_state_dict`` on any layout), or a plain numbered ``state_dict()``."""
+    """Load an ``optimizer.pt`` state: keyed by parameter name (``by_name``: a numbered one renamed for
+    a sharded layout, or one an earlier sharded run saved; loaded through ``set_optimizer_state_dict``,
+    which shards it), or a plain numbered ``state_dict()``. Sharded checkpoints (``dcp/``) load
+    through :func:`text2llm.train.checkpoint.load_sharded_checkpoint` instead."""
     if by_name:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

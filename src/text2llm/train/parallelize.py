@@ -10,9 +10,9 @@ Order (torchtitan's): tensor parallel first (:func:`tp_plan`), then the pipeline
 (:func:`cut_stages`), then the data-parallel wrapper (FSDP2 ``fully_shard`` per block and per stage
 root, or DDP) over the ``dp`` dim. Everything goes through PyTorch's own APIs: DTensor
 ``parallelize_module``, ``torch.distributed.pipelining`` (stages and schedules), ``fully_shard``
-and the ``torch.distributed.checkpoint.state_dict`` helpers; the only collectives written here are
-the pipeline's share of the gradient norm (one all-reduce of a scalar over ``pp``) and, for a
-checkpoint, each stage sending its gathered tensors to rank 0 (``gather_object``).
+and ``torch.distributed.checkpoint`` (each process saves and loads its own shards:
+:func:`text2llm.train.checkpoint.save_sharded_checkpoint`); the only collective written here is
+the pipeline's share of the gradient norm (one all-reduce of a scalar over ``pp``).
 
 Tensor parallel (Megatron-LM's split, torchtitan's ``apply_tp``): see the table in
 :func:`tp_plan`. Column-wise q/k/v and gate/up split heads and hidden units, row-wise o/down sum
@@ -373,7 +373,7 @@ def build_schedule(stage_modules, tc, env, n_micro: int, loss_fn):
 class ParallelModel:
     """The model under ``train.tp`` / ``train.pp`` (with DDP / FSDP2 on the dp dim), and the
     parts of a training step that change with the layout: the loss over (maybe vocab-split)
-    logits, a pipelined step, evaluation, the global gradient norm, and full state dicts.
+    logits, a pipelined step, evaluation, the global gradient norm, and loading a full optimizer state.
 
     ``module``: what this process holds, under the full model's parameter names (the whole
     Transformer for tp alone, the stages' part of it under pp). ``fwd``: the forward a training
@@ -501,41 +501,9 @@ class ParallelModel:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
-    # ---- full state dicts for checkpoints (rank 0) ----
-
-    def model_state(self) -> dict | None:
-        """The full, plain state dict on rank 0 (None elsewhere): DTensor shards gathered; under pp
-        each stage's first process sends its stage's tensors to rank 0."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if self.env.pp == 1:
-            sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.env.is_main else None
-        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
-        return self._merge({k: v.cpu() for k, v in sd.items()}, lambda parts: {k: v for p in parts for k, v in p.items()})
-
-    def optimizer_state(self, optimizer) -> dict | None:
-        """The full optimizer state keyed by parameter name, on rank 0 (None elsewhere)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        if self.env.pp == 1:
-            sd = get_optimizer_state_dict(self.module, optimizer,
-                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.env.is_main else None
-        sd = get_optimizer_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True))
-        sd = {"state": {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in sd["state"].items()},
-              "param_groups": sd["param_groups"]}
-        return self._merge(sd, merge_optimizer_states)
-
-    def _merge(self, mine, merge):
-        env = self.env
-        send = mine if (env.dp_rank == 0 and env.tp_rank == 0) else None
-        parts = [None] * env.world_size if env.is_main else None
-        tdist.gather_object(send, parts, dst=0)
-        return merge([p for p in parts if p is not None]) if env.is_main else None
-
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        """Load a full, name-keyed optimizer state (any layout wrote it); a stage takes its own parameters."""
+        """Load a full, name-keyed optimizer state (an ``optimizer.pt`` of one process or DDP, keyed by
+        name by the caller); a stage takes its own parameters."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         names = {n for n, _ in self.module.named_parameters()}
@@ -544,19 +512,6 @@ class ParallelModel:
 
 
 # ---- name-keyed optimizer states --------------------------------------------------------------------------
-
-
-def merge_optimizer_states(parts: list[dict]) -> dict:
-    """One name-keyed optimizer state from the pipeline stages' (their groups concatenated in order)."""
-    state, groups = {}, []
-    for part in parts:
-        state.update(part["state"])
-        for i, g in enumerate(part["param_groups"]):
-            if i == len(groups):
-                groups.append({**g, "params": [], "names": []})
-            groups[i]["params"] += g["params"]
-            groups[i]["names"] += g.get("names", g["params"])
-    return {"state": state, "param_groups": groups}
 
 
 def restrict_optimizer_state(state: dict, names: set[str]) -> dict:

@@ -366,14 +366,15 @@ class Trainer:
             if not (src / "model.safetensors").is_file():
                 raise UserError(f"{src}: init_from needs a float checkpoint with model.safetensors")
             load_weights(model, src / "model.safetensors")
-        if self.start_ckpt is not None:
-            load_weights(model, self.start_ckpt / "model.safetensors")
+        if self.start_ckpt is not None and not ckpt_mod.has_sharded_state(self.start_ckpt):
+            load_weights(model, self.start_ckpt / "model.safetensors")  # (sharded: loaded in place by resume)
         if env.rank // env.tp:
             torch.manual_seed(tc.seed + env.rank // env.tp)  # dropout differs between replicas and stages
         self.params = model.num_params()
         self.flops_per_token = (model.flops_per_token(tc.seq_len) if hasattr(model, "flops_per_token")
                                 else 6.0 * self.params)
         self.parallel = None
+        self.sharded = env.mode == "fsdp" or env.model_parallel  # checkpoints through torch.distributed.checkpoint
         if env.model_parallel:  # tp / pp (and DDP / FSDP2 on the dp dim)
             self.parallel = P.ParallelModel(model, tc, env, self.k)
             self.model, self.fwd, parallel = self.parallel.module, self.parallel.fwd, self.parallel.dp_wrapper
@@ -404,7 +405,8 @@ class Trainer:
                                           world_size=w)
 
     def resume(self, ckpt: Path) -> None:
-        """Optimizer, loader, RNG and grad-scaler state and the step counters of ``ckpt``."""
+        """Optimizer, loader, RNG and grad-scaler state and the step counters of ``ckpt`` (and, from a
+        sharded checkpoint, the weights: each process loads the chunks its shards need)."""
         env, k = self.env, self.k
         state = read_state(ckpt)
         saved_slots = state.get("loaders") or [state["loader"]]
@@ -413,15 +415,17 @@ class Trainer:
                 f"{ckpt}: written with {len(saved_slots)} micro-batch slots per step (data-parallel replicas x "
                 f"grad_accum); this run has {env.dp} x {k} = {self.slots}. Resume with the same product (set "
                 f"train.tokens_per_step to keep it fixed across process counts)")
-        # any layout resumes any other's optimizer state: sharded layouts read it by parameter name
-        osd = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device)
-        by_name = state.get("optimizer_format", "torch") == "fqn"
-        if not by_name and self._optimizer_format() == "fqn":
-            osd, by_name = P.optimizer_state_by_name(osd), True
-        if self.parallel is not None:
-            self.parallel.load_optimizer_state(self.optimizer, osd)
-        else:
-            D.load_optimizer_state(self.model, self.optimizer, osd, by_name)
+        if ckpt_mod.has_sharded_state(ckpt):  # model and optimizer shards, resharded onto this layout
+            ckpt_mod.load_sharded_checkpoint(ckpt, self.model, self.optimizer)
+        else:  # optimizer.pt: sharded layouts read it by parameter name
+            osd = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device)
+            by_name = state.get("optimizer_format", "torch") == "fqn"  # (full, name-keyed: older sharded runs)
+            if not by_name and self.sharded:
+                osd, by_name = P.optimizer_state_by_name(osd), True
+            if self.parallel is not None:
+                self.parallel.load_optimizer_state(self.optimizer, osd)
+            else:
+                D.load_optimizer_state(self.model, self.optimizer, osd, by_name)
         for i, loader in enumerate(self.loaders):
             loader.load_state_dict(saved_slots[env.dp_rank * k + i])
         rngs = state.get("rng_ranks")
@@ -515,10 +519,6 @@ class Trainer:
             return float(self.tokens_per_step)
         local = float(sum(int(count_targets(y)) for _, y in batches)) if self.env.reads_new_data else 0.0
         return float(D.all_reduce_sum(torch.tensor(local, device=self.device), self.env))
-
-    def _optimizer_format(self) -> str:
-        """How optimizer.pt is keyed: "fqn" (by parameter name; sharded layouts) or "torch" (numbered)."""
-        return "fqn" if self.env.mode == "fsdp" or self.env.model_parallel else "torch"
 
     def _skip_step(self, loss: float, gnorm: float) -> None:
         """A non-finite step: drop its gradients; stop the run after ``train.max_bad_steps`` of them."""
@@ -618,28 +618,29 @@ class Trainer:
                     f.write(f"--- step {self.step} ---\n{t}\n\n")
 
     def save(self, val: dict) -> Path | None:
-        """A checkpoint of this step (every rank takes part; rank 0 writes); its path on every rank."""
+        """A checkpoint of this step (every rank takes part; rank 0 writes all of it, or under a sharded
+        layout each process its own shards and rank 0 the rest); its path on every rank."""
         env, tc = self.env, self.tc
         mine = [l.state_dict() for l in self.loaders] if env.reads_new_data else []  # one process per replica
         loader_states = [s for per_rank in D.all_gather_objects(mine, env) for s in per_rank]
         rngs = D.all_gather_objects(ckpt_mod.rng_state(), env)
-        if self.parallel is not None:
-            msd, osd = self.parallel.model_state(), self.parallel.optimizer_state(self.optimizer)
-        else:
-            msd = D.full_model_state(self.model, env)
-            osd = D.full_optimizer_state(self.model, self.optimizer, env)
-        path = None
+        state = None
         if env.is_main:
             state = {"tokens_seen": self.tokens_seen, "loaders": loader_states, "rng": rngs[0], "rng_ranks": rngs,
                      "world_size": env.world_size, "grad_accum": self.k, "distributed": env.mode,
-                     "tp": env.tp, "pp": env.pp, "optimizer_format": self._optimizer_format(),
+                     "tp": env.tp, "pp": env.pp, "optimizer_format": "dcp" if self.sharded else "torch",
                      "bad_steps": self.bad_steps,
                      "config_hash": self.cfg.hash(), "tokenizer": "tokenizer" if self.tokenizer_dir else None,
                      "val_loss": val.get("val_loss") if val.get("step") == self.step else None,
                      "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
-            path = ckpt_mod.save_checkpoint(self.run_dir, self.step, msd, osd, state, self.config_toml,
-                                            self.tokenizer_dir, keep_last=tc.keep_last, keep_best=tc.keep_best,
-                                            tie_embeddings=self.cfg.model.tie_embeddings)
+        where = dict(config_toml=self.config_toml, tokenizer_dir=self.tokenizer_dir, keep_last=tc.keep_last,
+                     keep_best=tc.keep_best, tie_embeddings=self.cfg.model.tie_embeddings)
+        path = None
+        if self.sharded:  # every process writes its shards; rank 0 the rest
+            path = ckpt_mod.save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                                    env=env, **where)
+        elif env.is_main:  # one process, or DDP: rank 0 holds everything
+            path = ckpt_mod.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, **where)
         path = D.broadcast_object(str(path) if path else None, env)
         return Path(path) if path else None
 
