@@ -38,7 +38,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -51,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 from text2llm.infer.generate import TorchEngine  # noqa: E402
 from text2llm.model import ModelConfig, Transformer  # noqa: E402
 from text2llm.model.transformer import document_mask  # noqa: E402
+from text2llm.train.mfu import cpu_name  # noqa: E402
 from text2llm.model.attention import (block_attention, dense_band_attention, flex_available,  # noqa: E402
                                       flex_band_attention, pick_path)
 
@@ -62,13 +62,7 @@ WINDOWS = (128, 256)
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def emit(rec: dict, dev: torch.device) -> None:
