@@ -197,14 +197,16 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                         f"unexpected {sorted(unexpected)[:5]})")
 
 
-def write_checkpoint_dir(out: Path, model: torch.nn.Module, cfg, tokenizer_src: Path | None, state: dict) -> Path:
+def write_checkpoint_dir(out: Path, model: torch.nn.Module, cfg, tokenizer_src: Path | None, state: dict,
+                         metadata: dict | None = None) -> Path:
     """A checkpoint dir every command loads: model.safetensors + config.toml + state.json + tokenizer/.
 
     For the stages that produce a model outside training (pruning, ``import hf``); ``out`` is
-    normally a staging dir (:func:`text2llm.files.staged_output`).
+    normally a staging dir (:func:`text2llm.files.staged_output`). ``metadata``: the safetensors
+    header's (default: the state's step).
     """
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / WEIGHTS, {"step": state.get("step", 0)})
+    save_weights(model, out / WEIGHTS, metadata if metadata is not None else {"step": state.get("step", 0)})
     (out / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
     (out / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     if tokenizer_src is not None and not (out / "tokenizer").exists():

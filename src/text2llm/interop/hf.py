@@ -63,7 +63,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from text2llm.checkpoint import (is_int8, load_model, load_tokenizer, read_checkpoint_config, resolve_checkpoint,
-                                 save_weights, tokenizer_dir)
+                                 tokenizer_dir, write_checkpoint_dir)
 from text2llm.config import Config
 from text2llm.errors import UserError
 from text2llm.files import staged_output
@@ -411,10 +411,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) 
         model.embed.weight.data.copy_(sd["embed.weight"])
     cfg = Config(model=mcfg, train={"seq_len": min(256, mcfg.max_seq_len)})
     with staged_output(out_dir, overwrite) as tmp:
-        save_weights(model, tmp / "model.safetensors", {"source": str(src)})
-        (tmp / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-        (tmp / "state.json").write_text(json.dumps({"step": 0, "tokens_seen": 0, "imported_from": str(src)},
-                                                   indent=1) + "\n", encoding="utf-8")
+        write_checkpoint_dir(tmp, model, cfg, None, {"step": 0, "tokens_seen": 0, "imported_from": str(src)},
+                             metadata={"source": str(src)})
         if (src / TOKENIZER_COPY).is_dir():
             Tokenizer.load(src / TOKENIZER_COPY).save(tmp / "tokenizer")
         else:
