@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from text2llm.infer.fast_step import FastDecodeStep
 from text2llm.infer.generate import TorchEngine
+from text2llm.infer.packing import pack_weights
 from text2llm.model import KVCache, ModelConfig, Transformer
 from text2llm.model.attention import block_attention, dense_band_attention, pick_path, windowed_attention
 from text2llm.model.transformer import apply_rope, causal_mask, document_mask
@@ -251,6 +253,15 @@ def test_engines_decode_a_padded_batch_like_forward(pattern):
         for t in range(10, 30):
             got = model.decode_step(x[:, t : t + 1], t, cache, valid[:, None, None, : t + 1])
             torch.testing.assert_close(got[valid[:, t]], want[valid[:, t], t], atol=1e-5, rtol=0)
+    # the fast decode step over the same full buffers (a batch past an AOT export's max_batch)
+    step = FastDecodeStep.build(pack_weights(model))
+    cache = KVCache(model.cfg, 3, 40, ring=False)
+    with torch.no_grad():
+        model(x[:, :10], cache=cache, attn_mask=causal_mask(10, key_padding_BS=valid[:, :10]))
+        for t in range(10, 30):
+            got = step(x[:, t], t, cache, valid[:, None, None, : t + 1])
+            torch.testing.assert_close(got[valid[:, t]], want[valid[:, t], t], atol=1e-5, rtol=0)
+    pack_weights(model, on=False)
 
 
 def test_all_windowed_rope_model_decodes_past_max_seq_len():
@@ -305,6 +316,7 @@ def test_int8_and_pruning_keep_the_window():
     q = quantize_model(build(tiny(d_model=64, n_head=4, n_kv_head=4, window_pattern="SL")))
     with torch.no_grad():
         got = q(x).logits
+    assert q.cfg.pattern == "SL" and q.blocks[0].attn.window == 8 and q.blocks[1].attn.window == 0
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()
     # decoding one row at a time (int8 quantizes each call's rows: compare like with like)
     fast, ref = TorchEngine(q), TorchEngine(q, fast_step=False)

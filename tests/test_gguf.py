@@ -165,6 +165,9 @@ def test_refusals_are_one_line(tmp_path, capsys):
     learned = tiny_checkpoint(tmp_path / "gpt", positions="learned")
     with pytest.raises(UserError, match="model.positions = 'learned'.*rotary"):
         export_gguf(learned, tmp_path / "x.gguf")
+    windowed = tiny_checkpoint(tmp_path / "win", attention_window=8)  # the file has no place for the window
+    with pytest.raises(UserError, match="model.attention_window = 8.*no sliding-window"):
+        export_gguf(windowed, tmp_path / "x.gguf")
     int8 = tmp_path / "int8"
     int8.mkdir()
     (int8 / "quant.json").write_text("{}")

@@ -149,10 +149,10 @@ def cmd_generate(a) -> int:
         raise UserError("generate: --interactive / --chat with --tp is not supported (every process would need each "
                         "prompt)")
     served = open_engine(a.ckpt, a.engine or "auto", compile=a.compile, tp=a.tp)
-    if a.tp > 1 and int(os.environ.get("RANK", "0")) != 0:  # every process decodes; rank 0 prints
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            return cli_loop(served.engine, served.tokenizer, a, learned_positions=served.learned_positions)
-    return cli_loop(served.engine, served.tokenizer, a, learned_positions=served.learned_positions)
+    quiet = a.tp > 1 and int(os.environ.get("RANK", "0")) != 0  # every process decodes; rank 0 prints
+    with open(os.devnull, "w") if quiet else contextlib.nullcontext() as sink, \
+            contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        return cli_loop(served.engine, served.tokenizer, a, learned_positions=served.learned_positions)
 
 
 def cmd_run(a) -> int:

@@ -135,12 +135,12 @@ def val_batches(loader, n_batches: int):
 
 
 @torch.no_grad()
-def loader_nll(model, loader, n_batches: int, device, amp_dtype=None, pad_id: int | None = None,
-               attn_mask_fn=None, nll_fn=token_nll_sum) -> tuple[torch.Tensor, torch.Tensor]:
+def loader_nll(model, loader, n_batches: int, device, amp_dtype=None, attn_mask_fn=None,
+               nll_fn=token_nll_sum) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token NLL in nats, number of predicted tokens) over ``n_batches`` batches of a
     sequential :class:`~text2llm.loader.TokenLoader`, restarted from its beginning; both are tensors
-    on ``device`` so a distributed caller can all-reduce them before dividing. Targets equal to
-    ``pad_id`` do not count. The model is put in eval mode and back in train mode. ``nll_fn(logits,
+    on ``device`` so a distributed caller can all-reduce them before dividing. Padding targets (the
+    loader sets them to the ignore index) do not count. The model is put in eval mode and back in train mode. ``nll_fn(logits,
     targets)`` is the summed token NLL (tensor parallel training passes one over vocab-split logits)."""
     was_training = model.training
     model.eval()
@@ -148,8 +148,6 @@ def loader_nll(model, loader, n_batches: int, device, amp_dtype=None, pad_id: in
     count = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in val_batches(loader, n_batches):
         x, y = x.to(device), y.to(device)
-        if pad_id is not None:
-            y = ignore_padding(y, pad_id)
         kwargs = {"attn_mask": attn_mask_fn(x)} if attn_mask_fn is not None else {}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x, **kwargs).logits

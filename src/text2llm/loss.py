@@ -22,15 +22,19 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # targets the loss skips (torch cross_entropy's default ignore_index)
 
 
+def _cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+
+
 def token_nll_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Sum of next-token NLL (nats, a float32 0-d tensor) over the targets that are not IGNORE_INDEX."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return _cross_entropy(logits_BTV, targets_BT, "sum")
 
 
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; targets equal to IGNORE_INDEX (padding) do not count."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
+    return _cross_entropy(logits_BTV, targets_BT, "mean")
 
 
 def count_targets(targets_BT: torch.Tensor) -> torch.Tensor:

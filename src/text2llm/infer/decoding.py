@@ -279,7 +279,8 @@ def log_softmax_np(logits_BV: np.ndarray) -> np.ndarray:
 def step_logprobs(logits_BV: np.ndarray, next_B: np.ndarray, top: int) -> list[TokenLogprob]:
     """Per row: the drawn token's logprob and the ``top`` most likely tokens (``top`` may be 0)."""
     lp_BV = log_softmax_np(logits_BV)
-    best_BN = np.argsort(-lp_BV, axis=-1, kind="stable")[:, :top]
+    best_BN = (np.argsort(-lp_BV, axis=-1, kind="stable")[:, :top] if top  # (no sort when no top list is asked)
+               else np.empty((len(lp_BV), 0), dtype=np.int64))
     return [TokenLogprob(int(t), float(lp[t]), [(int(i), float(lp[i])) for i in best])
             for t, lp, best in zip(next_B, lp_BV, best_BN)]
 

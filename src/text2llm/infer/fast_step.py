@@ -120,6 +120,8 @@ class FastDecodeStep:
         cfg = model.cfg
         self.H, self.K, self.Dh, self.max_seq_len = cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.max_seq_len
         self.windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]  # 0 = a full layer
+        self.window = cfg.attention_window  # every windowed layer's (one size for all)
+        self.first_windowed = next((i for i, w in enumerate(self.windows) if w), None)
         self.unbounded, self.rope_theta = cfg.unbounded_context, cfg.rope_theta
         self.embed = model.embed.weight.detach()
         self.pos_embed = model.pos_embed.weight.detach() if cfg.positions == "learned" else None
@@ -161,6 +163,15 @@ class FastDecodeStep:
             cos, sin = (t[0].to(self.embed.dtype) for t in rope_tables(Dh, S, self.rope_theta, pos, x.device, True))
             half = Dh // 2
         HK = (H + K) * Dh
+        # where each layer writes and what it attends to (write at slot; attend to n keys from
+        # first), decided once per step: every full layer alike, every windowed layer alike
+        full = windowed = (pos, 0, S, attn_mask)
+        if self.first_windowed is not None:
+            ring, W = cache.ring[self.first_windowed], self.window
+            if ring:  # every filled slot is within the window (see KVCache)
+                windowed = (pos % ring, 0, min(S, ring), ring_mask(attn_mask, pos, ring))
+            elif S > W:  # a full buffer: the window's keys are its last ones
+                windowed = (pos, S - W, W, None if attn_mask is None else attn_mask[..., S - W:])
         for i, (norm1, qkv_mm, o_add, norm2, mlp_in, down_add) in enumerate(self.layers):
             qkv = qkv_mm(x if norm1 is None else norm1(x))  # B (H+2K)*Dh  (norm None: the matmul applies it)
             qk = qkv[:, :HK].view(B, H + K, Dh)
@@ -168,13 +179,7 @@ class FastDecodeStep:
                 rotated = torch.cat([qk[..., half:].neg(), qk[..., :half]], dim=-1)
                 qk = torch.addcmul(qk * cos, rotated, sin)
             k_cache, v_cache = cache.k[i], cache.v[i]  # B K max_len Dh (a ring layer: B K window Dh)
-            ring, window = cache.ring[i], self.windows[i]
-            slot, first, n, mask = pos, 0, S, attn_mask  # write at slot; attend to n keys from first
-            if ring:  # every filled slot is within the window (see KVCache)
-                slot, n, mask = pos % ring, min(S, ring), ring_mask(attn_mask, pos, ring)
-            elif window and S > window:  # a full buffer: the window's keys are its last ones
-                first, n = S - window, window
-                mask = None if attn_mask is None else attn_mask[..., first:]
+            slot, first, n, mask = windowed if self.windows[i] else full
             k_cache.select(2, slot).copy_(qk[:, H:])
             v_cache.select(2, slot).copy_(qkv[:, HK:].view(B, K, Dh))
             q = qk[:, :H].reshape(B, K, H // K, Dh)  # the query heads of each K/V head as its queries

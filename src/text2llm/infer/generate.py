@@ -191,9 +191,12 @@ class TorchEngine:
         start = self.len - 1
         if self.compiled is None and self.fast_step is None:
             return self._forward(start, 1)
-        mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
         if self.compiled is not None:
+            mask = _attn_mask(self.valid, start, 1).to(self.device) if self.padded else None
             return self.compiled(new_B[:, None], start, mask).float().cpu().numpy()
+        # one query at the last position: its causal row is the valid row itself (the new token's
+        # own column was just set), a view instead of a mask built anew each step
+        mask = self.valid[:, None, None, : self.len] if self.padded else None
         with self.attention():
             return self.fast_step(new_B, start, self.cache, mask).float().cpu().numpy()
 

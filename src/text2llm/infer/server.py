@@ -160,7 +160,8 @@ class TensorParallelBackend(Backend):
             raise ApiError(503, "the server is stopping", type_="server_error")
         if params.temperature > 0 and params.seed is None:  # every rank must draw the same tokens
             params = dataclasses.replace(params, seed=secrets.randbits(63))
-        self._send(("complete", prompt_ids, params, kw))
+        # (logprobs stay on rank 0, which alone answers: the other ranks need what decides the tokens)
+        self._send(("complete", prompt_ids, params, {"lstrip": kw.get("lstrip", False)}))
         lost: list[Exception] = []
 
         def deliver(row: int, piece: str) -> None:
@@ -196,13 +197,13 @@ def follow(served) -> None:
     stops after the request in flight and then sends the stop message."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    backend = Backend.of(served)
     while (message := _broadcast(None)) is not None:
         if message[0] != "complete":  # a keep-alive ping
             continue
         _, prompt_ids, params, kw = message
         try:
-            complete(served.engine, served.tokenizer, [], params, learned_positions=served.learned_positions,
-                     prompt_ids=prompt_ids, **kw)
+            backend.decode(prompt_ids, params, None, **kw)
         except Exception:  # rank 0 meets the same error in the same place and answers it
             traceback.print_exc()
 
@@ -253,7 +254,7 @@ def _unsupported(body, allowed: dict) -> None:
             raise ApiError(400, f"'{key}' is not supported (only {json.dumps(want)})", key)
 
 
-def _common(body, shape, texts, ids, n_prompts, max_tokens, **kw) -> Request:
+def _common(body, shape, texts, ids, max_tokens, **kw) -> Request:
     """What both routes share: sampling, stop strings, seed, n, stream."""
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
@@ -263,8 +264,8 @@ def _common(body, shape, texts, ids, n_prompts, max_tokens, **kw) -> Request:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ApiError(400, "'seed' must be a non-negative integer", "seed")
     n = _number(body, "n", 1, 1, MAX_PROMPTS, integer=True)
-    if n * n_prompts > MAX_PROMPTS:
-        raise ApiError(400, f"{n_prompts} prompts x n={n} choices: at most {MAX_PROMPTS} per request", "n")
+    if n * len(texts) > MAX_PROMPTS:
+        raise ApiError(400, f"{len(texts)} prompts x n={n} choices: at most {MAX_PROMPTS} per request", "n")
     stream = _flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
@@ -314,7 +315,7 @@ def parse_request(body, backend: "Backend", max_tokens_limit: int) -> Request:
         raise ApiError(400, "prompt too long", "prompt")
     tok = backend.tok
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
-    return _fits(_common(body, Completions, prompts, ids, len(prompts), max_tokens, echo=echo, logprobs=logprobs),
+    return _fits(_common(body, Completions, prompts, ids, max_tokens, echo=echo, logprobs=logprobs),
                  backend)
 
 
@@ -356,7 +357,7 @@ def parse_chat(body, backend: "Backend", max_tokens_limit: int) -> Request:
         logprobs = _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    req = _common(body, Chat, [""], [], 1, max_tokens, logprobs=logprobs)
+    req = _common(body, Chat, [""], [], max_tokens, logprobs=logprobs)
     ids, req.params = chat_prompt(backend.tok, messages, req.params)  # + the template's stop strings
     req.ids = [ids]
     return _fits(req, backend)
@@ -515,8 +516,6 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True  # the client went away or stalled; nothing to answer
         except Exception as e:  # a bug: answer 500, log it, keep serving
-            import traceback
-
             traceback.print_exc()
             try:
                 self._error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))

@@ -95,6 +95,8 @@ def check_gguf(cfg: ModelConfig) -> None:
         raise UserError(f"model.moe_every = {cfg.moe_every}: {llama} experts in every layer or in none")
     if cfg.n_experts and cfg.bias:
         raise UserError(f"model.bias = true with experts: {llama} no expert biases")
+    if cfg.attention_window:  # (the file would carry no window: llama.cpp would attend densely)
+        raise UserError(f"model.attention_window = {cfg.attention_window}: {llama} no sliding-window attention")
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:

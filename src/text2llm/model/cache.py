@@ -69,9 +69,12 @@ class KVCache:
             S = min(pos + 1, W)
             return k_buf.narrow(2, 0, S), v_buf.narrow(2, 0, S), ring_mask(attn_mask, pos, W)
         seen = min(pos, W - 1)  # cached positions pos-seen .. pos-1 are within the first new token's window
-        old = torch.arange(pos - seen, pos, device=k_buf.device) % W
-        k = torch.cat([k_buf.index_select(2, old), k_BKTD], dim=2)  # B K seen+T Dh, in position order
-        v = torch.cat([v_buf.index_select(2, old), v_BKTD], dim=2)
+        if seen == 0:  # a prompt at position 0: nothing cached to put in front
+            k, v = k_BKTD, v_BKTD
+        else:
+            old = torch.arange(pos - seen, pos, device=k_buf.device) % W
+            k = torch.cat([k_buf.index_select(2, old), k_BKTD], dim=2)  # B K seen+T Dh, in position order
+            v = torch.cat([v_buf.index_select(2, old), v_BKTD], dim=2)
         keep = min(T, W)
         slots = torch.arange(pos + T - keep, pos + T, device=k_buf.device) % W
         k_buf.index_copy_(2, slots, k_BKTD[:, :, T - keep :])

@@ -73,15 +73,15 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | dict, opt
                     tie_embeddings: bool | None = None) -> Path:
     """Write ``checkpoints/step_{step:07d}`` atomically and apply retention. Returns its path.
 
-    ``model`` is the unwrapped module or a full state dict; ``optimizer`` an optimizer, its state
-    dict, or None. Files go to ``.tmp-step_...`` (state.json last), are fsynced, and the dir is
+    ``model`` is the unwrapped module or a full state dict; ``optimizer`` an optimizer or None.
+    Files go to ``.tmp-step_...`` (state.json last), are fsynced, and the dir is
     renamed into place; a process killed at any moment leaves either the old set of checkpoints or
     the new one, never a half checkpoint under a real name.
     """
     root, tmp = _staging_dir(run_dir, step)
     save_weights(model, tmp / WEIGHTS, {"step": step}, tie_embeddings)
     if optimizer is not None:
-        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     return _commit(root, tmp, step, state, config_toml, tokenizer_dir, keep_last, keep_best)
 
 

@@ -153,7 +153,7 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, compile: bool = False):
     if env.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
+        for block in model.blocks.children():  # (a ModuleList, or a pipeline stage's ModuleDict)
             fully_shard(block, mesh=env.mesh["dp"])
         fully_shard(model, mesh=env.mesh["dp"])
         return (torch.compile(model) if compile else model), model

@@ -257,7 +257,7 @@ def _shard_grad_like_param(p) -> None:
 
 def vocab_parallel_nll(tp_mesh):
     """``token_nll_sum`` over logits split by vocab (B, T, V/tp on each process), without
-    gathering them; call it, and backward, inside :func:`loss_context`."""
+    gathering them; call it, and backward, inside :meth:`ParallelModel.context`."""
     from torch.distributed.tensor import DTensor, Shard
 
     def nll(logits_local, targets_BT):
@@ -265,13 +265,6 @@ def vocab_parallel_nll(tp_mesh):
         return token_nll_sum(logits, targets_BT).to_local()
 
     return nll
-
-
-def loss_context(tc, env):
-    """``loss_parallel()`` when the logits are split by vocab, else a no-op context."""
-    from torch.distributed.tensor.parallel import loss_parallel
-
-    return loss_parallel() if env.tp > 1 and tc.loss_parallel else nullcontext()
 
 
 def shard_for_inference(model: Transformer, tp: int) -> tuple[Transformer, int]:
@@ -383,7 +376,8 @@ class ParallelModel:
     def __init__(self, model: Transformer, tc, env, k: int):
         self.tc, self.env, self.k = tc, env, k
         tp_mesh = env.mesh["tp"]
-        self.nll = vocab_parallel_nll(tp_mesh) if env.tp > 1 and tc.loss_parallel else token_nll_sum
+        self.loss_parallel = env.tp > 1 and tc.loss_parallel  # logits stay split by vocab
+        self.nll = vocab_parallel_nll(tp_mesh) if self.loss_parallel else token_nll_sum
         self.schedule, self.fwd, self.stage_modules = None, None, []
         if env.pp == 1:
             if env.tp > 1:
@@ -395,25 +389,17 @@ class ParallelModel:
         self.module, stage_modules = cut_stages(model, tc, env)
         if env.tp > 1:
             apply_tp(self.module, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
-        stage_modules = [(s, self._wrap_dp(m)) for s, m in stage_modules]
+        stage_modules = [(s, D.wrap_model(m, env)[0]) for s, m in stage_modules]
         self.stage_modules = [m for _, m in stage_modules]
         self._scale = 1.0
         self.schedule = build_schedule(stage_modules, tc, env, k, self._pp_loss)
 
-    def _wrap_dp(self, stage: StageModule):
-        env = self.env
-        if env.mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for block in stage.blocks.values():
-                fully_shard(block, mesh=env.mesh["dp"])
-            return fully_shard(stage, mesh=env.mesh["dp"])
-        if env.mode == "ddp":
-            return D.ddp(stage, env)
-        return stage
-
     def context(self):
-        return loss_context(self.tc, self.env)
+        """``loss_parallel()`` when the logits are split by vocab (the loss and its backward run
+        inside it), else a no-op context."""
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel() if self.loss_parallel else nullcontext()
 
     # ---- a pipelined step ----
 
@@ -451,7 +437,7 @@ class ParallelModel:
         env = self.env
         if self.schedule is None:
             with self.context():
-                total, count = loader_nll(self.fwd, loader, n_batches, env.device, amp_dtype, None, attn_mask_fn,
+                total, count = loader_nll(self.fwd, loader, n_batches, env.device, amp_dtype, attn_mask_fn,
                                           nll_fn=self.nll)
         else:
             total = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -504,11 +490,8 @@ class ParallelModel:
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         """Load a full, name-keyed optimizer state (an ``optimizer.pt`` of one process or DDP, keyed by
         name by the caller); a stage takes its own parameters."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         names = {n for n, _ in self.module.named_parameters()}
-        set_optimizer_state_dict(self.module, optimizer, restrict_optimizer_state(state, names),
-                                 options=StateDictOptions(full_state_dict=True))
+        D.load_optimizer_state(self.module, optimizer, restrict_optimizer_state(state, names), by_name=True)
 
 
 # ---- name-keyed optimizer states --------------------------------------------------------------------------

@@ -50,7 +50,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from text2llm.checkpoint import best_checkpoint, load_weights, read_checkpoint_config, read_state, resolve_checkpoint
+from text2llm.checkpoint import (WEIGHTS, best_checkpoint, load_weights, read_checkpoint_config, read_state,
+                                 resolve_checkpoint)
 from text2llm.config import load_config
 from text2llm.errors import UserError
 from text2llm.evaluate import loader_nll
@@ -363,16 +364,15 @@ class Trainer:
         model = Transformer(self.cfg.model).to(self.device)
         if init_from is not None:
             src = resolve_checkpoint(init_from)
-            if not (src / "model.safetensors").is_file():
-                raise UserError(f"{src}: init_from needs a float checkpoint with model.safetensors")
-            load_weights(model, src / "model.safetensors")
+            if not (src / WEIGHTS).is_file():
+                raise UserError(f"{src}: init_from needs a float checkpoint with {WEIGHTS}")
+            load_weights(model, src / WEIGHTS)
         if self.start_ckpt is not None and not ckpt_mod.has_sharded_state(self.start_ckpt):
-            load_weights(model, self.start_ckpt / "model.safetensors")  # (sharded: loaded in place by resume)
+            load_weights(model, self.start_ckpt / WEIGHTS)  # (sharded: loaded in place by resume)
         if env.rank // env.tp:
             torch.manual_seed(tc.seed + env.rank // env.tp)  # dropout differs between replicas and stages
         self.params = model.num_params()
-        self.flops_per_token = (model.flops_per_token(tc.seq_len) if hasattr(model, "flops_per_token")
-                                else 6.0 * self.params)
+        self.flops_per_token = model.flops_per_token(tc.seq_len)
         self.parallel = None
         self.sharded = env.mode == "fsdp" or env.model_parallel  # checkpoints through torch.distributed.checkpoint
         if env.model_parallel:  # tp / pp (and DDP / FSDP2 on the dp dim)
@@ -586,7 +586,7 @@ class Trainer:
                 nll, count = nll.zero_(), count.zero_()
         else:
             nll, count = loader_nll(self.fwd, self.val_loader, self.tc.eval_batches, self.device, self.amp_dtype,
-                                    None, self.attn_mask_fn)
+                                    self.attn_mask_fn)
         if not self.val_shared or self.parallel is not None:
             both = D.all_reduce_sum(torch.stack([nll, count]), self.env)
             nll, count = both[0], both[1]
