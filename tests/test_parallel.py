@@ -195,6 +195,17 @@ def test_tp2_fsdp2_on_four_processes_matches_one_process(tokens, tmp_path):
     assert max_diff(losses(run), losses(one)) <= 1e-5
 
 
+def test_compile_under_tp_and_pp_matches_one_process(tokens, one_untied, tmp_path):
+    """train.compile with tp=2 (each block's attention and MLP forward compiled after the split,
+    sequence parallel on) and with pp=2 (the stages' sublayers compiled) == one eager process."""
+    one = train_one(tokens, tmp_path / "one", max_steps=4, eval_every=0, checkpoint_every=0)
+    tp = train_parallel(tokens, tmp_path / "tp2", "train.tp=2", "train.compile=true", max_steps=4, eval_every=0,
+                        checkpoint_every=0)
+    assert max_diff(losses(tp), losses(one)) <= 1e-5
+    pp = train_parallel(tokens, tmp_path / "pp2", *NO_TIE, "train.pp=2", "train.compile=true")
+    assert max_diff(losses(pp), losses(one_untied)) <= 1e-5
+
+
 # ---- pipeline parallel ----------------------------------------------------------------------------------------
 
 

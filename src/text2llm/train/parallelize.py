@@ -103,8 +103,6 @@ def check_layout(mc, tc, env, k: int) -> None:
         if tc.precision == "fp16":
             raise UserError("train.tp / train.pp with train.precision=fp16 is not supported (no grad scaler across "
                             "stages); use bf16 or fp32")
-        if tc.compile:
-            raise UserError("train.compile with train.tp / train.pp is not supported here yet")
 
 
 def check_tp(mc, tp: int, what_tp: str = "train.tp") -> None:
@@ -287,6 +285,33 @@ def shard_for_inference(model: Transformer, tp: int) -> tuple[Transformer, int]:
     return model, model.cfg.kv_heads // tp
 
 
+# ---- compile ----------------------------------------------------------------------------------------------
+
+
+def compile_blocks(model: nn.Module, tp: int = 1) -> None:
+    """``train.compile`` under tp / pp: each block's sublayers compiled in place (parameter
+    names and state dicts unchanged), after the tensor-parallel split and before the data-parallel
+    wrapper: torchtitan's order. The blocks share compiled programs (same code, same shapes), so
+    the compile cost is about one block's.
+
+    torchtitan compiles whole blocks. On torch 2.13 (CPU, gloo) that, and anything that puts the
+    tensor-parallel plan's module hooks inside a compiled region, goes wrong under DTensor: a whole
+    compiled block fails in backward, compiled norms train to losses 1e-4 away from one process's
+    (sequence parallel: they fail), and a compiled attention whose input all-gather hook is in the
+    region drifts by 1e-3 in 8 steps. Compiling only the ``forward`` of the attention and of the
+    MLP / MoE (their hooks, i.e. the sequence-parallel gathers, stay eager) matches one process
+    within 1e-6 (tests/test_parallel.py). So under tp that is what is compiled, and the norms and
+    residual adds stay eager; under pp alone (no DTensor) the whole sublayers, norms included."""
+    for _, block in _blocks(model):
+        if tp > 1:
+            for name in ("attn", "mlp"):
+                sub = getattr(block, name)
+                sub.forward = torch.compile(sub.forward)
+        else:
+            for name in ("attn_norm", "attn", "mlp_norm", "mlp"):
+                getattr(block, name).compile()
+
+
 # ---- pipeline parallel ----------------------------------------------------------------------------------
 
 
@@ -382,6 +407,8 @@ class ParallelModel:
         if env.pp == 1:
             if env.tp > 1:
                 apply_tp(model, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
+            if tc.compile:
+                compile_blocks(model, env.tp)
             self.fwd, self.dp_wrapper = D.wrap_model(model, env)
             self.module = model
             return
@@ -389,6 +416,8 @@ class ParallelModel:
         self.module, stage_modules = cut_stages(model, tc, env)
         if env.tp > 1:
             apply_tp(self.module, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
+        if tc.compile:
+            compile_blocks(self.module, env.tp)
         stage_modules = [(s, D.wrap_model(m, env)[0]) for s, m in stage_modules]
         self.stage_modules = [m for _, m in stage_modules]
         self._scale = 1.0
