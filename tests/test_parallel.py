@@ -40,9 +40,11 @@ MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-# run as the torchrun entry point instead of `-m text2llm`: the command, with the two ways of
-# gathering a whole model made to fail (a full state dict, or a DTensor's full value beyond a scalar)
+# run as the torchrun entry point instead of `-m text2llm`: the command, with the three ways of
+# holding a whole model made to fail (a full state dict, a DTensor's full value beyond a scalar, or
+# a Transformer built anywhere but on the meta device)
 NO_GATHER = """
+import torch
 import torch.distributed.checkpoint.state_dict as S
 from torch.distributed.tensor import DTensor
 
@@ -60,6 +62,15 @@ def scalars_only(self, **kw):
     return full_tensor(self, **kw)
 
 DTensor.full_tensor = scalars_only
+
+from text2llm.model.transformer import Transformer
+eager_init = Transformer.__init__
+
+def meta_only(self, cfg):
+    assert torch.empty(()).device.type == "meta", "a whole model was built on a real device"
+    eager_init(self, cfg)
+
+Transformer.__init__ = meta_only
 from text2llm.cli import entry
 entry()
 """
@@ -121,6 +132,58 @@ def resume_from_step_4(run: Path, dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Path:
     return make_tokens(tmp_path_factory.mktemp("tok") / "tokens")
+
+
+# ---- meta-device init ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("over", [{}, {"tie_embeddings": False}, {"n_experts": 4, "moe_ffn_hidden": 32},
+                                  {"positions": "learned", "bias": True, "norm": "layernorm", "activation": "gelu"},
+                                  {"n_kv_head": 2}])
+def test_meta_init_equals_the_eager_build(over):
+    """materialize() fills a meta-device model with exactly the eager build's values (ties kept,
+    RoPE tables computed) and leaves the global RNG where the eager build leaves it; what the
+    distributed runs below rely on to match one process."""
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+    from text2llm.train.materialize import materialize, meta_model
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, max_seq_len=16, **over)
+    torch.manual_seed(3)
+    eager = Transformer(cfg)
+    eager_next = torch.rand(4)
+    meta = meta_model(cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    materialize([meta], cfg, torch.device("cpu"), seed=3)
+    assert torch.equal(torch.rand(4), eager_next)
+    want, got = eager.state_dict(), meta.state_dict()
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert (meta.lm_head.weight is meta.embed.weight) == cfg.tie_embeddings
+    if cfg.positions == "rope":
+        assert torch.equal(meta.rope_cos, eager.rope_cos) and torch.equal(meta.rope_sin, eager.rope_sin)
+
+
+def test_meta_init_loads_weights_one_tensor_at_a_time_with_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    from text2llm.errors import UserError
+    from text2llm.model.config import ModelConfig
+    from text2llm.model.transformer import Transformer
+    from text2llm.train.materialize import materialize, meta_model
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, max_seq_len=16)
+    torch.manual_seed(5)
+    src = {k: v for k, v in Transformer(cfg).state_dict().items() if k != "lm_head.weight"}
+    save_file(src, str(tmp_path / "w.safetensors"))
+    meta = meta_model(cfg)
+    materialize([meta], cfg, torch.device("cpu"), seed=0, weights=tmp_path / "w.safetensors")
+    assert all(torch.equal(meta.state_dict()[k], v) for k, v in src.items())
+    save_file({**src, "blocks.0.attn.q_proj.weight": torch.zeros(3, 3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(UserError, match=r"bad.safetensors: weights do not match the model config \(blocks.0.attn.q_proj"):
+        materialize([meta_model(cfg)], cfg, torch.device("cpu"), seed=0, weights=tmp_path / "bad.safetensors")
+    save_file({"stray": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="other.safetensors: weights do not match the model .missing"):
+        materialize([meta_model(cfg)], cfg, torch.device("cpu"), seed=0, weights=tmp_path / "other.safetensors")
 
 
 # ---- tensor parallel ----------------------------------------------------------------------------------------
@@ -227,7 +290,8 @@ def test_pp2_interleaved_1f1b_matches_one_process_and_resumes(tokens, tmp_path):
 
     four = [*NO_TIE, "model.n_layer=4"]  # 4 stages of one layer: stages 0 and 2 on rank 0, 1 and 3 on rank 1
     one = train_one(tokens, tmp_path / "one", *four)
-    run = train_parallel(tokens, tmp_path / "interleaved", *four, "train.pp=2", "train.pp_schedule=interleaved-1f1b")
+    run = train_parallel(tokens, tmp_path / "interleaved", *four, "train.pp=2", "train.pp_schedule=interleaved-1f1b",
+                         no_gather=True)
     ref = losses(run)
     assert max_diff(ref, losses(one)) <= 1e-5
     same = resume_from_step_4(run, tmp_path / "resumed")

@@ -222,10 +222,15 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if cfg.positions == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = self.rope_buffers()
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+
+    def rope_buffers(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE (cos, sin) tables for positions 0..max_seq_len-1 (computed, never saved: a
+        model built on the meta device gets them from here once its weights are materialised)."""
+        return rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device)
 
     def init_weights(self) -> None:
         """All initialisation in one place (GPT-2 / nanoGPT scheme, "scaled residual init"):
@@ -243,16 +248,23 @@ class Transformer(nn.Module):
         Each block adds two branches to the residual stream; scaling their output projections by
         1/sqrt(2 n_layer) keeps the stream's variance roughly constant with depth.
         """
-        std, resid_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, resid_std)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, 0.0, std)
+            self.init_param(name, p)
+
+    @torch.no_grad()
+    def init_param(self, name: str, t: torch.Tensor) -> None:
+        """Fill ``t`` in place as parameter ``name`` is initialised (the table of :meth:`init_weights`,
+        drawing from the global RNG). ``t`` may be the parameter, or a full-size tensor standing in
+        for one that is sharded across processes (:func:`text2llm.train.distributed.materialize`)."""
+        std, resid_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        if name.endswith("bias"):
+            nn.init.zeros_(t)
+        elif "norm" in name:
+            nn.init.ones_(t)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(t, 0.0, resid_std)
+        elif t.dim() >= 2:
+            nn.init.normal_(t, 0.0, std)
 
     def embed_positions(self, input_ids: torch.Tensor, start: int):
         """Token embeddings of ``input_ids`` (B, T) sitting at positions start..start+T-1, and the

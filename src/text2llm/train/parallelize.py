@@ -229,7 +229,6 @@ def _blocks(model: nn.Module):
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool = True) -> nn.Module:
     """Split ``model`` (a Transformer, or a pipeline part of one) over ``tp_mesh`` in place.
     A tied head is tied again afterwards: both styles shard the shared (V, D) weight by rows."""
-    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
 
     tied = (getattr(model, "lm_head", None) is not None and getattr(model, "embed", None) is not None
@@ -237,10 +236,17 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True, loss_par
     parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel, loss_parallel))
     if tied:
         model.lm_head.weight = model.embed.weight
+    return model
+
+
+def register_grad_hooks(model: nn.Module) -> None:
+    """For training under tp without FSDP2: :func:`_shard_grad_like_param` on every DTensor
+    parameter (once the parameters are allocated: a meta-device model gets new tensors then)."""
+    from torch.distributed.tensor import DTensor
+
     for p in model.parameters():
         if isinstance(p, DTensor) and p.requires_grad:
             p.register_post_accumulate_grad_hook(_shard_grad_like_param)
-    return model
 
 
 def _shard_grad_like_param(p) -> None:
@@ -398,18 +404,22 @@ class ParallelModel:
     step calls (None under pp, where the schedule runs the stages).
     """
 
-    def __init__(self, model: Transformer, tc, env, k: int):
+    def __init__(self, model: Transformer, tc, env, k: int, fill=None):
+        """``model`` may be on the meta device; then ``fill(modules)`` allocates and initialises this
+        process's part (:func:`text2llm.train.materialize.materialize`) once it is split: before the
+        DDP wrapper (which broadcasts real values), after FSDP2's (which shards on the meta device)."""
         self.tc, self.env, self.k = tc, env, k
         tp_mesh = env.mesh["tp"]
         self.loss_parallel = env.tp > 1 and tc.loss_parallel  # logits stay split by vocab
         self.nll = vocab_parallel_nll(tp_mesh) if self.loss_parallel else token_nll_sum
         self.schedule, self.fwd, self.stage_modules = None, None, []
+        fill = fill or (lambda modules: None)
         if env.pp == 1:
             if env.tp > 1:
                 apply_tp(model, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
             if tc.compile:
                 compile_blocks(model, env.tp)
-            self.fwd, self.dp_wrapper = D.wrap_model(model, env)
+            [(self.fwd, self.dp_wrapper)] = self._fill_and_wrap([model], fill)
             self.module = model
             return
         self.dp_wrapper = None
@@ -418,10 +428,24 @@ class ParallelModel:
             apply_tp(self.module, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
         if tc.compile:
             compile_blocks(self.module, env.tp)
-        stage_modules = [(s, D.wrap_model(m, env)[0]) for s, m in stage_modules]
+        wrapped = self._fill_and_wrap([m for _, m in stage_modules], fill)
+        stage_modules = [(s, fwd) for (s, _), (fwd, _) in zip(stage_modules, wrapped)]
         self.stage_modules = [m for _, m in stage_modules]
         self._scale = 1.0
         self.schedule = build_schedule(stage_modules, tc, env, k, self._pp_loss)
+
+    def _fill_and_wrap(self, modules: list, fill) -> list:
+        """Allocate and initialise ``modules`` and wrap each for the dp dim (``wrap_model``'s
+        ``(fwd, wrapper)`` for each): FSDP2 shards on the meta device, so it wraps first; DDP
+        broadcasts real values, so it wraps last, after the tp gradient hooks."""
+        if self.env.mode == "fsdp":  # (FSDP2 reduces the gradients itself: no tp hooks)
+            wrapped = [D.wrap_model(m, self.env) for m in modules]
+            fill(modules)
+            return wrapped
+        fill(modules)
+        for m in modules:
+            register_grad_hooks(m)
+        return [D.wrap_model(m, self.env) for m in modules]
 
     def context(self):
         """``loss_parallel()`` when the logits are split by vocab (the loss and its backward run

@@ -67,6 +67,7 @@ from text2llm.tokenizer import Tokenizer
 from text2llm.train import checkpoint as ckpt_mod
 from text2llm.train import distributed as D
 from text2llm.train import parallelize as P
+from text2llm.train.materialize import materialize, meta_model
 from text2llm.train.mfu import device_peak_flops
 from text2llm.train.optim import lr_at, make_optimizer
 
@@ -356,31 +357,44 @@ class Trainer:
     # ---- setup ----
 
     def setup_model(self, init_from: str | Path | None) -> None:
-        """Model and optimizer: identical init on every rank, weights loaded before wrapping (under
-        train.tp / train.pp: split by :mod:`text2llm.train.parallelize`, then wrapped)."""
+        """Model and optimizer: identical init on every rank. One process and DDP build the model
+        eagerly and load weights before wrapping; FSDP2 / train.tp / train.pp build it on the meta
+        device, split it (:mod:`text2llm.train.parallelize`) and wrap it, and each process then
+        allocates and fills only its part (:mod:`text2llm.train.materialize`), with the same values."""
         tc, env = self.tc, self.env
         P.check_layout(self.cfg.model, tc, env, self.k)
-        torch.manual_seed(tc.seed)
-        model = Transformer(self.cfg.model).to(self.device)
+        self.sharded = env.mode == "fsdp" or env.model_parallel  # checkpoints through torch.distributed.checkpoint
+        weights = None  # float weights to start from: init_from, or a plain checkpoint being resumed
         if init_from is not None:
             src = resolve_checkpoint(init_from)
             if not (src / WEIGHTS).is_file():
                 raise UserError(f"{src}: init_from needs a float checkpoint with {WEIGHTS}")
-            load_weights(model, src / WEIGHTS)
+            weights = src / WEIGHTS
         if self.start_ckpt is not None and not ckpt_mod.has_sharded_state(self.start_ckpt):
-            load_weights(model, self.start_ckpt / WEIGHTS)  # (sharded: loaded in place by resume)
-        if env.rank // env.tp:
-            torch.manual_seed(tc.seed + env.rank // env.tp)  # dropout differs between replicas and stages
+            weights = self.start_ckpt / WEIGHTS  # (sharded: loaded in place by resume)
+        if self.sharded:  # built on the meta device, split, then each process allocates only its part
+            model = meta_model(self.cfg.model)
+
+            def fill(modules):
+                materialize(modules, self.cfg.model, self.device, tc.seed, weights)
+        else:
+            torch.manual_seed(tc.seed)
+            model = Transformer(self.cfg.model).to(self.device)
+            if weights is not None:
+                load_weights(model, weights)
         self.params = model.num_params()
         self.flops_per_token = model.flops_per_token(tc.seq_len)
         self.parallel = None
-        self.sharded = env.mode == "fsdp" or env.model_parallel  # checkpoints through torch.distributed.checkpoint
         if env.model_parallel:  # tp / pp (and DDP / FSDP2 on the dp dim)
-            self.parallel = P.ParallelModel(model, tc, env, self.k)
+            self.parallel = P.ParallelModel(model, tc, env, self.k, fill)
             self.model, self.fwd, parallel = self.parallel.module, self.parallel.fwd, self.parallel.dp_wrapper
         else:
             self.model = model
             self.fwd, parallel = D.wrap_model(model, env, compile=tc.compile)
+            if self.sharded:
+                fill([model])
+        if env.rank // env.tp:
+            torch.manual_seed(tc.seed + env.rank // env.tp)  # dropout differs between replicas and stages
         self.optimizer = make_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.sync = (lambda last: D.grad_sync(parallel, env, last)) if env.dp > 1 and parallel is not None else None
