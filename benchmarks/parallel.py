@@ -25,6 +25,15 @@ written by one process, so each tensor is one chunk (the worst case for the cons
 
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/parallel.py [--steps 8] [--cases one,tp2,...]
     flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/parallel.py --consolidate 8,24
+
+``--setup 12`` measures what building the model costs each process (meta-device init,
+``text2llm.train.materialize``): the growth of peak resident memory across the trainer's setup, for
+a model of d_model 1024, vocab 32000 and the given layer count, under one process, FSDP2=2, tp=2
+and pp=2, once as the trainer does it (``meta``: built on the meta device, split, then each process
+fills its part) and once as before it (``eager``: every process builds the whole model, then
+splits it; emulated by swapping the trainer's two builder functions).
+
+    flock /tmp/text2llm-bench.lock .venv/bin/python benchmarks/parallel.py --setup 12
 """
 
 from __future__ import annotations
@@ -117,6 +126,69 @@ def worker(case: str, tokens: Path, run_dir: Path, steps: int) -> None:
     D.shutdown(env, barrier=True)
 
 
+SETUP_MODEL = {"d_model": 1024, "n_head": 16, "ffn_hidden": 2816, "max_seq_len": 256, "vocab_size": 32000,
+               "tie_embeddings": "false"}
+
+
+def setup_worker(case: str, how: str, n_layer: int, tokens: Path, run_dir: Path) -> None:
+    """One process: the trainer's setup of the big model ``how`` = meta | eager; prints its peak-RSS growth."""
+    from text2llm.config import load_config
+    from text2llm.model.transformer import Transformer
+    from text2llm.pack import read_meta
+    from text2llm.train import distributed as D
+    from text2llm.train import trainer as T
+
+    nproc, train_over = CASES[case]
+    over = [f"model.{k}={v}" for k, v in {**SETUP_MODEL, "n_layer": n_layer}.items()]
+    over += [f"train.{k}={json.dumps(v)}" for k, v in train_over.items()]
+    over += ["train.batch_size=1", "train.seq_len=256", f"train.grad_accum={MICRO}", "train.max_steps=1",
+             "train.eval_every=0", "train.samples=0", "train.tensorboard=false", "train.plot=false",
+             "train.time_budget_s=0", "train.threads=1"]
+    cfg = load_config(None, over)
+    env = D.init_distributed(cfg.train)
+    if how == "eager":  # before meta-device init: every process builds the whole model, then splits it
+        def eager_model(model_cfg):
+            torch.manual_seed(cfg.train.seed)
+            return Transformer(model_cfg)
+
+        T.meta_model, T.materialize = eager_model, (lambda *args, **kw: None)
+    import torch.distributed.fsdp  # noqa: F401  (imported before the baseline: their code is not the model's memory)
+    import torch.distributed.pipelining  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    before, t0 = peak_rss_mib(), time.perf_counter()
+    trainer = T.Trainer(cfg, read_meta(tokens), tokens, run_dir, env, progress=False)
+    mine = {"grew_mib": peak_rss_mib() - before, "s": time.perf_counter() - t0,
+            "held_mib": sum(local_bytes(p) for p in trainer.model.parameters()) / 2**20}
+    everyone = D.all_gather_objects(mine, env)
+    if env.is_main:
+        print("RESULT " + json.dumps({"params": trainer.params, "model_mib": round(trainer.params * 4 / 2**20, 1),
+                                      "peak_growth_mib": round(max(r["grew_mib"] for r in everyone), 1),
+                                      "held_mib": round(max(r["held_mib"] for r in everyone), 1),
+                                      "setup_s": round(max(r["s"] for r in everyone), 2)}), flush=True)
+    D.shutdown(env, barrier=True)
+
+
+def setup_case(case: str, n_layer: int, tokens: Path, root: Path) -> dict:
+    nproc = CASES[case][0]
+    line = {"case": f"setup-{case}", "n_layer": n_layer, "processes": nproc}
+    for how in ("meta", "eager"):
+        args = [os.path.abspath(__file__), "--setup-worker", f"{case}:{how}", "--setup", str(n_layer),
+                "--tokens", str(tokens), "--out", str(root / f"{case}-{how}")]
+        cmd = [sys.executable, *args] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+        p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        found = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if not found:
+            return {**line, "error": (p.stdout + p.stderr)[-1500:]}
+        r = json.loads(found[0][7:])
+        line.update(params=r["params"], model_mib=r["model_mib"],
+                    **{f"{how}_{k}": v for k, v in r.items() if k not in ("params", "model_mib")})
+    line["meta_vs_eager_peak"] = round(line["meta_peak_growth_mib"] / line["eager_peak_growth_mib"], 3)
+    return line
+
+
 def run_case(case: str, tokens: Path, root: Path, steps: int) -> dict:
     nproc = CASES[case][0]
     here = os.path.abspath(__file__)
@@ -198,7 +270,15 @@ def main() -> int:
     p.add_argument("--consolidate", default=None, metavar="LAYERS",
                    help="comma list of layer counts: the memory of writing model.safetensors from DCP shards")
     p.add_argument("--consolidate-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--setup", default=None, metavar="LAYERS",
+                   help="the peak memory of building a d_model-1024 model of LAYERS layers, meta-device vs eager")
+    p.add_argument("--setup-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.setup_worker:
+        case, how = a.setup_worker.split(":")
+        setup_worker(case, how, int(a.setup), Path(a.tokens), Path(a.out))
+        sys.stdout.flush()
+        os._exit(0)
     if a.worker:
         worker(a.worker, Path(a.tokens), Path(a.out), a.steps)
         sys.stdout.flush()
@@ -222,6 +302,13 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 r = consolidate_case(n_layer, Path(tmp))
             print(json.dumps({**r, "cpu": cpu, "torch": torch.__version__}), flush=True)
+        return 0
+    if a.setup:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokens = bench_train.make_random_tokens(Path(tmp) / "tokens", SETUP_MODEL["vocab_size"], 64 * 257, 4 * 257)
+            for case in ("one", "fsdp2", "tp2", "pp2-gpipe"):
+                r = setup_case(case, int(a.setup), tokens, Path(tmp))
+                print(json.dumps({**r, "cpu": cpu, "torch": torch.__version__}), flush=True)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         tokens = bench_train.make_random_tokens(Path(tmp) / "tokens", MODEL["vocab_size"], 64 * BATCH * MICRO * (SEQ + 1),

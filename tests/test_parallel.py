@@ -284,6 +284,38 @@ def test_pp2_matches_one_process(tokens, one_untied, tmp_path, schedule):
     assert max_diff(val_losses(run), val_losses(one_untied)) <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def one_tied(tokens, tmp_path_factory) -> Path:
+    return train_one(tokens, tmp_path_factory.mktemp("one") / "run")
+
+
+@pytest.mark.parametrize("schedule,over", [("1f1b", []), ("gpipe", ["train.distributed=fsdp"])])
+def test_pp2_with_a_tied_head_matches_one_process(tokens, one_tied, tmp_path, schedule, over):
+    """The embedding (first stage) and the head (last stage) share one weight: its two gradients are
+    summed across the stages, counted once in the gradient norm, and both copies stay equal; the
+    checkpoint resumes in one process."""
+    from safetensors.torch import load_file
+
+    from text2llm.config import load_config
+    from text2llm.train.trainer import train
+
+    nproc, extra = (4, {"grad_accum": 1}) if over else (2, {})
+    run = train_parallel(tokens, tmp_path / schedule, "train.pp=2", f"train.pp_schedule={schedule}", *over,
+                         nproc=nproc, **extra)
+    assert max_diff(losses(run), losses(one_tied)) <= 1e-5
+    if not over:  # (with dp = 2 the val loss is taken over each replica's own val batches: another sample)
+        assert max_diff(val_losses(run), val_losses(one_tied)) <= 1e-5
+    weights = load_file(str(run / "checkpoints" / "step_0000008" / "model.safetensors"))
+    assert "lm_head.weight" not in weights and "embed.weight" in weights
+    if over:
+        return
+    single = resume_from_step_4(run, tmp_path / "resumed-1proc")
+    saved = load_config(single / "config.toml")
+    train(saved.model_copy(update={"train": saved.train.model_copy(update={"pp": 1})}), tokens, single, resume=True,
+          progress=False)
+    assert max_diff(losses(single), losses(run)) <= 1e-5
+
+
 def test_pp2_interleaved_1f1b_matches_one_process_and_resumes(tokens, tmp_path):
     from text2llm.config import load_config
     from text2llm.train.trainer import train

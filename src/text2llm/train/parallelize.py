@@ -84,9 +84,6 @@ def check_layout(mc, tc, env, k: int) -> None:
             raise UserError(f"train.pp_schedule={tc.pp_schedule} runs one stage per process; "
                             f"train.pp_stages_per_rank={v} needs interleaved-1f1b")
         split_layers(mc.n_layer, n_stages, tc.pp_split)
-        if mc.tie_embeddings:
-            raise UserError("train.pp > 1 with model.tie_embeddings=true: the embedding (first stage) and the head "
-                            "(last stage) would live on different processes; set model.tie_embeddings=false")
         if mc.n_experts:
             raise UserError("train.pp > 1 with MoE layers is not supported (the router's auxiliary loss would have "
                             "to cross stages); use train.tp or data parallelism for MoE models")
@@ -328,12 +325,17 @@ class StageModule(nn.Module):
 
     ``forward(h)``: token ids (B, T) on the first stage, else the previous stage's hidden states
     (B, T / seq_shards, D); returns hidden states, or logits on the last stage.
+
+    A tied head (``model.tie_embeddings``): the last stage holds the embedding module too (unused
+    in its forward), so the one weight goes by its one-process name ``embed.weight`` on both
+    stages that hold it, and FSDP2 / DDP see it as one parameter shared by two modules of the
+    stage. :meth:`ParallelModel.sync_tied_grads` sums its two gradients.
     """
 
     def __init__(self, model: Transformer, layers: range, first: bool, last: bool, seq_shards: int = 1):
         super().__init__()
-        self.cfg, self.seq_shards = model.cfg, seq_shards
-        self.embed = model.embed if first else None
+        self.cfg, self.seq_shards, self.first = model.cfg, seq_shards, first
+        self.embed = model.embed if first or (last and model.cfg.tie_embeddings) else None
         self.pos_embed = getattr(model, "pos_embed", None) if first else None
         self.drop = model.drop
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
@@ -344,7 +346,7 @@ class StageModule(nn.Module):
             self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
+        if self.first:
             T = h.size(1)
             ids, h = h, self.embed(h)
             if self.pos_embed is not None:
@@ -376,6 +378,20 @@ def cut_stages(model: Transformer, tc, env) -> tuple[nn.Module, list[tuple[int, 
         setattr(part, name, getattr(owners[0], name) if owners else None)
     part.blocks = nn.ModuleDict({i: b for _, m in stages for i, b in m.blocks.items()})
     return part, stages
+
+
+def tied_weight_group(env):
+    """The process group of the two processes that hold a tied weight in this process's model
+    replica and tensor-parallel slice (pp rank 0: the embedding; the last pp rank: the head);
+    None on the processes in between. Every process creates every pair (``new_group`` is collective)."""
+    mine, dp = None, env.dp
+    for d in range(dp):
+        for t in range(env.tp):
+            pair = [d * env.tp + t, ((env.pp - 1) * dp + d) * env.tp + t]
+            group = tdist.new_group(pair)
+            if env.rank in pair:
+                mine = group
+    return mine
 
 
 def build_schedule(stage_modules, tc, env, n_micro: int, loss_fn):
@@ -424,6 +440,10 @@ class ParallelModel:
             return
         self.dp_wrapper = None
         self.module, stage_modules = cut_stages(model, tc, env)
+        n_stages = tc.pp * stages_per_rank(tc)
+        self.first = any(s == 0 for s, _ in stage_modules)
+        self.last = any(s == n_stages - 1 for s, _ in stage_modules)
+        self.tie_group = tied_weight_group(env) if model.cfg.tie_embeddings else None
         if env.tp > 1:
             apply_tp(self.module, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
         if tc.compile:
@@ -469,17 +489,28 @@ class ParallelModel:
         losses: list = []
         with self.context(), torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             self._run(self.schedule.step, x, y, losses)
+        self.sync_tied_grads()
         if not losses:
             return torch.zeros((), device=env.device)
         return torch.stack([l.detach().float() for l in losses]).sum() / env.dp
 
     def _run(self, fn, x, y, losses):
-        first = self.module.embed is not None
-        kwargs = {"target": y, "losses": losses} if self.module.lm_head is not None else {}
-        if first:
+        kwargs = {"target": y, "losses": losses} if self.last else {}
+        if self.first:
             fn(x, **kwargs)
         else:
             fn(**kwargs)
+
+    def sync_tied_grads(self) -> None:
+        """A tied head under pp: the embedding's gradient (first stage) and the head's (last stage)
+        are two parts of one weight's gradient; each of the two processes gets their sum (one
+        all-reduce of the local tensor over the two, after the dp reduction), so both apply the
+        same update and the copies stay equal."""
+        if self.tie_group is None or not (self.first or self.last):
+            return
+        g = self.module.embed.weight.grad
+        if g is not None:
+            tdist.all_reduce(g.to_local() if hasattr(g, "to_local") else g, group=self.tie_group)
 
     # ---- evaluation ----
 
@@ -528,9 +559,14 @@ class ParallelModel:
         for p in self.module.parameters():
             if p.grad is not None:
                 by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        # a tied weight held by the first and the last stage counts once, on the first
+        twin = self.module.embed.weight if self.tie_group is not None and self.last and not self.first else None
         sq = torch.zeros((), device=self.env.device)
         for params in by_mesh.values():
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            counted = [p.grad for p in params if p is not twin]
+            if not counted:
+                continue
+            norm = torch.nn.utils.get_total_norm(counted)
             sq = sq + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
         if self.env.pp > 1:
             tdist.all_reduce(sq, group=self.env.mesh["pp"].get_group())
