@@ -84,9 +84,6 @@ def check_layout(mc, tc, env, k: int) -> None:
             raise UserError(f"train.pp_schedule={tc.pp_schedule} runs one stage per process; "
                             f"train.pp_stages_per_rank={v} needs interleaved-1f1b")
         split_layers(mc.n_layer, n_stages, tc.pp_split)
-        if mc.n_experts:
-            raise UserError("train.pp > 1 with MoE layers is not supported (the router's auxiliary loss would have "
-                            "to cross stages); use train.tp or data parallelism for MoE models")
         if tc.document_mask:
             raise UserError("train.pp > 1 with train.document_mask=true is not supported (the mask would have to "
                             "travel with the activations)")
@@ -324,7 +321,11 @@ class StageModule(nn.Module):
     names are the full model's (``blocks`` is a ModuleDict keyed by layer index).
 
     ``forward(h)``: token ids (B, T) on the first stage, else the previous stage's hidden states
-    (B, T / seq_shards, D); returns hidden states, or logits on the last stage.
+    (B, T / seq_shards, D); returns hidden states, or logits on the last stage. In an MoE model
+    the router losses travel with them: ``forward(h, aux)`` returns ``(h, aux + this stage's
+    router losses)`` (``aux`` of shape (1,), absent on the first stage), so the last stage's output
+    ``(logits, aux)`` carries the sum over every layer, and its gradient flows back through each
+    stage's routers as in one process.
 
     A tied head (``model.tie_embeddings``): the last stage holds the embedding module too (unused
     in its forward), so the one weight goes by its one-process name ``embed.weight`` on both
@@ -334,7 +335,7 @@ class StageModule(nn.Module):
 
     def __init__(self, model: Transformer, layers: range, first: bool, last: bool, seq_shards: int = 1):
         super().__init__()
-        self.cfg, self.seq_shards, self.first = model.cfg, seq_shards, first
+        self.cfg, self.seq_shards, self.first, self.moe = model.cfg, seq_shards, first, model.cfg.n_experts > 0
         self.embed = model.embed if first or (last and model.cfg.tie_embeddings) else None
         self.pos_embed = getattr(model, "pos_embed", None) if first else None
         self.drop = model.drop
@@ -345,7 +346,7 @@ class StageModule(nn.Module):
             self.register_buffer("rope_cos", model.rope_cos, persistent=False)
             self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, aux: torch.Tensor | None = None):
         if self.first:
             T = h.size(1)
             ids, h = h, self.embed(h)
@@ -355,11 +356,17 @@ class StageModule(nn.Module):
         else:
             T = h.size(1) * self.seq_shards
         rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.positions == "rope" else None
+        router = []
         for block in self.blocks.values():
-            h, _ = block(h, rope, None, None)
-        if self.lm_head is None:
-            return h
-        return self.lm_head(self.norm(h))
+            h, stats = block(h, rope, None, None)
+            if stats is not None:
+                router.append(stats.aux_loss)
+        out = h if self.lm_head is None else self.lm_head(self.norm(h))
+        if not self.moe:
+            return out
+        if aux is None:  # shape (1,): the schedule concatenates the last stage's outputs of the micro-batches
+            aux = torch.zeros(1, device=out.device if not hasattr(out, "to_local") else out.to_local().device)
+        return out, (aux + torch.stack(router).sum()) if router else aux
 
 
 def cut_stages(model: Transformer, tc, env) -> tuple[nn.Module, list[tuple[int, StageModule]]]:
@@ -444,6 +451,7 @@ class ParallelModel:
         self.first = any(s == 0 for s, _ in stage_modules)
         self.last = any(s == n_stages - 1 for s, _ in stage_modules)
         self.tie_group = tied_weight_group(env) if model.cfg.tie_embeddings else None
+        self.moe, self._train_step, self._nll_parts, self._aux_parts = model.cfg.n_experts > 0, False, [], []
         if env.tp > 1:
             apply_tp(self.module, tp_mesh, tc.sequence_parallel, tc.loss_parallel)
         if tc.compile:
@@ -476,23 +484,42 @@ class ParallelModel:
 
     # ---- a pipelined step ----
 
-    def _pp_loss(self, logits, targets):
-        return self.nll(logits, targets) * self._scale
+    def _pp_loss(self, output, targets):
+        """The schedule's loss of one micro-batch on the last stage: its token NLL scaled to this
+        process's share of the objective, plus (MoE) the router losses of every layer, weighted
+        1 / k as :func:`text2llm.train.trainer.forward_backward` weighs them (none in evaluation)."""
+        logits, aux = output if self.moe else (output, None)
+        nll = self.nll(logits, targets) * self._scale
+        self._nll_parts.append(nll.detach().float())
+        if aux is None or not self._train_step:
+            return nll
+        aux = aux.sum()
+        self._aux_parts.append(aux.detach().float() / self.k)
+        return nll + aux / self.k
 
     def pipeline_step(self, batches, denom: float, amp_dtype=None):
-        """Forward and backward of the ``k`` micro-batches through the schedule; returns this
-        process's share of the global mean loss (0 on processes without the last stage)."""
+        """Forward and backward of the ``k`` micro-batches through the schedule; returns ``(this
+        process's share of the global mean loss, its share of the router losses (MoE, else None))``,
+        zeros on processes without the last stage."""
         env = self.env
         x = torch.cat([b[0] for b in batches]).to(env.device)
         y = torch.cat([b[1] for b in batches]).to(env.device)
         self._scale = env.dp / max(1.0, denom)  # d(objective) = d(sum of token NLL / denom) * dp (DP averages)
-        losses: list = []
+        self._nll_parts, self._aux_parts, self._train_step = [], [], True
         with self.context(), torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            self._run(self.schedule.step, x, y, losses)
+            self._run(self.schedule.step, x, y, [])
+        self._train_step = False
         self.sync_tied_grads()
-        if not losses:
-            return torch.zeros((), device=env.device)
-        return torch.stack([l.detach().float() for l in losses]).sum() / env.dp
+        zero = torch.zeros((), device=env.device)
+        # the last k calls are the step's micro-batches (a schedule's first step, and its first after
+        # an evaluation, may call the loss once more while it infers the stages' shapes)
+        nll, aux = self._nll_parts[-self.k:], self._aux_parts[-self.k:]
+        loss = torch.stack(nll).sum() / env.dp if nll else zero
+        if not self.moe:
+            return loss, None
+        # the trainer logs all_reduce_sum(aux) / world_size: only the tp * dp last-stage processes hold it
+        aux = torch.stack(aux).sum() * env.pp if aux else zero
+        return loss, aux
 
     def _run(self, fn, x, y, losses):
         kwargs = {"target": y, "losses": losses} if self.last else {}

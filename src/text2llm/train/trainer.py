@@ -522,7 +522,8 @@ class Trainer:
         if self.loss_fn is not None:
             raise UserError("train: a custom loss_fn (distillation) is not supported with train.tp / train.pp")
         if par.schedule is not None:
-            return StepStats(loss=par.pipeline_step(batches, self._denom(batches), self.amp_dtype))
+            loss, aux = par.pipeline_step(batches, self._denom(batches), self.amp_dtype)
+            return StepStats(loss=loss, aux_loss=aux)
         with par.context():
             return forward_backward(self.fwd, batches, self.device, self.amp_dtype, None, self._denom(batches),
                                     env.dp, self.sync, None, self.attn_mask_fn, nll_fn=par.nll)
