@@ -284,13 +284,15 @@ def test_pp2_matches_one_process(tokens, one_untied, tmp_path, schedule):
     assert max_diff(val_losses(run), val_losses(one_untied)) <= 1e-5
 
 
-def test_pp2_moe_matches_one_process(tokens, tmp_path):
-    """The router losses travel with the activations from stage to stage: the training loss, the
-    val loss and the logged aux loss equal one process's."""
+def test_pp2_moe_with_document_mask_matches_one_process(tokens, tmp_path):
+    """What a stage needs besides the hidden states travels with them: the document mask (made
+    from the token ids on the first stage) and the running sum of the router losses. The training
+    loss, the val loss and the logged aux loss equal one process's."""
     from text2llm.metrics import read_metrics
 
-    one = train_one(tokens, tmp_path / "one", *NO_TIE, *MOE)
-    run = train_parallel(tokens, tmp_path / "pp2-moe", *NO_TIE, *MOE, "train.pp=2")
+    over = [*NO_TIE, *MOE, "train.document_mask=true"]
+    one = train_one(tokens, tmp_path / "one", *over)
+    run = train_parallel(tokens, tmp_path / "pp2-moe", *over, "train.pp=2")
     assert max_diff(losses(run), losses(one)) <= 1e-5
     assert max_diff(val_losses(run), val_losses(one)) <= 1e-5
     aux = [{r["step"]: r["aux_loss"] for r in read_metrics(d) if "aux_loss" in r} for d in (run, one)]
@@ -439,14 +441,13 @@ def test_layouts_that_do_not_fit_give_one_line(monkeypatch):
         (dict(tp=2, model_vocab_size=63), "set model.vocab_size to a multiple of 2"),
         (dict(tp=2, seq_len=31), "train.tp=2 does not divide train.seq_len=31"),
         (dict(pp=3, model_tie_embeddings=False), "model.n_layer=2 does not split evenly into 3 pipeline stages"),
-        (dict(pp=2, document_mask=True), "train.document_mask=true is not supported"),
         (dict(pp=2, model_tie_embeddings=False, pp_split=[2, 1]), r"train.pp_split=\[2, 1\] must give 2 stages"),
         (dict(pp=2, model_tie_embeddings=False, k=1), "needs at least train.pp=2 micro-batches per step"),
         (dict(pp=2, model_tie_embeddings=False, pp_schedule="interleaved-1f1b"),
          "does not split evenly into 4 pipeline stages"),
     ]
     check(pp=2)  # a tied head fits
-    check(pp=2, model_n_experts=4)  # and MoE layers
+    check(pp=2, model_n_experts=4, document_mask=True)  # and MoE layers, and a document mask
     for changes, message in cases:
         with pytest.raises(UserError, match=message):
             check(**changes)

@@ -84,9 +84,6 @@ def check_layout(mc, tc, env, k: int) -> None:
             raise UserError(f"train.pp_schedule={tc.pp_schedule} runs one stage per process; "
                             f"train.pp_stages_per_rank={v} needs interleaved-1f1b")
         split_layers(mc.n_layer, n_stages, tc.pp_split)
-        if tc.document_mask:
-            raise UserError("train.pp > 1 with train.document_mask=true is not supported (the mask would have to "
-                            "travel with the activations)")
         if tc.pp_schedule in ("1f1b", "interleaved-1f1b") and k < pp:
             raise UserError(f"train.pp_schedule={tc.pp_schedule} needs at least train.pp={pp} micro-batches per step; "
                             f"set train.grad_accum >= {pp} (or use gpipe)")
@@ -321,11 +318,13 @@ class StageModule(nn.Module):
     names are the full model's (``blocks`` is a ModuleDict keyed by layer index).
 
     ``forward(h)``: token ids (B, T) on the first stage, else the previous stage's hidden states
-    (B, T / seq_shards, D); returns hidden states, or logits on the last stage. In an MoE model
-    the router losses travel with them: ``forward(h, aux)`` returns ``(h, aux + this stage's
-    router losses)`` (``aux`` of shape (1,), absent on the first stage), so the last stage's output
-    ``(logits, aux)`` carries the sum over every layer, and its gradient flows back through each
-    stage's routers as in one process.
+    (B, T / seq_shards, D); returns hidden states, or logits on the last stage. What else a stage
+    needs travels with them: under ``train.document_mask`` the attention mask (``mask_fn(ids)``
+    on the first stage), and in an MoE model the running sum of the router losses:
+    ``forward(h, mask, aux)`` returns ``(h, mask, aux + this stage's router losses)`` (each part
+    only when it applies; ``aux`` of shape (1,)), so the last stage's output ``(logits, aux)``
+    carries the sum over every layer, and its gradient flows back through each stage's routers
+    as in one process.
 
     A tied head (``model.tie_embeddings``): the last stage holds the embedding module too (unused
     in its forward), so the one weight goes by its one-process name ``embed.weight`` on both
@@ -333,9 +332,11 @@ class StageModule(nn.Module):
     stage. :meth:`ParallelModel.sync_tied_grads` sums its two gradients.
     """
 
-    def __init__(self, model: Transformer, layers: range, first: bool, last: bool, seq_shards: int = 1):
+    def __init__(self, model: Transformer, layers: range, first: bool, last: bool, seq_shards: int = 1,
+                 mask_fn=None):
         super().__init__()
         self.cfg, self.seq_shards, self.first, self.moe = model.cfg, seq_shards, first, model.cfg.n_experts > 0
+        self.mask_fn, self.masked, self.last = mask_fn, mask_fn is not None, last
         self.embed = model.embed if first or (last and model.cfg.tie_embeddings) else None
         self.pos_embed = getattr(model, "pos_embed", None) if first else None
         self.drop = model.drop
@@ -346,30 +347,40 @@ class StageModule(nn.Module):
             self.register_buffer("rope_cos", model.rope_cos, persistent=False)
             self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def forward(self, h: torch.Tensor, aux: torch.Tensor | None = None):
+    def forward(self, h: torch.Tensor, *carried: torch.Tensor):
+        carried = list(carried)
+        mask = aux = None
         if self.first:
             T = h.size(1)
             ids, h = h, self.embed(h)
             if self.pos_embed is not None:
                 h = h + self.pos_embed(torch.arange(T, device=ids.device))
             h = self.drop(h)
+            if self.masked:
+                mask = self.mask_fn(ids)
         else:
             T = h.size(1) * self.seq_shards
+            if self.masked:
+                mask = carried.pop(0)
+            if self.moe:
+                aux = carried.pop(0)
         rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.positions == "rope" else None
         router = []
         for block in self.blocks.values():
-            h, stats = block(h, rope, None, None)
+            h, stats = block(h, rope, None, mask)
             if stats is not None:
                 router.append(stats.aux_loss)
-        out = h if self.lm_head is None else self.lm_head(self.norm(h))
-        if not self.moe:
-            return out
-        if aux is None:  # shape (1,): the schedule concatenates the last stage's outputs of the micro-batches
-            aux = torch.zeros(1, device=out.device if not hasattr(out, "to_local") else out.to_local().device)
-        return out, (aux + torch.stack(router).sum()) if router else aux
+        out = [h if self.lm_head is None else self.lm_head(self.norm(h))]
+        if self.masked and not self.last:
+            out.append(mask)
+        if self.moe:
+            if aux is None:  # shape (1,): the schedule concatenates the last stage's outputs of the micro-batches
+                aux = torch.zeros(1, device=ids.device)
+            out.append(aux + torch.stack(router).sum() if router else aux)
+        return out[0] if len(out) == 1 else tuple(out)
 
 
-def cut_stages(model: Transformer, tc, env) -> tuple[nn.Module, list[tuple[int, StageModule]]]:
+def cut_stages(model: Transformer, tc, env, mask_fn=None) -> tuple[nn.Module, list[tuple[int, StageModule]]]:
     """``(part, [(stage index, StageModule), ...])``: this process's stages, and ``part``, one
     module holding all their parameters under the full model's names (what the optimizer,
     gradient clipping and checkpoints see). The blocks of other processes are dropped."""
@@ -378,7 +389,7 @@ def cut_stages(model: Transformer, tc, env) -> tuple[nn.Module, list[tuple[int, 
     ranges = split_layers(model.cfg.n_layer, n_stages, tc.pp_split)
     shards = env.tp if (env.tp > 1 and tc.sequence_parallel) else 1
     mine = [env.pp_rank + j * tc.pp for j in range(v)]
-    stages = [(s, StageModule(model, ranges[s], s == 0, s == n_stages - 1, shards)) for s in mine]
+    stages = [(s, StageModule(model, ranges[s], s == 0, s == n_stages - 1, shards, mask_fn)) for s in mine]
     part = nn.Module()
     for name in ("embed", "pos_embed", "norm", "lm_head"):
         owners = [m for _, m in stages if getattr(m, name) is not None]
@@ -427,7 +438,7 @@ class ParallelModel:
     step calls (None under pp, where the schedule runs the stages).
     """
 
-    def __init__(self, model: Transformer, tc, env, k: int, fill=None):
+    def __init__(self, model: Transformer, tc, env, k: int, fill=None, mask_fn=None):
         """``model`` may be on the meta device; then ``fill(modules)`` allocates and initialises this
         process's part (:func:`text2llm.train.materialize.materialize`) once it is split: before the
         DDP wrapper (which broadcasts real values), after FSDP2's (which shards on the meta device)."""
@@ -436,6 +447,8 @@ class ParallelModel:
         self.loss_parallel = env.tp > 1 and tc.loss_parallel  # logits stay split by vocab
         self.nll = vocab_parallel_nll(tp_mesh) if self.loss_parallel else token_nll_sum
         self.schedule, self.fwd, self.stage_modules = None, None, []
+        self.first = self.last = True  # (pipeline: whether this process holds the first / the last stage)
+        self.tie_group, self.moe, self._train_step, self._nll_parts, self._aux_parts = None, False, False, [], []
         fill = fill or (lambda modules: None)
         if env.pp == 1:
             if env.tp > 1:
@@ -446,7 +459,7 @@ class ParallelModel:
             self.module = model
             return
         self.dp_wrapper = None
-        self.module, stage_modules = cut_stages(model, tc, env)
+        self.module, stage_modules = cut_stages(model, tc, env, mask_fn)
         n_stages = tc.pp * stages_per_rank(tc)
         self.first = any(s == 0 for s, _ in stage_modules)
         self.last = any(s == n_stages - 1 for s, _ in stage_modules)

@@ -386,7 +386,7 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(tc.seq_len)
         self.parallel = None
         if env.model_parallel:  # tp / pp (and DDP / FSDP2 on the dp dim)
-            self.parallel = P.ParallelModel(model, tc, env, self.k, fill)
+            self.parallel = P.ParallelModel(model, tc, env, self.k, fill, self.document_mask_fn())
             self.model, self.fwd, parallel = self.parallel.module, self.parallel.fwd, self.parallel.dp_wrapper
         else:
             self.model = model
@@ -399,16 +399,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.sync = (lambda last: D.grad_sync(parallel, env, last)) if env.dp > 1 and parallel is not None else None
 
+    def document_mask_fn(self):
+        """``x_BT -> attention mask`` under train.document_mask (attention stops at each BOS), else None."""
+        if not self.tc.document_mask:
+            return None
+        bos = self.meta.get("bos_id")
+        return lambda x: document_attention_mask(x, bos)
+
     def setup_data(self) -> None:
         """Micro-batch slot p = dp_rank * k + i reads part p of ``slots`` parts of the train stream (the
         processes of one model replica, under tp / pp, read the same slots)."""
         tc, env, k = self.tc, self.env, self.k
         self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
                                     rank=env.dp_rank * k + i, world_size=self.slots) for i in range(k)]
-        self.attn_mask_fn = None
-        if tc.document_mask:
-            bos = self.meta.get("bos_id")
-            self.attn_mask_fn = lambda x: document_attention_mask(x, bos)
+        self.attn_mask_fn = self.document_mask_fn()
         self.val_loader, self.val_shared = None, False
         self.val_info = self.meta["splits"].get("val", {"tokens": 0, "bytes": 0})
         if self.val_info["tokens"] > tc.seq_len:
