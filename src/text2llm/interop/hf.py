@@ -80,6 +80,14 @@ TOKENIZER_COPY = "text2llm-tokenizer"
 def hf_architecture(cfg: ModelConfig) -> str:
     """"llama", "mistral", "ministral", "mixtral" or "gpt2" for this config, or a UserError naming
     the field that no transformers architecture we export can represent."""
+    if cfg.logit_softcap:
+        raise UserError(f"model.logit_softcap = {cfg.logit_softcap:g}: Llama / Mistral / Mixtral / GPT-2 have no "
+                        "logit soft-cap (only Gemma-2, a different block); export to ONNX instead")
+    if cfg.qk_norm:
+        raise UserError("model.qk_norm = true: Llama / Mistral / Mixtral / GPT-2 have no QK-norm; export to ONNX instead")
+    if cfg.activation == "relu2":
+        raise UserError("model.activation = 'relu2': Llama / Mistral / Mixtral / GPT-2 have no ungated ReLU² MLP; "
+                        "export to ONNX instead")
     if cfg.positions == "learned":
         if cfg.attention_window:
             raise UserError(f"model.attention_window = {cfg.attention_window}: GPT-2 (learned positions) "
