@@ -68,7 +68,7 @@ from text2llm.train import checkpoint as ckpt_mod
 from text2llm.train import distributed as D
 from text2llm.train import parallelize as P
 from text2llm.train.mfu import device_peak_flops
-from text2llm.train.optim import lr_at, make_optimizer
+from text2llm.train.optim import make_optimizer, set_lr
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -359,6 +359,11 @@ class Trainer:
         """Model and optimizer: identical init on every rank, weights loaded before wrapping (under
         train.tp / train.pp: split by :mod:`text2llm.train.parallelize`, then wrapped)."""
         tc, env = self.tc, self.env
+        if tc.optimizer == "muon" and (env.mode == "fsdp" or env.model_parallel):
+            raise UserError(f"train.optimizer = 'muon' runs on one process or DDP only: under "
+                            f"{'FSDP2' if env.mode == 'fsdp' else 'train.tp / train.pp'} each process holds shards of "
+                            "the matrices, and Muon orthogonalises whole matrices (it would need every gradient's "
+                            "full_tensor() each step); use train.distributed = 'ddp' or train.optimizer = 'adamw'")
         P.check_layout(self.cfg.model, tc, env, self.k)
         torch.manual_seed(tc.seed)
         model = Transformer(self.cfg.model).to(self.device)
@@ -468,9 +473,7 @@ class Trainer:
     def optimizer_step(self, stopper: GracefulStop) -> StepOutcome | None:
         """One optimizer step (``self.step`` += 1); None when it was skipped (non-finite loss or gradient)."""
         tc, env, t0 = self.tc, self.env, time.perf_counter()
-        lr = lr_at(self.step, tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(self.optimizer, self.step, tc)
         batches = [next(loader) for loader in self.loaders]  # padded data: padding targets are IGNORE_INDEX
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         if self.parallel is None:
