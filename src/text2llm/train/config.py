@@ -31,6 +31,9 @@ class TrainConfig(BaseModel):
     tokens_per_step: int = Field(0, ge=0, description="target tokens per optimizer step over all processes; "
                                  "0 = batch_size * seq_len * grad_accum * world_size")
     seq_len: int = Field(256, ge=2, description="tokens per training sequence (<= model.max_seq_len)")
+    loader: Literal["random", "bos"] = Field("random", description="train batches: random = windows at random "
+                                             "offsets of the token stream; bos = every row starts at a document "
+                                             "start, documents packed best-fit (nanochat; packed shards only)")
     document_mask: bool = Field(False, description="stop attention across the documents packed into one sequence")
     # ---- optimizer and schedule ---------------------------------------------------------------
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw: AdamW on every parameter; muon: "

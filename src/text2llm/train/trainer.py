@@ -394,7 +394,7 @@ class Trainer:
         """Micro-batch slot p = dp_rank * k + i reads part p of ``slots`` parts of the train stream (the
         processes of one model replica, under tp / pp, read the same slots)."""
         tc, env, k = self.tc, self.env, self.k
-        self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
+        self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, tc.loader, seed=tc.seed,
                                     rank=env.dp_rank * k + i, world_size=self.slots) for i in range(k)]
         self.attn_mask_fn = None
         if tc.document_mask:
