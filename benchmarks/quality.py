@@ -46,6 +46,15 @@ DEFAULT_BUDGET_S = 330.0
 EN = dict(group="en", corpus="bundled", config=None)
 CASES: dict[str, dict] = {
     "baseline": {**EN, "overrides": [], "note": "today's default run"},
+    # each change alone
+    "muon": {**EN, "overrides": ["train.optimizer=muon"], "note": "Muon on hidden matrices, AdamW on the rest"},
+    "muon-lr05": {**EN, "overrides": ["train.optimizer=muon", "train.muon_lr=0.05"], "note": "Muon, muon_lr 0.05"},
+    "qk_norm": {**EN, "overrides": ["model.qk_norm=true"], "note": "RMSNorm on q and k per head"},
+    "relu2": {**EN, "overrides": ["model.activation=relu2"], "note": "ungated ReLU^2 MLP (4d hidden)"},
+    "untied": {**EN, "overrides": ["model.tie_embeddings=false"], "note": "separate output head"},
+    "softcap": {**EN, "overrides": ["model.logit_softcap=15"], "note": "logits soft-capped at 15"},
+    "zero_init": {**EN, "overrides": ["model.zero_init_output=true"], "note": "zero-init o_proj / down_proj"},
+    "bos": {**EN, "overrides": ["train.loader=bos"], "note": "BOS-aligned best-fit rows"},
 }
 
 

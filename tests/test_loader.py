@@ -218,3 +218,20 @@ def test_bos_mode_refuses_padded_shards(tmp_path):
     root = make_tokens(tmp_path / "pad", mode="padded", seq_len=32)
     with pytest.raises(UserError, match="packed shards"):
         TokenLoader(root, "train", 2, 32, mode="bos")
+
+
+def test_training_with_bos_rows_resumes_bitwise(tmp_path):
+    import shutil
+
+    from test_train import losses, make_tokens, tiny_config
+    from text2llm.train.trainer import train
+
+    tokens = make_tokens(tmp_path / "tok")
+    cfg = tiny_config(max_steps=6, checkpoint_every=3, loader="bos")
+    train(cfg, tokens, tmp_path / "ref", progress=False)
+    shutil.copytree(tmp_path / "ref", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000006")
+    train(cfg, tokens, tmp_path / "run", resume=True, progress=False)
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
+    assert a != losses(train(tiny_config(max_steps=6), tokens, tmp_path / "rnd", progress=False).run_dir)
