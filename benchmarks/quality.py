@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -118,7 +119,8 @@ def run_case(name: str, seed: int, args) -> dict:
     tokens = prepare(Path(args.work), c, cfg)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    r = train(cfg, tokens, Path(args.work) / "runs" / f"{name}-s{seed}", overwrite=True, progress=False)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's notes: stdout holds only the JSON lines
+        r = train(cfg, tokens, Path(args.work) / "runs" / f"{name}-s{seed}", overwrite=True, progress=False)
     wall = time.perf_counter() - t0
     model, _ = load_model(r.last_checkpoint)
     with torch.no_grad():
