@@ -568,8 +568,12 @@ class Trainer:
         """train.time_budget_s: max_steps from the probe steps' time, decided once and written to
         config.toml (time_budget_s 0 there), so checkpoints and --resume stay step-based and exact."""
         tc = self.tc
+        # the step time leaves out the first step: its one-off costs (bf16 kernel set-up for Muon's Newton-Schulz
+        # iterations, torch.compile) are already in the elapsed time and would not recur
+        timed = max(1, self.step - self.start_step - 1)
+        sec_per_step = (self.train_seconds - (self.first_step_s or 0.0)) / timed
         new_max = D.broadcast_object(_steps_within_budget(tc, self.step, time.perf_counter() - self.t_start,
-                                                          self.train_seconds / (self.step - self.start_step)), self.env)
+                                                          sec_per_step), self.env)
         self.say(f"step {self.step}: train.time_budget_s={tc.time_budget_s:g} -> train.max_steps={new_max} "
                  f"(was {tc.max_steps})")
         self.cfg = _with(self.cfg, "train", max_steps=new_max, time_budget_s=0.0)
@@ -665,6 +669,7 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.t_log, self.tokens_at_log = self.t_start, self.tokens_seen
         self.train_seconds, self.train_tokens = 0.0, 0
+        self.first_step_s = None  # the first step's time: one-off costs (kernel set-up, compilation)
         self.stop_flag = torch.zeros((), device=self.device)
         self.model.train()
         with GracefulStop() as stopper:
@@ -687,6 +692,8 @@ class Trainer:
 
     def after_step(self) -> None:
         """The time-budget decision, and the periodic evaluation and checkpoint."""
+        if self.first_step_s is None:
+            self.first_step_s = self.train_seconds
         if self.tc.time_budget_s and self.step == self.start_step + self.tc.budget_probe_steps:
             self.fix_budget()
         tc, step = self.tc, self.step
