@@ -16,6 +16,18 @@ final bpb in 0.6x of the time?). A case's ``corpus`` is ``"bundled"`` (the TinyS
 the package) or a path to text files / a directory, and ``config`` a TOML file the overrides apply
 to (None = the built-in defaults): a new language is a new group with its corpus and config.
 
+Two ways to spend the budget (``--mode``):
+
+* ``budget``: exactly what the default run does: ``train.time_budget_s`` times the first steps and
+  fixes ``max_steps`` from them. On a machine that other work loads, a case whose probe steps hit a
+  busy moment trains far fewer steps, so its val bpb says more about the load than the case.
+* ``probe`` (default): first measure the case's step time in ``--probe-repeats`` short timing runs
+  (``--probe-steps`` steps each, no evals; the fastest run is the least-loaded one), then train
+  exactly the steps that the budget rule (``trainer._steps_within_budget``, evals included) allows
+  at that speed, with ``time_budget_s = 0``. The val bpb is then what the case reaches in the
+  budget on the unloaded machine, whatever the load during training; ``wall_s`` still records the
+  wall time it really took.
+
 The summary line compares every case with the group's ``baseline`` case (same seeds): mean val
 bpb, its change in percent, and the spread over seeds. Each line records ``os.getloadavg()`` at
 the start and end of the case and the CPU (``train.mfu.cpu_name``): figures measured while other
@@ -102,6 +114,26 @@ def prepare(work: Path, c: dict, cfg) -> Path:
     return tokens
 
 
+def probe_speed(name: str, cfg, tokens: Path, args) -> tuple[float, list[float]]:
+    """Seconds per optimizer step of ``cfg``: the fastest of ``--probe-repeats`` timing runs of
+    ``--probe-steps`` steps (no evals, no checkpoints), each the median step time after the first
+    third (one-off costs excluded)."""
+    from text2llm.train.trainer import train
+
+    times = []
+    for i in range(args.probe_repeats):
+        pc = cfg.model_copy(deep=True)
+        for k, v in dict(max_steps=args.probe_steps, time_budget_s=0.0, eval_every=0, eval_batches=1,
+                         log_every=1, checkpoint_every=0).items():
+            setattr(pc.train, k, v)
+        with contextlib.redirect_stdout(sys.stderr):
+            r = train(pc, tokens, Path(args.work) / "probe" / name, overwrite=True, progress=False)
+        rates = [h["tokens_per_s"] for h in r.history if "tokens_per_s" in h]
+        tps = statistics.median(rates[len(rates) // 3:])
+        times.append(cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum / tps)
+    return min(times), times
+
+
 def run_case(name: str, seed: int, args) -> dict:
     import torch
 
@@ -109,7 +141,7 @@ def run_case(name: str, seed: int, args) -> dict:
     from text2llm.config import load_config
     from text2llm.evaluate import evaluate_tokens
     from text2llm.train.mfu import cpu_name
-    from text2llm.train.trainer import train
+    from text2llm.train.trainer import _steps_within_budget, train
 
     c = case(name)
     budget = args.budget_s * c["budget_frac"]
@@ -118,6 +150,15 @@ def run_case(name: str, seed: int, args) -> dict:
     cfg = load_config(c["config"], over)
     tokens = prepare(Path(args.work), c, cfg)
     load0 = os.getloadavg()
+    extra = {}
+    if args.mode == "probe":
+        if name not in _PROBED:
+            _PROBED[name] = probe_speed(name, cfg, tokens, args)
+        sec, all_times = _PROBED[name]
+        steps = max(1, _steps_within_budget(cfg.train, 0, 0.0, sec))
+        cfg.train.max_steps, cfg.train.time_budget_s = steps, 0.0
+        extra = {"probe_s_per_step": round(sec, 4), "probe_runs_s_per_step": [round(t, 4) for t in all_times],
+                 "probe_tokens_per_s": round(cfg.train.batch_size * cfg.train.seq_len / sec, 1)}
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's notes: stdout holds only the JSON lines
         r = train(cfg, tokens, Path(args.work) / "runs" / f"{name}-s{seed}", overwrite=True, progress=False)
@@ -131,7 +172,10 @@ def run_case(name: str, seed: int, args) -> dict:
             "tokens_per_s": round(r.train_tokens_per_s, 1), "mfu": r.mfu and round(r.mfu, 4),
             "params": r.params, "wall_s": round(wall, 1), "threads": args.threads or torch.get_num_threads(),
             "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpu": cpu_name(), "overrides": c["overrides"], "note": c["note"]}
+            "cpu": cpu_name(), "mode": args.mode, **extra, "overrides": c["overrides"], "note": c["note"]}
+
+
+_PROBED: dict[str, tuple[float, list[float]]] = {}  # case -> its probed step time (once per run, for every seed)
 
 
 def summarize(recs: list[dict]) -> dict:
@@ -165,6 +209,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=".bench-cache/quality", help="data stages (reused) and runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", help="also append every JSON line to this file")
+    ap.add_argument("--mode", choices=["probe", "budget"], default="probe",
+                    help="probe: steps from the case's fastest timing run (load-robust); budget: train.time_budget_s as is")
+    ap.add_argument("--probe-steps", type=int, default=24, help="probe mode: steps per timing run")
+    ap.add_argument("--probe-repeats", type=int, default=2, help="probe mode: timing runs per case (the fastest counts)")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -191,7 +239,7 @@ def main(argv=None) -> int:
             rec = run_case(name, seed, a)
             recs.append(rec)
             emit(rec)
-    emit({"bench": "quality", "summary": summarize(recs), "budget_s": a.budget_s, "seeds": seeds})
+    emit({"bench": "quality", "summary": summarize(recs), "budget_s": a.budget_s, "seeds": seeds, "mode": a.mode})
     return 0
 
 
