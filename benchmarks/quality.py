@@ -213,6 +213,8 @@ def main(argv=None) -> int:
                     help="probe: steps from the case's fastest timing run (load-robust); budget: train.time_budget_s as is")
     ap.add_argument("--probe-steps", type=int, default=24, help="probe mode: steps per timing run")
     ap.add_argument("--probe-repeats", type=int, default=2, help="probe mode: timing runs per case (the fastest counts)")
+    ap.add_argument("--probe-from", help="probe mode: reuse the step times of the cases in this JSONL (an earlier "
+                                         "run's --out at the same budget) instead of timing them again")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -224,6 +226,11 @@ def main(argv=None) -> int:
                               "budget_frac": c["budget_frac"], "note": c["note"]}))
         return 0
     names = select(a.cases)
+    if a.probe_from:
+        for line in Path(a.probe_from).read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r.get("case") and "probe_s_per_step" in r:
+                _PROBED.setdefault(r["case"], (r["probe_s_per_step"], r["probe_runs_s_per_step"]))
     seeds = [int(s) for s in a.seeds.split(",")]
     recs = []
 
