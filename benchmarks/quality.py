@@ -68,6 +68,11 @@ CASES: dict[str, dict] = {
     "softcap": {**EN, "overrides": ["model.logit_softcap=15"], "note": "logits soft-capped at 15"},
     "zero_init": {**EN, "overrides": ["model.zero_init_output=true"], "note": "zero-init o_proj / down_proj"},
     "bos": {**EN, "overrides": ["train.loader=bos"], "note": "BOS-aligned best-fit rows"},
+    # the combination of the changes that won alone (90 s ablation, benchmarks/results/quality-2026-12-04-ablation.jsonl)
+    "new": {**EN, "overrides": ["train.optimizer=muon", "model.activation=relu2", "model.tie_embeddings=false"],
+            "note": "muon + relu2 + untied head"},
+    "new-0.6x": {**EN, "overrides": ["train.optimizer=muon", "model.activation=relu2", "model.tie_embeddings=false"],
+                 "budget_frac": 0.6, "note": "the combination in 0.6x of the budget"},
 }
 
 
