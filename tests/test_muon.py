@@ -147,3 +147,14 @@ def test_sharded_layouts_refuse_muon(tokens, tmp_path):
     with pytest.raises(UserError, match="muon.*one process or DDP"):
         Trainer.setup_model(tr, None)
     assert read_meta(tokens)["bos_id"] == 1
+
+
+def test_resume_with_another_optimizer_is_one_clear_line(tokens, tmp_path):
+    from text2llm.errors import UserError
+    from text2llm.train.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_config(max_steps=4, checkpoint_every=2), tokens, run, progress=False)
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    with pytest.raises(UserError, match="train.optimizer"):
+        train(tiny_config(max_steps=4, checkpoint_every=2, **MUON), tokens, run, resume=True, progress=False)

@@ -424,6 +424,11 @@ class Trainer:
             ckpt_mod.load_sharded_checkpoint(ckpt, self.model, self.optimizer)
         else:  # optimizer.pt: sharded layouts read it by parameter name
             osd = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device)
+            saved = "muon" if set(osd) == {"muon", "adamw"} else "adamw"
+            if saved != self.tc.optimizer:
+                raise UserError(f"{ckpt}: its optimizer state is {saved}'s, and this run has train.optimizer = "
+                                f"{self.tc.optimizer!r}; resume with train.optimizer={saved}, or start from its weights "
+                                "with train.init_from (a fresh optimizer)")
             by_name = state.get("optimizer_format", "torch") == "fqn"  # (full, name-keyed: older sharded runs)
             if not by_name and self.sharded:
                 osd, by_name = P.optimizer_state_by_name(osd), True
