@@ -62,7 +62,7 @@ def muon_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 class MuonAdamW:
     """``torch.optim.Muon`` and ``torch.optim.AdamW`` over disjoint parameters, stepped as one
-    optimizer: ``param_groups`` lists both's groups (Muon's first, each tagged ``"optimizer"``),
+    optimizer: ``param_groups`` lists both's groups (Muon's first),
     ``step`` / ``zero_grad`` call both, and ``state_dict`` is ``{"muon": ..., "adamw": ...}``."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
@@ -115,8 +115,9 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer | MuonAdamW:
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
     if cfg.optimizer != "muon":
         return adamw
-    muon = torch.optim.Muon([{"params": [p for _, p in hidden], "names": [n for n, _ in hidden]}], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
-                            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+    muon = torch.optim.Muon([{"params": [p for _, p in hidden], "names": [n for n, _ in hidden]}], lr=cfg.muon_lr,
+                            weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True,
+                            adjust_lr_fn=cfg.muon_adjust_lr)
     return MuonAdamW(muon, adamw)
 
 
