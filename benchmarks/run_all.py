@@ -36,7 +36,8 @@ def plan(quick: bool, ckpt: str | None) -> dict[str, list[str]]:
     if not quick:
         return {"scaling": [], "clean": [], "tokenize": [], "model": [], "train": [], "parallel": [], "attention": [],
                 "generate": gen,
-                "compress": comp, "loss_compare": ["--work", str(Path("runs") / "bench-loss-compare")]}
+                "compress": comp, "loss_compare": ["--work", str(Path("runs") / "bench-loss-compare")],
+                "quality": ["--cases", "baseline,new", "--seeds", "1337,1338", "--work", str(Path("runs") / "bench-quality")]}
     return {
         "scaling": ["--repeats", "2"],
         "clean": ["--quick", "--repeats", "1"],
@@ -50,6 +51,7 @@ def plan(quick: bool, ckpt: str | None) -> dict[str, list[str]]:
         "compress": [*comp, "--models", "demo", "--cases", "quantize", "--demo-steps", "50", "--batch-size", "8",
                      "--work", str(Path("runs") / "bench-compress-quick")],
         "loss_compare": ["--steps", "5", "--work", str(Path("runs") / "bench-loss-compare")],
+        "quality": ["--cases", "baseline,new", "--budget-s", "10", "--work", str(Path("runs") / "bench-quality-quick")],
     }
 
 

@@ -33,6 +33,10 @@ CASES = {
     "ministral": ({**LLAMA, "n_layer": 3, "attention_window": 6, "window_pattern": "SL"}, "MinistralForCausalLM"),
     "mixtral-window": ({**LLAMA, "n_experts": 4, "moe_top_k": 2, "moe_ffn_hidden": 32, "attention_window": 6},
                        "MixtralForCausalLM"),
+    # model.qk_norm: Qwen3 (per-head q/k RMSNorm before RoPE)
+    "qwen3": ({**LLAMA, "qk_norm": True}, "Qwen3ForCausalLM"),
+    "qwen3-untied-mha": ({**LLAMA, "qk_norm": True, "n_kv_head": 0, "tie_embeddings": False, "zero_init_output": True},
+                         "Qwen3ForCausalLM"),
     "gpt2": (dict(d_model=32, n_layer=2, n_head=4, max_seq_len=64, positions="learned", norm="layernorm",
                   activation="gelu", bias=True), "GPT2LMHeadModel"),
     "gpt2-nobias-untied": (dict(d_model=32, n_layer=2, n_head=4, ffn_hidden=96, max_seq_len=64, positions="learned",
@@ -68,7 +72,7 @@ def make_checkpoint(root, tok_dir, model_kw, seed=0):
 def shape(cfg: ModelConfig) -> dict:
     keys = ("vocab_size", "d_model", "n_layer", "n_head", "kv_heads", "ffn_dim", "max_seq_len", "positions",
             "rope_theta", "norm", "norm_eps", "activation", "tie_embeddings", "bias", "n_experts", "moe_top_k",
-            "moe_dim", "aux_loss_weight", "pattern", "attention_window")
+            "moe_dim", "aux_loss_weight", "pattern", "attention_window", "qk_norm")
     out = {k: getattr(cfg, k) for k in keys}
     if cfg.n_experts and cfg.moe_every == 1:
         out["ffn_dim"] = None  # no dense MLP left: the dense width means nothing
@@ -159,6 +163,11 @@ def test_mixtral_saved_by_transformers_imports_back(tmp_path, tok_dir):
     (dict(attention_window=8, bias=True), "model.bias"),
     (dict(attention_window=8, positions="learned", norm="layernorm", activation="gelu"), "model.attention_window"),
     (dict(attention_window=8, window_pattern="SL", n_experts=4), "model.window_pattern"),
+    (dict(qk_norm=True, n_experts=4), "model.n_experts"),
+    (dict(qk_norm=True, attention_window=8), "model.attention_window"),
+    (dict(qk_norm=True, bias=True), "model.bias"),
+    (dict(activation="relu2"), "model.activation"),
+    (dict(logit_softcap=30.0), "model.logit_softcap"),
 ])
 def test_unrepresentable_configs_are_refused_naming_the_field(kw, field):
     cfg = ModelConfig(**{**LLAMA, "vocab_size": 100, **kw})

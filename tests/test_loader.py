@@ -135,3 +135,103 @@ def test_document_mask_isolates_documents_in_attention():
         q = k = v = emb(x)[:, None]  # (B, 1, T, D)
         outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=document_attention_mask(x, 1)))
     assert torch.allclose(outs[0][..., 4:, :], outs[1][..., 4:, :])
+
+
+# ---- bos mode: best-fit packing of whole documents (train.loader = "bos") -------------------------
+
+
+def _numbered_docs(root, n_docs: int = 300, seed: int = 0):
+    """Packed shards (two of them) of documents BOS, a, b, filler..., EOS where (a, b) numbers the document."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    docs = []
+    for i in range(n_docs):
+        n = int(rng.integers(3, 60))  # some longer than a row of 33
+        docs.append([1, 3 + i % 50, 3 + i // 50] + [60] * n + [2])
+    flat = np.array([t for d in docs for t in d], dtype=np.uint16)
+    cut = flat.size // 2 + 5  # a document crosses the shard boundary
+    flat[:cut].tofile(root / "train-00000.bin")
+    flat[cut:].tofile(root / "train-00001.bin")
+    meta = {"format": "text2llm-tokens/1", "mode": "packed", "dtype": "uint16", "vocab_size": 64, "bos_id": 1,
+            "eos_id": 2, "pad_id": 0, "tokenizer_fingerprint": "synthetic", "tokenizer_dir": "",
+            "splits": {"train": {"shards": ["train-00000.bin", "train-00001.bin"], "tokens": int(flat.size),
+                                 "bytes": int(flat.size), "documents": n_docs}}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root, docs
+
+
+def _starts_in(x_BT, y_BT):
+    """(a, b) of every document start (BOS) in the rows."""
+    rows = torch.cat([x_BT, y_BT[:, -1:]], dim=1).tolist()
+    return [(r[j + 1], r[j + 2]) for r in rows for j in range(len(r) - 2) if r[j] == 1]
+
+
+def test_bos_rows_start_with_bos_and_an_epoch_covers_every_document(tmp_path, monkeypatch):
+    import text2llm.loader as L
+
+    monkeypatch.setattr(L, "BOS_BUFFER_DOCS", 32)  # a buffer much smaller than the split, as in real data
+    root, docs = _numbered_docs(tmp_path / "tok")
+    ld = TokenLoader(root, "train", batch_size=4, seq_len=32, mode="bos", seed=3)
+    doc_at = dict(zip(np.cumsum([0] + [len(d) for d in docs[:-1]]).tolist(), range(len(docs))))
+    read, real_read = [], ld._read
+    ld._read = lambda start, n: read.append(start) or real_read(start, n)
+    epoch_batches = 0
+    while len({doc_at[s] for s in read}) < len(docs):
+        x, y = next(ld)
+        epoch_batches += 1
+        assert x.shape == (4, 32) and (x[:, 0] == 1).all()  # every row starts at a document start
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert epoch_batches < 120
+    assert all(s in doc_at for s in read)  # every piece of a row is a document's start
+    seen = set(_starts_in(x, y))
+    assert seen <= {(3 + i % 50, 3 + i // 50) for i in range(len(docs))}
+    # best-fit: the rows hold most of the epoch's tokens (a longer document gives its first 33)
+    assert epoch_batches * 4 * 33 <= 1.35 * sum(min(len(d), 33) for d in docs)
+
+
+def test_bos_mode_resumes_exactly_and_splits_documents_by_rank(tmp_path):
+    root, docs = _numbered_docs(tmp_path / "tok")
+    a = TokenLoader(root, "train", batch_size=3, seq_len=32, mode="bos", seed=5)
+    for _ in range(7):
+        next(a)
+    state = json.loads(json.dumps(a.state_dict()))  # JSON-able
+    b = TokenLoader(root, "train", batch_size=3, seq_len=32, mode="bos", seed=5)
+    b.load_state_dict(state)
+    for _ in range(40):  # across an epoch boundary
+        xa, ya = next(a)
+        xb, yb = next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    r0, r1 = (TokenLoader(root, "train", 4, 32, mode="bos", rank=r, world_size=2) for r in (0, 1))
+    s0 = {s for _ in range(30) for s in _starts_in(*next(r0))}
+    s1 = {s for _ in range(30) for s in _starts_in(*next(r1))}
+    assert s0 and s1 and not s0 & s1  # each rank reads its own documents
+
+
+def test_bos_mode_refuses_padded_shards(tmp_path):
+    from test_train import make_tokens
+    from text2llm.errors import UserError
+
+    root = make_tokens(tmp_path / "pad", mode="padded", seq_len=32)
+    with pytest.raises(UserError, match="packed shards"):
+        TokenLoader(root, "train", 2, 32, mode="bos")
+
+
+def test_training_with_bos_rows_resumes_bitwise(tmp_path):
+    import shutil
+
+    from test_train import losses, make_tokens, tiny_config
+    from text2llm.train.trainer import train
+
+    tokens = make_tokens(tmp_path / "tok")
+    cfg = tiny_config(max_steps=6, checkpoint_every=3, loader="bos")
+    train(cfg, tokens, tmp_path / "ref", progress=False)
+    shutil.copytree(tmp_path / "ref", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000006")
+    train(cfg, tokens, tmp_path / "run", resume=True, progress=False)
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]
+    assert a != losses(train(tiny_config(max_steps=6), tokens, tmp_path / "rnd", progress=False).run_dir)

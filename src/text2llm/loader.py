@@ -17,6 +17,18 @@ Positions ``lo``, ``hi``, ``pos`` count tokens in packed mode and rows in padded
 * ``random`` mode samples window starts (rows) uniformly with replacement, from an RNG seeded by
   (seed, rank) -- what pretraining uses; ``sequential`` mode walks them in order and wraps
   around -- what evaluation uses.
+* ``bos`` mode (packed shards; ``train.loader = "bos"``): every row starts at a document start
+  (its BOS), and documents are packed into rows best-fit, as nanochat's loader does: documents
+  enter a buffer of up to ``BOS_BUFFER_DOCS`` in a shuffled order (a new permutation each epoch);
+  each row starts with the *oldest* buffered document, then takes, while it has room, the longest
+  buffered document that fits whole, and when none fits it is filled with the start of the shortest
+  one (the rest of that document is dropped). The oldest-first start is our change to nanochat's
+  pure best-fit: with documents about a row long (TinyStories at T = 256) pure best-fit prefers
+  the row-long ones at every row start and the mid-length ones pile up in the buffer unserved;
+  oldest-first serves every document within
+  ``BOS_BUFFER_DOCS`` rows of entering. Every document enters the buffer once per epoch and leaves
+  it in some row, so an epoch covers every document's start; a document longer than a row
+  contributes its first ``T + 1`` tokens.
 * Rank-aware: with ``world_size`` processes the stream (or the rows) is cut into ``world_size``
   contiguous parts and rank ``r`` reads only part ``r``, so ranks never read the same tokens.
 * Resumable: ``state_dict()`` is a small JSON-able dict (RNG state, position, batch count); a
@@ -36,13 +48,15 @@ from text2llm.errors import UserError
 from text2llm.loss import IGNORE_INDEX
 from text2llm.pack import read_meta
 
+BOS_BUFFER_DOCS = 1000  # documents the best-fit packer chooses from (nanochat's buffer size)
+
 
 class TokenLoader:
     def __init__(self, tokens_dir: str | Path, split: str, batch_size: int, seq_len: int,
-                 mode: Literal["random", "sequential"] = "random", seed: int = 0,
+                 mode: Literal["random", "sequential", "bos"] = "random", seed: int = 0,
                  rank: int = 0, world_size: int = 1):
-        if mode not in ("random", "sequential"):
-            raise ValueError(f"mode must be 'random' or 'sequential', not {mode!r}")
+        if mode not in ("random", "sequential", "bos"):
+            raise ValueError(f"mode must be 'random', 'sequential' or 'bos', not {mode!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.meta = read_meta(tokens_dir)
@@ -77,6 +91,64 @@ class TokenLoader:
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
         self.pos = self.lo  # next window start (row) in sequential mode
         self.batches = 0
+        if mode == "bos":
+            self._init_documents(tokens_dir)
+
+    # ---- bos mode: best-fit packing of whole documents ----------------------------------------
+
+    def _init_documents(self, tokens_dir) -> None:
+        """Document starts (BOS positions) of the split, this rank's contiguous part of them, and an
+        empty buffer; the first epoch's order is drawn on the first batch."""
+        if self.padded:
+            raise UserError(f"{tokens_dir}: train.loader = 'bos' needs packed shards (pack.mode = 'packed'); "
+                            "padded rows already start at a document")
+        bos = self.meta.get("bos_id")
+        if bos is None:
+            raise UserError(f"{tokens_dir}: meta.json has no bos_id; train.loader = 'bos' needs documents that start with BOS")
+        starts = np.concatenate([np.flatnonzero(np.asarray(a) == bos) + int(o) for a, o in zip(self._shards, self._starts)])
+        if starts.size == 0:
+            raise UserError(f"{tokens_dir}: split '{self.split}' holds no BOS token (id {bos}); "
+                            "train.loader = 'bos' needs documents that start with BOS")
+        ends = np.append(starts[1:], self._starts[-1])
+        n = starts.size
+        d_lo, d_hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        if d_hi <= d_lo:
+            raise UserError(f"{tokens_dir}: split '{self.split}' has {n} documents, fewer than the {self.world_size} "
+                            "data-parallel slots; use train.loader = 'random' or more data")
+        self._doc_start = starts[d_lo:d_hi]
+        self._doc_len = np.minimum(ends[d_lo:d_hi] - self._doc_start, self.T + 1)  # a longer one: its first T+1
+        self._buffer: list[int] = []  # document indices (into this rank's part)
+        self._epoch_rng: dict | None = None  # RNG state that draws the current epoch's order
+        self._order = np.empty(0, dtype=np.int64)
+        self._order_pos = 0
+
+    def _next_document(self) -> int:
+        if self._order_pos >= self._order.size:  # a new epoch: a new order
+            self._epoch_rng = self.rng.bit_generator.state
+            self._order = self.rng.permutation(self._doc_start.size)
+            self._order_pos = 0
+        d = int(self._order[self._order_pos])
+        self._order_pos += 1
+        return d
+
+    def _bos_row(self) -> np.ndarray:
+        """One row of T + 1 tokens: whole documents best-fit, then the start of the shortest one."""
+        room, parts = self.T + 1, []
+        cap = min(BOS_BUFFER_DOCS, self._doc_start.size)
+        while room > 0:
+            while len(self._buffer) < cap:
+                self._buffer.append(self._next_document())
+            if room == self.T + 1:
+                i = 0  # the oldest (the buffer is in arrival order)
+            else:
+                lens = self._doc_len[self._buffer]
+                fits = np.flatnonzero(lens <= room)
+                i = int(fits[np.argmax(lens[fits])]) if fits.size else int(np.argmin(lens))  # first of equals
+            d = self._buffer.pop(i)
+            take = min(int(self._doc_len[d]), room)
+            parts.append(self._read(int(self._doc_start[d]), take))
+            room -= take
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _read(self, start: int, n: int) -> np.ndarray:
         """Tokens ``[start, start + n)`` of the split's stream, across shard boundaries."""
@@ -109,6 +181,11 @@ class TokenLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.T
+        if self.mode == "bos":
+            rows = [self._bos_row() for _ in range(self.B)]
+            xy_BT1 = torch.from_numpy(np.stack(rows).astype(np.int64))
+            self.batches += 1
+            return xy_BT1[:, :-1], xy_BT1[:, 1:].clone()
         starts = self._next_starts()
         if self.padded:
             rows = [self._read(s * self.row_len, T + 1) for s in starts]
@@ -129,9 +206,12 @@ class TokenLoader:
 
     # ---- exact resume ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "pos": int(self.pos), "batches": self.batches,
-                "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "split": self.split,
-                "mode": self.mode, "seq_len": self.T, "batch_size": self.B}
+        state = {"rng": self.rng.bit_generator.state, "pos": int(self.pos), "batches": self.batches,
+                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "split": self.split,
+                 "mode": self.mode, "seq_len": self.T, "batch_size": self.B}
+        if self.mode == "bos":  # the epoch's order is drawn again from the RNG state that drew it
+            state["bos"] = {"epoch_rng": self._epoch_rng, "order_pos": self._order_pos, "buffer": list(self._buffer)}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by :meth:`state_dict`. Resuming with another world size,
@@ -144,6 +224,11 @@ class TokenLoader:
                           f"{self.split!r}: data order will differ from the original run", stacklevel=2)
             self.batches = int(state.get("batches", 0))
             return
+        bos = state.get("bos") if self.mode == "bos" else None
+        if bos is not None and bos["epoch_rng"] is not None:
+            self.rng.bit_generator.state = bos["epoch_rng"]
+            self._epoch_rng, self._order = bos["epoch_rng"], self.rng.permutation(self._doc_start.size)
+            self._order_pos, self._buffer = int(bos["order_pos"]), [int(d) for d in bos["buffer"]]
         self.rng.bit_generator.state = state["rng"]
         pos = int(state["pos"])
         self.pos = pos if self.lo <= pos < self.hi else self.lo

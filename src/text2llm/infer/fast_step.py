@@ -96,6 +96,8 @@ def _mlp_in(mlp: MLP, gate_up=None):
 
         return swiglu
     up = gate_up if gate_up is not None else packed_matmul(mlp, ("up_proj",))
+    if mlp.activation == "relu2":
+        return lambda h: F.relu(up(h)).square()
     return lambda h: F.gelu(up(h), approximate="tanh")
 
 
@@ -130,8 +132,8 @@ class FastDecodeStep:
 
     @classmethod
     def build(cls, model) -> "FastDecodeStep | None":
-        if not (isinstance(model, PackedTransformer) and model.packed_head):
-            return None
+        if not (isinstance(model, PackedTransformer) and model.packed_head) or model.cfg.qk_norm:
+            return None  # (model.qk_norm: decoded through forward)
         drop_stale(model)  # first: drop packed stacks built from weights changed since
         layers = []
         for block in model.blocks:
@@ -146,6 +148,9 @@ class FastDecodeStep:
             layers.append((norm1, qkv, _add_to(packed_matmul(attn, ("o_proj",))), norm2, _mlp_in(mlp, up),
                            _add_to(packed_matmul(mlp, ("down_proj",)))))
         last = _normed(model.norm, packed_matmul(model, ("lm_head",)))
+        if last is not None and model.cfg.logit_softcap:
+            head = last[1]
+            last = (last[0], lambda x: model.softcap(head(x)))
         return None if last is None else cls(model, layers, *last)
 
     def __call__(self, ids_B: torch.Tensor, pos: int, cache: KVCache,

@@ -127,7 +127,7 @@ class PackedAttention(Attention):
     q and k rotated together; the attention itself is the plain layer's."""
 
     def forward(self, x_BTD, rope, cache: KVCache | None, attn_mask):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or hasattr(self, "q_norm"):  # (model.qk_norm: the plain layer's path)
             return super().forward(x_BTD, rope, cache, attn_mask)
         B, T, _ = x_BTD.shape
         H, K, Dh = self.n_head, self.n_kv, self.head_dim
@@ -148,7 +148,9 @@ class PackedMLP(MLP):
         if self.swiglu:
             gate, up = packed_linear(x_BTD, self, ("gate_proj", "up_proj")).chunk(2, dim=-1)
             return packed_linear(F.silu(gate) * up, self, ("down_proj",))
-        return packed_linear(F.gelu(packed_linear(x_BTD, self, ("up_proj",)), approximate="tanh"), self, ("down_proj",))
+        up = packed_linear(x_BTD, self, ("up_proj",))
+        h = F.relu(up).square() if self.activation == "relu2" else F.gelu(up, approximate="tanh")
+        return packed_linear(h, self, ("down_proj",))
 
 
 class PackedTransformer(Transformer):
@@ -167,7 +169,7 @@ class PackedTransformer(Transformer):
 
     def unembed(self, x_BTD):
         if self.packed_head and not torch.is_grad_enabled():
-            return packed_linear(x_BTD, self, ("lm_head",))
+            return self.softcap(packed_linear(x_BTD, self, ("lm_head",)))
         return super().unembed(x_BTD)
 
 

@@ -95,6 +95,10 @@ def check_gguf(cfg: ModelConfig) -> None:
         raise UserError(f"model.moe_every = {cfg.moe_every}: {llama} experts in every layer or in none")
     if cfg.n_experts and cfg.bias:
         raise UserError(f"model.bias = true with experts: {llama} no expert biases")
+    if cfg.qk_norm:
+        raise UserError(f"model.qk_norm = true: {llama} no QK-norm")
+    if cfg.logit_softcap:
+        raise UserError(f"model.logit_softcap = {cfg.logit_softcap:g}: {llama} no logit soft-cap")
     if cfg.attention_window:  # (the file would carry no window: llama.cpp would attend densely)
         raise UserError(f"model.attention_window = {cfg.attention_window}: {llama} no sliding-window attention")
 

@@ -18,13 +18,15 @@ model (parity tests: tests/test_hf.py). Which architecture a config maps to:
 | the same, no bias, every layer windowed             | MistralForCausalLM (``sliding_window``) |
 | the same, no bias, windowed and full layers mixed   | MinistralForCausalLM (``layer_types``)  |
 | the same with n_experts > 0 and moe_every = 1       | MixtralForCausalLM (all layers windowed or none) |
+| rope, rmsnorm, swiglu, qk_norm, dense, no window    | Qwen3ForCausalLM (Llama + per-head q/k RMSNorm before RoPE) |
 | learned positions, layernorm, gelu, n_kv_head = n_head, dense | GPT2LMHeadModel |
 
 Windows: our ``attention_window`` W means what transformers' ``sliding_window`` W means (a query
 sees itself and the W-1 keys before it). For a mix of local and full layers, Ministral is Mistral
 with a per-layer ``layer_types`` list ("sliding_attention" / "full_attention") and nothing else:
 the same RMSNorm, SwiGLU, bias-free projections and RoPE as ours, so the logits are equal. (Qwen2's
-``layer_types`` would need zero q/k/v biases; Qwen3 adds q/k norms, Gemma 2/3 norms after each
+``layer_types`` would need zero q/k/v biases; Qwen3 adds q/k norms (what ``model.qk_norm`` exports
+to), Gemma 2/3 norms after each
 branch, logit soft-capping and scaled embeddings, GPT-OSS attention sinks: each computes
 something else.)
 
@@ -34,6 +36,7 @@ the field. Weight names, ours -> Llama/Mixtral (``model.layers.{i}.`` prefix)::
     embed.weight                      model.embed_tokens.weight
     blocks.{i}.attn_norm.weight       input_layernorm.weight
     blocks.{i}.attn.{q,k,v,o}_proj    self_attn.{q,k,v,o}_proj          (same layout: no permutation,
+    blocks.{i}.attn.{q,k}_norm        self_attn.{q,k}_norm               (Qwen3)
     blocks.{i}.mlp_norm.weight        post_attention_layernorm.weight    our RoPE rotates halves as HF does)
     blocks.{i}.mlp.{gate,up,down}_proj  mlp.{gate,up,down}_proj
     blocks.{i}.mlp.router             block_sparse_moe.gate
@@ -78,8 +81,14 @@ TOKENIZER_COPY = "text2llm-tokenizer"
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
-    """"llama", "mistral", "ministral", "mixtral" or "gpt2" for this config, or a UserError naming
+    """"llama", "mistral", "ministral", "mixtral", "qwen3" or "gpt2" for this config, or a UserError naming
     the field that no transformers architecture we export can represent."""
+    if cfg.logit_softcap:
+        raise UserError(f"model.logit_softcap = {cfg.logit_softcap:g}: Llama / Mistral / Mixtral / GPT-2 have no "
+                        "logit soft-cap (only Gemma-2, a different block); export to ONNX instead")
+    if cfg.activation == "relu2":
+        raise UserError("model.activation = 'relu2': Llama / Mistral / Mixtral / GPT-2 have no ungated ReLU² MLP; "
+                        "export to ONNX instead")
     if cfg.positions == "learned":
         if cfg.attention_window:
             raise UserError(f"model.attention_window = {cfg.attention_window}: GPT-2 (learned positions) "
@@ -100,6 +109,15 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if cfg.activation != "swiglu":
         raise UserError(f"model.activation = {cfg.activation!r}: Llama/Mixtral need swiglu "
                         "(GPT-2 export needs positions = 'learned' with layernorm and gelu)")
+    if cfg.qk_norm:  # Qwen3: Llama with q/k norms; its MLP has no biases, its sliding windows differ from ours
+        qwen3 = "model.qk_norm = true exports as Qwen3, which has"
+        if cfg.n_experts:
+            raise UserError(f"model.n_experts = {cfg.n_experts}: {qwen3} no experts (Qwen3-MoE routes differently)")
+        if cfg.attention_window:
+            raise UserError(f"model.attention_window = {cfg.attention_window}: {qwen3} no sliding window here")
+        if cfg.bias:
+            raise UserError(f"model.bias = true: {qwen3} no MLP biases")
+        return "qwen3"
     mixed = "L" in cfg.pattern
     if cfg.attention_window and cfg.bias:
         raise UserError("model.bias = true: Mistral / Ministral (sliding windows) have no biases")
@@ -136,6 +154,9 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 
            "attention_dropout": cfg.dropout}
     if arch == "llama":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
+    elif arch == "qwen3":
+        out.update(attention_bias=False, use_sliding_window=False, sliding_window=None,
+                   max_window_layers=cfg.n_layer, layer_types=["full_attention"] * cfg.n_layer)
     elif arch == "mixtral":
         out.update(intermediate_size=cfg.moe_dim, num_local_experts=cfg.n_experts,
                    num_experts_per_tok=cfg.moe_top_k, router_aux_loss_coef=cfg.aux_loss_weight / cfg.moe_top_k,
@@ -147,7 +168,7 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 
     return out
 
 
-_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "mixtral": "Mixtral"}
+_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "mixtral": "Mixtral", "qwen3": "Qwen3"}
 _LAYER_TYPE = {"S": "sliding_attention", "L": "full_attention"}
 
 
@@ -157,6 +178,7 @@ _LLAMA_BLOCK = {  # our name inside blocks.{i}. -> HF name inside model.layers.{
     "attn_norm.weight": "input_layernorm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
     **{f"attn.{p}_proj.{w}": f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")},
+    "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
     **{f"mlp.{p}_proj.{w}": f"mlp.{p}_proj.{w}" for p in ("gate", "up", "down") for w in ("weight", "bias")},
     "mlp.router.weight": "block_sparse_moe.gate.weight",
 }
@@ -212,7 +234,7 @@ def _to_gpt2_state(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def from_hf_config(hf: dict, where: str = "config.json") -> ModelConfig:
-    """A transformers config.json (llama, mistral, ministral, mixtral, gpt2) -> our ModelConfig, or a UserError."""
+    """A transformers config.json (llama, mistral, ministral, mixtral, qwen3, gpt2) -> our ModelConfig, or a UserError."""
     try:
         return _from_hf_config(hf, where)
     except ValidationError as e:
@@ -240,8 +262,11 @@ def _from_hf_config(hf: dict, where: str) -> ModelConfig:
                            positions="learned", norm="layernorm", activation="gelu", bias=True,
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie,
                            init_std=hf.get("initializer_range", 0.02))
-    if mt not in ("llama", "mistral", "ministral", "mixtral"):
-        raise UserError(f"{where}: model_type {mt!r} is not supported (llama, mistral, ministral, mixtral, gpt2)")
+    if mt not in ("llama", "mistral", "ministral", "mixtral", "qwen3"):
+        raise UserError(f"{where}: model_type {mt!r} is not supported (llama, mistral, ministral, mixtral, qwen3, gpt2)")
+    if mt == "qwen3" and (hf.get("use_sliding_window") or hf.get("attention_bias")):
+        raise UserError(f"{where}: a Qwen3 config with {'use_sliding_window' if hf.get('use_sliding_window') else 'attention_bias'} "
+                        "is not supported (text2llm's qk_norm model has neither)")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu, as SwiGLU)")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -252,7 +277,8 @@ def _from_hf_config(hf: dict, where: str) -> ModelConfig:
     d, n_head = need("hidden_size"), need("num_attention_heads")
     if hf.get("head_dim") not in (None, d // n_head):
         raise UserError(f"{where}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads ({d // n_head})")
-    window, pattern = _window_of(hf, mt, need("num_hidden_layers"), need("max_position_embeddings"), where)
+    window, pattern = _window_of(hf, mt, need("num_hidden_layers"), need("max_position_embeddings"), where) \
+        if mt != "qwen3" else (0, "")
     bias = bool(hf.get("attention_bias", False))
     if bias != bool(hf.get("mlp_bias", False)):
         raise UserError(f"{where}: attention_bias != mlp_bias; text2llm has one 'bias' switch for all layers")
@@ -260,7 +286,7 @@ def _from_hf_config(hf: dict, where: str) -> ModelConfig:
               n_kv_head=0 if hf.get("num_key_value_heads") in (None, n_head) else hf["num_key_value_heads"], ffn_hidden=need("intermediate_size"),
               max_seq_len=need("max_position_embeddings"), rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
               tie_embeddings=tie, bias=bias, init_std=hf.get("initializer_range", 0.02),
-              attention_window=window, window_pattern=pattern)
+              attention_window=window, window_pattern=pattern, qk_norm=mt == "qwen3")
     if mt == "mixtral":
         k = hf.get("num_experts_per_tok", 2)
         kw.update(n_experts=need("num_local_experts"), moe_top_k=k, moe_ffn_hidden=kw["ffn_hidden"],

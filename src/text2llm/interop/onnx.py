@@ -134,6 +134,13 @@ class OnnxAttention(Attention):
         packed = packable(self)
         qkv_BTE = packed_linear(x_BTD, self, QKV) if packed else \
             torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], dim=-1)
+        if hasattr(self, "q_norm"):  # model.qk_norm: each head's q and k normalised before the node's RoPE
+            B, T, _ = qkv_BTE.shape
+            H, K, Dh = self.n_head, self.n_kv, self.head_dim
+            q, k, v = qkv_BTE.split([H * Dh, K * Dh, K * Dh], dim=-1)
+            q = self.q_norm(q.reshape(B, T, H, Dh)).reshape(B, T, H * Dh)
+            k = self.k_norm(k.reshape(B, T, K, Dh)).reshape(B, T, K * Dh)
+            qkv_BTE = torch.cat([q, k, v], dim=-1)
         y_BTD = cache.attend(self.layer_idx, qkv_BTE, self.n_head, self.n_kv, self.window)  # B T (H Dh)
         return packed_linear(y_BTD, self, ("o_proj",)) if packed else self.o_proj(y_BTD)
 
@@ -175,7 +182,7 @@ class OnnxStep(nn.Module):
             x = block(x, rope, cache, None)[0]
         # only the last position: what generation needs (left padding keeps it a real token); the
         # head is ~30% of the demo model's prefill FLOPs, so the other T-1 rows are not computed
-        logits = m.lm_head(m.norm(x[:, -1:]))  # B 1 V
+        logits = m.softcap(m.lm_head(m.norm(x[:, -1:])))  # B 1 V
         return (logits, *[t for kv in cache.present for t in kv])
 
 

@@ -57,17 +57,27 @@ class ModelConfig(BaseModel):
     n_head: int = Field(4, ge=1, description="attention (query) heads")
     n_kv_head: int = Field(0, ge=0, description="key/value heads for GQA/MQA; 0 = n_head (plain multi-head)")
     head_size: int = Field(0, ge=0, description="width of one attention head; 0 = d_model // n_head (set when heads are pruned)")
-    ffn_hidden: int = Field(0, ge=0, description="MLP hidden size; 0 = 8/3 * d_model rounded up to a multiple of 32 (swiglu) or 4 * d_model (gelu)")
+    ffn_hidden: int = Field(0, ge=0, description="MLP hidden size; 0 = 8/3 * d_model rounded up to a multiple of 32 (swiglu) or 4 * d_model (gelu, relu2)")
     max_seq_len: int = Field(256, ge=2, description="longest context the model is built for")
     positions: Literal["rope", "learned"] = Field("rope", description="rotary embeddings or a learned position table")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
     norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="normalisation layer")
     norm_eps: float = Field(1e-5, gt=0, description="epsilon of the norm")
-    activation: Literal["swiglu", "gelu"] = Field("swiglu", description="MLP type (gelu = tanh approximation, as GPT-2)")
+    activation: Literal["swiglu", "gelu", "relu2"] = Field("swiglu", description="MLP type (gelu = tanh approximation, "
+                                                             "as GPT-2; relu2 = down(relu(up(x))^2), ungated, as "
+                                                             "modded-nanogpt / nanochat)")
     tie_embeddings: bool = Field(True, description="share the token embedding with the output head")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention and residual branches")
     bias: bool = Field(False, description="biases in Linear layers (and LayerNorm)")
     init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections are scaled by 1/sqrt(2*n_layer)")
+    zero_init_output: bool = Field(False, description="initialise the residual branches' output projections (attention "
+                                   "o_proj, MLP / expert down_proj) to zero: every block starts as the identity "
+                                   "(modded-nanogpt / nanochat)")
+    # ---- refinements of the 2025 small-model recipes (nanochat, modded-nanogpt) ----
+    qk_norm: bool = Field(False, description="RMSNorm (with a learned gain per head dim) on each head's queries and "
+                          "keys before RoPE, as Qwen3 / OLMo-2: attention logits no longer grow with the scale of q, k")
+    logit_softcap: float = Field(0.0, ge=0, description="soft-cap the output logits: cap * tanh(logits / cap) "
+                                 "(Gemma-2, modded-nanogpt); 0 = off")
     # ---- sparse attention (model/attention.py) ----
     attention_window: int = Field(0, ge=0, description="sliding-window attention: a token attends to itself and the window-1 tokens before it; 0 = dense (every earlier token)")
     window_pattern: str = Field("", description="which layers use the window: S = windowed, L = full, repeated over the depth (e.g. SSSL); empty = every layer S")
@@ -137,7 +147,7 @@ class ModelConfig(BaseModel):
             return self.ffn_hidden
         if self.activation == "swiglu":
             return 32 * -(-(8 * self.d_model // 3) // 32)
-        return 4 * self.d_model
+        return 4 * self.d_model  # gelu, relu2
 
     @property
     def moe_dim(self) -> int:

@@ -152,6 +152,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.window = cfg.layer_window(layer_idx)
+        if cfg.qk_norm:  # per head: normalises over Dh, one gain vector shared by all heads (Qwen3's q_norm / k_norm)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x_BTD, rope, cache: KVCache | None, attn_mask):
         B, T, _ = x_BTD.shape
@@ -159,6 +162,8 @@ class Attention(nn.Module):
         q = self.q_proj(x_BTD).view(B, T, -1, Dh).transpose(1, 2)  # B H T Dh
         k = self.k_proj(x_BTD).view(B, T, -1, Dh).transpose(1, 2)  # B K T Dh
         v = self.v_proj(x_BTD).view(B, T, -1, Dh).transpose(1, 2)  # B K T Dh
+        if hasattr(self, "q_norm"):  # model.qk_norm: before RoPE, as Qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.o_proj(self.attend(q, k, v, cache, attn_mask))
@@ -239,7 +244,7 @@ class Transformer(nn.Module):
         |-------------------------------------------------|---------------------------------------|
         | token / position embeddings, q/k/v, MLP in      | normal(0, init_std)                   |
         | residual outputs (attn o_proj, MLP down_proj,   | normal(0, init_std / sqrt(2 n_layer)) |
-        |   every expert's down_proj)                     |                                       |
+        |   every expert's down_proj)                     |   (zeros with zero_init_output)       |
         | MoE router                                      | normal(0, init_std)                   |
         | lm_head (when untied)                           | normal(0, init_std)                   |
         | biases                                          | zeros                                 |
@@ -262,7 +267,10 @@ class Transformer(nn.Module):
         elif "norm" in name:
             nn.init.ones_(t)
         elif name.endswith(("o_proj.weight", "down_proj.weight")):
-            nn.init.normal_(t, 0.0, resid_std)
+            if self.cfg.zero_init_output:
+                nn.init.zeros_(t)
+            else:
+                nn.init.normal_(t, 0.0, resid_std)
         elif t.dim() >= 2:
             nn.init.normal_(t, 0.0, std)
 
@@ -321,9 +329,16 @@ class Transformer(nn.Module):
 
     def unembed(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> logits (B, T, V): the ``lm_head`` projection (tied to the token
-        embedding when ``cfg.tie_embeddings``). A method of its own so that a subclass can change
-        how the head is computed without repeating ``forward``."""
-        return self.lm_head(x_BTD)
+        embedding when ``cfg.tie_embeddings``), soft-capped to (-cap, cap) by cap * tanh(logits / cap)
+        with ``cfg.logit_softcap``. A method of its own so that a subclass can change how the head is
+        computed without repeating ``forward``."""
+        return self.softcap(self.lm_head(x_BTD))
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """``cfg.logit_softcap`` applied to head outputs (unchanged when 0): every path that computes
+        the head itself (packed, ONNX, pipeline stages, the fast decode step) calls this."""
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def decode_step(self, ids_B1: torch.Tensor, pos: int, cache: KVCache,
                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:

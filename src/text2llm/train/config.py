@@ -31,8 +31,22 @@ class TrainConfig(BaseModel):
     tokens_per_step: int = Field(0, ge=0, description="target tokens per optimizer step over all processes; "
                                  "0 = batch_size * seq_len * grad_accum * world_size")
     seq_len: int = Field(256, ge=2, description="tokens per training sequence (<= model.max_seq_len)")
+    loader: Literal["random", "bos"] = Field("random", description="train batches: random = windows at random "
+                                             "offsets of the token stream; bos = every row starts at a document "
+                                             "start, documents packed best-fit (nanochat; packed shards only)")
     document_mask: bool = Field(False, description="stop attention across the documents packed into one sequence")
     # ---- optimizer and schedule ---------------------------------------------------------------
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw: AdamW on every parameter; muon: "
+                                                "torch.optim.Muon on the hidden matrices (attention, MLPs, experts) "
+                                                "and AdamW on embeddings, head, router, gains and biases")
+    muon_lr: float = Field(0.02, gt=0, le=10, description="muon: peak learning rate of the Muon part (same "
+                           "schedule shape as lr, decaying to the same fraction min_lr / lr)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum of the Muon part")
+    muon_weight_decay: float = Field(0.0, ge=0, description="muon: decoupled weight decay of the Muon part "
+                                     "(weights *= 1 - lr * wd each step)")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = Field(
+        "original", description="muon: per-matrix LR scale: original = sqrt(max(1, rows / cols)) (Keller Jordan); "
+                                "match_rms_adamw = 0.2 sqrt(max(rows, cols)) (Moonshot; then muon_lr ~ lr)")
     lr: float = Field(3e-3, gt=0, le=10, description="peak learning rate")
     min_lr: float = Field(3e-4, ge=0, description="learning rate at the end of the cosine / wsd decay")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps")

@@ -66,6 +66,9 @@ def check_layout(mc, tc, env, k: int) -> None:
     is built."""
     tp, pp = tc.tp, tc.pp
     check_tp(mc, tp)
+    if tp > 1 and mc.qk_norm:
+        raise UserError(f"train.tp={tp} with model.qk_norm=true is not supported (the per-head norm is not in the "
+                        "tensor-parallel plan); use data parallelism (ddp / fsdp)")
     if tp > 1:
         if tc.sequence_parallel and tc.seq_len % tp:
             raise UserError(f"train.tp={tp} does not divide train.seq_len={tc.seq_len} (sequence parallel shards "
@@ -370,7 +373,12 @@ class StageModule(nn.Module):
             h, stats = block(h, rope, None, mask)
             if stats is not None:
                 router.append(stats.aux_loss)
-        out = [h if self.lm_head is None else self.lm_head(self.norm(h))]
+        if self.lm_head is None:
+            out = [h]
+        else:
+            logits = self.lm_head(self.norm(h))
+            cap = self.cfg.logit_softcap  # (Transformer.softcap)
+            out = [cap * torch.tanh(logits / cap) if cap else logits]
         if self.masked and not self.last:
             out.append(mask)
         if self.moe:

@@ -69,7 +69,7 @@ from text2llm.train import distributed as D
 from text2llm.train import parallelize as P
 from text2llm.train.materialize import materialize, meta_model
 from text2llm.train.mfu import device_peak_flops
-from text2llm.train.optim import lr_at, make_optimizer
+from text2llm.train.optim import make_optimizer, set_lr
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -362,6 +362,11 @@ class Trainer:
         device, split it (:mod:`text2llm.train.parallelize`) and wrap it, and each process then
         allocates and fills only its part (:mod:`text2llm.train.materialize`), with the same values."""
         tc, env = self.tc, self.env
+        if tc.optimizer == "muon" and (env.mode == "fsdp" or env.model_parallel):
+            raise UserError(f"train.optimizer = 'muon' runs on one process or DDP only: under "
+                            f"{'FSDP2' if env.mode == 'fsdp' else 'train.tp / train.pp'} each process holds shards of "
+                            "the matrices, and Muon orthogonalises whole matrices (it would need every gradient's "
+                            "full_tensor() each step); use train.distributed = 'ddp' or train.optimizer = 'adamw'")
         P.check_layout(self.cfg.model, tc, env, self.k)
         self.sharded = env.mode == "fsdp" or env.model_parallel  # checkpoints through torch.distributed.checkpoint
         weights = None  # float weights to start from: init_from, or a plain checkpoint being resumed
@@ -410,7 +415,7 @@ class Trainer:
         """Micro-batch slot p = dp_rank * k + i reads part p of ``slots`` parts of the train stream (the
         processes of one model replica, under tp / pp, read the same slots)."""
         tc, env, k = self.tc, self.env, self.k
-        self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, "random", seed=tc.seed,
+        self.loaders = [TokenLoader(self.data_dir, "train", tc.batch_size, tc.seq_len, tc.loader, seed=tc.seed,
                                     rank=env.dp_rank * k + i, world_size=self.slots) for i in range(k)]
         self.attn_mask_fn = self.document_mask_fn()
         self.val_loader, self.val_shared = None, False
@@ -437,6 +442,11 @@ class Trainer:
             ckpt_mod.load_sharded_checkpoint(ckpt, self.model, self.optimizer)
         else:  # optimizer.pt: sharded layouts read it by parameter name
             osd = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device)
+            saved = "muon" if set(osd) == {"muon", "adamw"} else "adamw"
+            if saved != self.tc.optimizer:
+                raise UserError(f"{ckpt}: its optimizer state is {saved}'s, and this run has train.optimizer = "
+                                f"{self.tc.optimizer!r}; resume with train.optimizer={saved}, or start from its weights "
+                                "with train.init_from (a fresh optimizer)")
             by_name = state.get("optimizer_format", "torch") == "fqn"  # (full, name-keyed: older sharded runs)
             if not by_name and self.sharded:
                 osd, by_name = P.optimizer_state_by_name(osd), True
@@ -486,9 +496,7 @@ class Trainer:
     def optimizer_step(self, stopper: GracefulStop) -> StepOutcome | None:
         """One optimizer step (``self.step`` += 1); None when it was skipped (non-finite loss or gradient)."""
         tc, env, t0 = self.tc, self.env, time.perf_counter()
-        lr = lr_at(self.step, tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(self.optimizer, self.step, tc)
         batches = [next(loader) for loader in self.loaders]  # padded data: padding targets are IGNORE_INDEX
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         if self.parallel is None:
@@ -584,8 +592,12 @@ class Trainer:
         """train.time_budget_s: max_steps from the probe steps' time, decided once and written to
         config.toml (time_budget_s 0 there), so checkpoints and --resume stay step-based and exact."""
         tc = self.tc
+        # the step time leaves out the first step: its one-off costs (bf16 kernel set-up for Muon's Newton-Schulz
+        # iterations, torch.compile) are already in the elapsed time and would not recur
+        timed = max(1, self.step - self.start_step - 1)
+        sec_per_step = (self.train_seconds - (self.first_step_s or 0.0)) / timed
         new_max = D.broadcast_object(_steps_within_budget(tc, self.step, time.perf_counter() - self.t_start,
-                                                          self.train_seconds / (self.step - self.start_step)), self.env)
+                                                          sec_per_step), self.env)
         self.say(f"step {self.step}: train.time_budget_s={tc.time_budget_s:g} -> train.max_steps={new_max} "
                  f"(was {tc.max_steps})")
         self.cfg = _with(self.cfg, "train", max_steps=new_max, time_budget_s=0.0)
@@ -681,6 +693,7 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.t_log, self.tokens_at_log = self.t_start, self.tokens_seen
         self.train_seconds, self.train_tokens = 0.0, 0
+        self.first_step_s = None  # the first step's time: one-off costs (kernel set-up, compilation)
         self.stop_flag = torch.zeros((), device=self.device)
         self.model.train()
         with GracefulStop() as stopper:
@@ -703,6 +716,8 @@ class Trainer:
 
     def after_step(self) -> None:
         """The time-budget decision, and the periodic evaluation and checkpoint."""
+        if self.first_step_s is None:
+            self.first_step_s = self.train_seconds
         if self.tc.time_budget_s and self.step == self.start_step + self.tc.budget_probe_steps:
             self.fix_budget()
         tc, step = self.tc, self.step
