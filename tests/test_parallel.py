@@ -139,7 +139,7 @@ def tokens(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("over", [{}, {"tie_embeddings": False}, {"n_experts": 4, "moe_ffn_hidden": 32},
                                   {"positions": "learned", "bias": True, "norm": "layernorm", "activation": "gelu"},
-                                  {"n_kv_head": 2}])
+                                  {"n_kv_head": 2}, {"qk_norm": True, "zero_init_output": True, "activation": "relu2"}])
 def test_meta_init_equals_the_eager_build(over):
     """materialize() fills a meta-device model with exactly the eager build's values (ties kept,
     RoPE tables computed) and leaves the global RNG where the eager build leaves it; what the
