@@ -10,7 +10,8 @@ per process. Each parallel run is compared with one process training the same mi
 * pp=2 with GPipe and with 1F1B == one process; interleaved 1F1B (4 layers, 2 stages per
   process) == one process, resumes from its shards bitwise on the same layout and continues in
   one process;
-* tp=2 x FSDP2 dp=2 on 4 processes (a 2-D mesh) == one process;
+* tp=2 x FSDP2 dp=2 on 4 processes (a 2-D mesh) == one process; pp=2 x tp=2 x FSDP2 dp=2 on 8
+  processes (the 3-D mesh) == one process;
 * tp=2 greedy and seeded generation (`generate --tp 2`) == one process's text;
 * `serve --tp 2`: rank 0 answers HTTP, both ranks decode every request; greedy completions (plain
   and streamed) == one process's text, a sampled request without a seed keeps the ranks in step,
@@ -255,6 +256,15 @@ def test_tp2_fsdp2_on_four_processes_matches_one_process(tokens, tmp_path):
     """A 2-D mesh: each of 2 FSDP2 replicas is split over 2 tensor-parallel processes."""
     one = train_one(tokens, tmp_path / "one", grad_accum=2)
     run = train_parallel(tokens, tmp_path / "tp2-dp2", "train.tp=2", "train.distributed=fsdp", nproc=4, grad_accum=1)
+    assert max_diff(losses(run), losses(one)) <= 1e-5
+
+
+def test_pp2_tp2_fsdp2_on_eight_processes_matches_one_process(tokens, tmp_path):
+    """The 3-D mesh (pp, dp, tp) = (2, 2, 2): two pipeline stages, each split over 2 tensor-parallel
+    processes, the whole replicated twice by FSDP2; GQA with one KV head per tp rank."""
+    one = train_one(tokens, tmp_path / "one", *NO_TIE, *GQA, grad_accum=4)
+    run = train_parallel(tokens, tmp_path / "pp2-tp2-dp2", *NO_TIE, *GQA, "train.pp=2", "train.tp=2",
+                         "train.distributed=fsdp", nproc=8, grad_accum=2)
     assert max_diff(losses(run), losses(one)) <= 1e-5
 
 
