@@ -4,20 +4,27 @@ Why: decoding one token multiplies each weight matrix by one row. For the small 
 toolkit trains on a laptop, torch's int8 kernels do not pay off there: ``quantized::linear_dynamic``
 (fbgemm) has a fixed cost per call whatever the size, ``aten._weight_int8pack_mm`` is slower than
 the fp32 matmul, and the fp32 matmul itself streams 4 bytes per weight. ``int8_gemv.c`` quantizes
-the row to int8 and runs the product with AVX-512 VNNI (64 multiply-adds per instruction), reading
-1 byte per weight (``benchmarks/compress.py``: case ``int8-kernels`` per matrix, ``quantize`` the
+the row to int8 and runs the product with integer dot-product instructions (AVX-512 VNNI: 64
+multiply-adds per instruction), reading 1 byte per weight (``benchmarks/compress.py``: case ``int8-kernels`` per matrix, ``quantize`` the
 decode step end to end; the README quotes both).
 
-How it is built: with the C compiler found as ``$CC``, ``cc``, ``gcc`` or ``clang``, flags
-``-O3 -march=native``, into ``$XDG_CACHE_HOME/text2llm/native/<key>/`` (default ``~/.cache``),
-where the key hashes the source, the compiler and flags, and the CPU's model and feature flags, so
-that a cache shared between machines never hands a library to a CPU it was not built for. The
-build goes to a temporary file renamed into place (concurrent processes are safe), once per
-machine and source.
+Which kernel: one source, compiled for one instruction set chosen from the CPU's flags at run
+time (:func:`available_paths`, best first): ``avx512vnni`` (AVX-512 VNNI), ``avxvnni`` (256-bit
+AVX-VNNI, Alder Lake / Zen 5 and later), ``avx2`` (``vpmaddubsw``/``vpmaddwd``, any x86-64 with
+AVX2 and FMA), ``neon`` (ARMv8.2 dot product, aarch64). Every path computes the same integer sums,
+so the numbers do not depend on the path. ``TEXT2LLM_INT8_KERNEL=auto|avx512vnni|avxvnni|avx2|neon|off``
+forces one (default ``auto``: the best this CPU has); forcing a path this CPU lacks is an error.
 
-When it is not used, and nothing breaks: no compiler, a CPU without AVX-512 VNNI (the source
-refuses to compile), a platform other than x86-64, or ``TEXT2LLM_NATIVE=0``. :func:`load` then
-returns None, :func:`reason` says why, and the int8 model runs through torch's kernels as before.
+How it is built: with the C compiler found as ``$CC``, ``cc``, ``gcc`` or ``clang``, with the
+path's flags (:data:`PATH_FLAGS`), into ``$XDG_CACHE_HOME/text2llm/native/<key>/`` (default
+``~/.cache``), where the key hashes the source, the compiler, the path and its flags, and the
+CPU's model and feature flags, so that a cache shared between machines never hands a library to a
+CPU it was not built for. The build goes to a temporary file renamed into place (concurrent
+processes are safe), once per machine, path and source.
+
+When it is not used, and nothing breaks: no compiler, a CPU with none of the paths above, or
+``TEXT2LLM_NATIVE=0`` / ``TEXT2LLM_INT8_KERNEL=off``. :func:`load` then returns None,
+:func:`reason` says why, and the int8 model runs through torch's kernels as before.
 """
 
 from __future__ import annotations
@@ -35,9 +42,23 @@ from pathlib import Path
 
 import torch
 
+from text2llm.errors import UserError
+
 SOURCE = Path(__file__).with_name("int8_gemv.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-ABI_VERSION = 4
+FLAGS = ["-O3", "-shared", "-fPIC"]
+# Instruction-set flags per path. avx512vnni keeps -march=native (as before: the build only runs
+# where the CPU has it); the others name their extensions, so that a forced avx2 build on an
+# AVX-512 CPU does not auto-vectorize with AVX-512.
+PATH_FLAGS = {
+    "avx512vnni": ["-march=native"],
+    "avxvnni": ["-mavx2", "-mfma", "-mavxvnni", "-mtune=native"],
+    "avx2": ["-mavx2", "-mfma", "-mtune=native"],
+    "neon": ["-march=armv8.2-a+dotprod"],
+}
+PATHS = tuple(PATH_FLAGS)  # best first
+PATH_IDS = {"avx512vnni": 1, "avxvnni": 2, "avx2": 3, "neon": 4}  # t2l_path() of each build
+ENV = "TEXT2LLM_INT8_KERNEL"
+ABI_VERSION = 5
 # Rows handled by the kernel per call (it loads each weight once per tile of 4 rows); more rows
 # (prefill) go to torch's int8 GEMM, which wins from about 16 rows (benchmarks/compress.py,
 # int8-kernels).
@@ -64,15 +85,83 @@ def _cpu_id() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 ``flags``, aarch64 ``Features``; macOS: sysctl), lower case."""
+    try:
+        for ln in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if ln.startswith(("flags", "Features")):
+                return set(ln.split(":", 1)[1].lower().split())
+    except OSError:
+        pass
+    if sys.platform == "darwin":  # (names as sysctl spells them, mapped to Linux's)
+        try:
+            out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=10).stdout.lower()
+        except (OSError, subprocess.SubprocessError):
+            return set()
+        flags = set(" ".join(ln.split(":", 1)[1] for ln in out.splitlines()
+                             if ln.startswith(("machdep.cpu.features", "machdep.cpu.leaf7_features"))).split())
+        names = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
+                 "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni"}
+        got = {v for k, v in names.items() if k in flags}
+        if "hw.optional.arm.feat_dotprod: 1" in out:
+            got |= {"asimd", "asimddp"}
+        return got
+    return set()
+
+
+def available_paths(flags: set[str] | None = None, machine: str | None = None) -> list[str]:
+    """The kernel paths this CPU can run, best first (``flags``/``machine``: another CPU's, for tests)."""
+    flags = _cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    out = []
+    if machine in ("x86_64", "amd64"):
+        if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+            out.append("avx512vnni")
+        if {"avx2", "fma", "avx_vnni"} <= flags:
+            out.append("avxvnni")
+        if {"avx2", "fma"} <= flags:
+            out.append("avx2")
+    elif machine in ("aarch64", "arm64") and "asimddp" in flags:
+        out.append("neon")
+    return out
+
+
+def choose_path(setting: str | None, available: list[str]) -> str | None:
+    """The path to build for ``TEXT2LLM_INT8_KERNEL`` = ``setting`` on a CPU with ``available``
+    paths: None for ``off`` (or ``auto`` with none available); a :class:`UserError` for an unknown
+    name or a path this CPU does not have."""
+    s = (setting or "auto").strip().lower()
+    if s in ("", "auto"):
+        return available[0] if available else None
+    if s in ("off", "0", "none", "torch"):
+        return None
+    if s not in PATH_FLAGS:
+        raise UserError(f"{ENV}={setting}: unknown kernel (choose auto, {', '.join(PATHS)} or off)")
+    if s not in available:
+        raise UserError(f"{ENV}={s}: this CPU cannot run it (it has: {', '.join(available) or 'none of them'})")
+    return s
+
+
+def compile_source(cc: str, path: str, out: str | Path, extra: list[str] | None = None) -> None:
+    """Compiles ``int8_gemv.c`` for kernel ``path`` into ``out``; a RuntimeError with the
+    compiler's first error line when it fails (also used to compile-test paths this CPU lacks)."""
+    cmd = [cc, *FLAGS, *PATH_FLAGS[path], f"-DT2L_PATH_{path.upper()}", *(extra or []), "-o", str(out), str(SOURCE), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        err = (r.stderr.strip().splitlines() or ["(no message)"])
+        msg = next((ln for ln in err if "#error" in ln or "error:" in ln), err[0])
+        raise RuntimeError(f"{Path(cc).name} failed: {msg.strip()[:200]}")
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "text2llm" / "native"
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, path: str) -> Path:
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([src, cc.encode(), path.encode(), " ".join(FLAGS + PATH_FLAGS[path]).encode(),
+                                     _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
     out = cache_dir() / key / "int8_gemv.so"
     if out.is_file():
         return out
@@ -80,11 +169,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            err = (r.stderr.strip().splitlines() or ["(no message)"])
-            msg = next((ln for ln in err if "#error" in ln or "error:" in ln), err[0])
-            raise RuntimeError(f"{Path(cc).name} failed: {msg.strip()[:200]}")
+        compile_source(cc, path, tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -94,30 +179,38 @@ def _build(cc: str) -> Path:
 
 def load():
     """The loaded kernel library (ctypes), or None when it cannot be used here (see :func:`reason`).
-    Built and loaded once per process."""
+    Built and loaded once per process. A :class:`UserError` when ``TEXT2LLM_INT8_KERNEL`` forces
+    a path this CPU cannot run (or names none)."""
     if "lib" in _state:
         return _state["lib"]
     with _lock:
         if "lib" in _state:
             return _state["lib"]
-        lib, why = None, None
+        lib, why, kpath = None, None, None
         try:
+            setting = os.environ.get(ENV, "auto")
             if os.environ.get("TEXT2LLM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
                 why = "switched off (TEXT2LLM_NATIVE=0)"
-            elif platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
-                why = f"no kernel for {sys.platform}/{platform.machine()} (x86-64 Linux/macOS with AVX-512 VNNI only)"
+            elif sys.platform == "win32":
+                why = "no kernel build on Windows"
+            elif (kpath := choose_path(setting, available_paths())) is None:
+                why = (f"switched off ({ENV}={setting})" if setting.strip().lower() not in ("", "auto") else
+                       f"no kernel for this CPU ({platform.machine()}: needs AVX2+FMA, AVX-VNNI, AVX-512 VNNI "
+                       "or ARM dot product)")
             elif (cc := _compiler()) is None:
                 why = "no C compiler found ($CC, cc, gcc, clang)"
             else:
-                path = _build(cc)
+                path = _build(cc, kpath)
                 try:
                     lib = ctypes.CDLL(str(path))
                 except OSError:  # a damaged cache entry (a full disk, a copied home dir): build it again, once
                     path.unlink(missing_ok=True)
-                    lib = ctypes.CDLL(str(_build(cc)))
-                if lib.t2l_abi_version() != ABI_VERSION:
+                    lib = ctypes.CDLL(str(_build(cc, kpath)))
+                if lib.t2l_abi_version() != ABI_VERSION or lib.t2l_path() != PATH_IDS[kpath]:
                     lib, why = None, "stale library (ABI version)"
                 else:
+                    lib.block_cols = lib.t2l_block_cols()
+                    lib.path = kpath
                     P, I = ctypes.c_void_p, ctypes.c_int64
                     lib.t2l_pack_i8.argtypes = [P, I, I, P, P]
                     lib.t2l_pack_i8.restype = None
@@ -125,8 +218,14 @@ def load():
                     lib.t2l_gemv_i8.restype = None
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             lib, why = None, str(e).splitlines()[0] if str(e) else type(e).__name__
-        _state["lib"], _state["why"] = lib, why
+        _state["lib"], _state["why"], _state["path"] = lib, why, kpath if lib is not None else None
         return lib
+
+
+def path() -> str | None:
+    """The kernel path in use (``avx512vnni``, ``avxvnni``, ``avx2``, ``neon``), None without one."""
+    load()
+    return _state.get("path")
 
 
 def reason() -> str | None:
@@ -139,7 +238,7 @@ def describe() -> str:
     """One line for reports: which kernel int8 decode steps use here."""
     lib = load()
     if lib is not None:
-        return "native int8 GEMV (AVX-512 VNNI, text2llm/compress/native/int8_gemv.c)"
+        return f"native int8 GEMV ({lib.path}, text2llm/compress/native/int8_gemv.c)"
     return f"torch quantized::linear_dynamic (native kernel not used: {reason()})"
 
 
@@ -180,9 +279,10 @@ class Int8Gemv:
         self.n_out, self.n_in = q_OI.shape
         if scale_O.shape != (self.n_out,) or (bias_O is not None and bias_O.shape != (self.n_out,)):
             raise ValueError(f"Int8Gemv: scale/bias must have {self.n_out} values")
-        n_pad, groups = (self.n_out + 63) // 64 * 64, (self.n_in + 3) // 4
+        bw = lib.block_cols
+        n_pad, groups = (self.n_out + bw - 1) // bw * bw, (self.n_in + 3) // 4
         q = q_OI.contiguous()
-        self.wp = torch.empty(n_pad // 64 * groups * 256, dtype=torch.int8)
+        self.wp = torch.empty(n_pad // bw * groups * 4 * bw, dtype=torch.int8)
         self.colsum = torch.empty(n_pad, dtype=torch.int32)
         lib.t2l_pack_i8(q.data_ptr(), self.n_out, self.n_in, self.wp.data_ptr(), self.colsum.data_ptr())
         self.scale = scale_O.detach().to(torch.float32).contiguous()

@@ -9,36 +9,79 @@
  * x: fp32 activations, quantized here per row m to int8 (symmetric, sx = max|x| / 127): the same
  *    "dynamic int8" scheme as torch's quantized::linear_dynamic, without its fixed cost per call.
  *
- * The inner product uses AVX-512 VNNI (vpdpbusd: 64 multiply-adds of u8 x s8 into 16 int32 lanes
- * per instruction). vpdpbusd wants unsigned activations, so xq + 128 is used and 128 * sum_k w[n, k]
- * (colsum, computed once when packing) is subtracted.
+ * One source, one instruction set per build (the Python side picks it from the CPU's flags and
+ * compiles with that path's flags; T2L_PATH_* names it):
+ *   T2L_PATH_AVX512VNNI  vpdpbusd on zmm: 64 u8 x s8 multiply-adds into 16 int32 lanes per instruction
+ *   T2L_PATH_AVXVNNI     vpdpbusd on ymm (AVX-VNNI, Alder Lake / Zen 5 and later): 32 per instruction
+ *   T2L_PATH_AVX2        vpmaddubsw + vpmaddwd (every x86-64 with AVX2): exact, see below
+ *   T2L_PATH_NEON        sdot (ARMv8.2 dot product): 16 s8 x s8 multiply-adds into 4 int32 lanes
+ * The integer sums are exact on every path, so every path gives the same numbers.
  *
- * Packed layout (t2l_pack_i8): columns in blocks of 64 (N padded to a multiple of 64), and in each
- * block, for each group g of 4 consecutive k (K padded to a multiple of 4), 64 columns x 4 bytes:
- *     wp[((b * G + g) * 64 + j) * 4 + r] = w[64 b + j, 4 g + r]
- * so one block streams through memory in order, 256 bytes (4 zmm registers) per group.
+ * The VNNI paths want unsigned activations: xq + 128 is used and 128 * sum_k w[n, k] (colsum,
+ * computed once when packing) is subtracted. The AVX2 path multiplies |w| (u8, up to 128) by
+ * xq * sign(w) (s8, |xq| <= 127): a pair of products is at most 2 * 128 * 127 = 32512, so
+ * vpmaddubsw's int16 saturation never triggers. NEON's sdot takes signed activations directly.
+ *
+ * Packed layout (t2l_pack_i8): columns in blocks of BW (64 for zmm, 32 for ymm, 16 for NEON; N
+ * padded to a multiple of BW), and in each block, for each group g of 4 consecutive k (K padded to
+ * a multiple of 4), BW columns x 4 bytes:
+ *     wp[((b * G + g) * BW + j) * 4 + r] = w[BW b + j, 4 g + r]
+ * so one block streams through memory in order, 4 vector registers per group.
  */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#include <immintrin.h>
 
-#if !defined(__AVX512F__) || !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
-#error "int8_gemv.c needs AVX-512 F, BW and VNNI (compiled with -march=native on such a CPU)"
+#if defined(T2L_PATH_AVX512VNNI)
+#  if !defined(__AVX512F__) || !defined(__AVX512VNNI__) || !defined(__AVX512BW__)
+#    error "T2L_PATH_AVX512VNNI needs AVX-512 F, BW and VNNI (-mavx512f -mavx512bw -mavx512vnni)"
+#  endif
+#  include <immintrin.h>
+#  define BW 64
+#  define XOFF 128
+#  define PATH_ID 1
+#elif defined(T2L_PATH_AVXVNNI)
+#  if !defined(__AVX2__) || !defined(__AVXVNNI__)
+#    error "T2L_PATH_AVXVNNI needs AVX2 and AVX-VNNI (-mavx2 -mavxvnni)"
+#  endif
+#  include <immintrin.h>
+#  define BW 32
+#  define XOFF 128
+#  define PATH_ID 2
+#elif defined(T2L_PATH_AVX2)
+#  if !defined(__AVX2__)
+#    error "T2L_PATH_AVX2 needs AVX2 (-mavx2)"
+#  endif
+#  include <immintrin.h>
+#  define BW 32
+#  define XOFF 0
+#  define PATH_ID 3
+#elif defined(T2L_PATH_NEON)
+#  if !defined(__ARM_NEON) || !defined(__ARM_FEATURE_DOTPROD)
+#    error "T2L_PATH_NEON needs NEON with the dot-product extension (-march=armv8.2-a+dotprod)"
+#  endif
+#  include <arm_neon.h>
+#  define BW 16
+#  define XOFF 0
+#  define PATH_ID 4
+#else
+#  error "define one of T2L_PATH_AVX512VNNI, T2L_PATH_AVXVNNI, T2L_PATH_AVX2, T2L_PATH_NEON"
 #endif
 
-int t2l_abi_version(void) { return 4; }
+int t2l_abi_version(void) { return 5; }
+int t2l_path(void) { return PATH_ID; }   /* which of the paths above this build is */
+int t2l_block_cols(void) { return BW; }  /* BW: the packed layout's column block */
 
-/* wp: (N_pad / 64) * (K_pad / 4) * 256 bytes; colsum: N_pad int32. */
+/* wp: (N_pad / BW) * (K_pad / 4) * 4 * BW bytes; colsum: N_pad int32. */
 void t2l_pack_i8(const int8_t *w, int64_t N, int64_t K, int8_t *wp, int32_t *colsum) {
-    const int64_t NP = (N + 63) / 64 * 64, G = (K + 3) / 4;
-    memset(wp, 0, (size_t)(NP / 64) * G * 256);
+    const int64_t NP = (N + BW - 1) / BW * BW, G = (K + 3) / 4;
+    memset(wp, 0, (size_t)(NP / BW) * G * 4 * BW);
     for (int64_t n = 0; n < NP; n++) colsum[n] = 0;
     for (int64_t n = 0; n < N; n++) {
-        const int64_t b = n / 64, j = n % 64;
+        const int64_t b = n / BW, j = n % BW;
         int32_t s = 0;
         for (int64_t k = 0; k < K; k++) {
-            wp[((b * G + k / 4) * 64 + j) * 4 + k % 4] = w[n * K + k];
+            wp[((b * G + k / 4) * BW + j) * 4 + k % 4] = w[n * K + k];
             s += w[n * K + k];
         }
         colsum[n] = s;
@@ -61,7 +104,7 @@ typedef struct {
 } t2l_norm;
 
 /* Quantizes row x (K values; RMS-normalised first when nrm is not NULL) into xu (4 * G bytes:
- * h * 127 / max|h| rounded, + 128, padded with 128); returns the row's scale max|h| / 127. */
+ * h * 127 / max|h| rounded, + XOFF, padded with XOFF); returns the row's scale max|h| / 127. */
 static float quantize_row(const float *x, int64_t K, int64_t G, const t2l_norm *nrm, uint8_t *xu) {
     float h[K];
     if (nrm) {
@@ -75,11 +118,23 @@ static float quantize_row(const float *x, int64_t K, int64_t G, const t2l_norm *
     float amax = 0.f;
     for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(h[k]));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    for (int64_t k = 0; k < K; k++) xu[k] = (uint8_t)(lrintf(h[k] * inv) + 128);
-    for (int64_t k = K; k < 4 * G; k++) xu[k] = 128;
+    for (int64_t k = 0; k < K; k++) xu[k] = (uint8_t)(lrintf(h[k] * inv) + XOFF);
+    for (int64_t k = K; k < 4 * G; k++) xu[k] = XOFF;
     return amax / 127.f;
 }
 
+/* Scalar epilogue for the columns of a partial vector (n0 .. N): v holds the integer sums. */
+static inline void store_tail(const int32_t *v, int lanes, const t2l_mat *mat, int64_t n0, float sxr,
+                              const float *resr, float *yr) {
+    for (int i = 0; i < lanes; i++) {
+        const int64_t n = n0 + i;
+        float out = (float)v[i] * (sxr * mat->scale[n]) + (mat->bias ? mat->bias[n] : 0.f);
+        if (resr) out += resr[n];
+        yr[n] = out;
+    }
+}
+
+#if defined(T2L_PATH_AVX512VNNI)
 /* R rows (1..4, a constant where it is inlined) against every column block: each 256-byte group of
  * weights is loaded once and used for all R rows (4 x R accumulators, at most 16 zmm registers). */
 static inline __attribute__((always_inline)) void rows_tile(
@@ -120,6 +175,117 @@ static inline __attribute__((always_inline)) void rows_tile(
         }
     }
 }
+
+#elif defined(T2L_PATH_AVXVNNI) || defined(T2L_PATH_AVX2)
+#  if defined(T2L_PATH_AVXVNNI)
+/* u8 activations (xq + 128) x s8 weights, 4 products per int32 lane, in one instruction. */
+#    define DOT(acc, xb, w) _mm256_dpbusd_avx_epi32((acc), (xb), (w))
+#  else
+/* |w| (u8) x sign(w) * xq (s8) pairwise into int16 (never saturates: see the top), then pairs of
+ * int16 into int32 lanes: the same 4-product sums as vpdpbusd. */
+#    define DOT(acc, xb, w) _mm256_add_epi32((acc), _mm256_madd_epi16( \
+         _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8((xb), (w))), _mm256_set1_epi16(1)))
+#  endif
+/* As the zmm tile, on ymm registers: blocks of 32 columns, 4 x R accumulators (at most 16). */
+static inline __attribute__((always_inline)) void rows_tile(
+        const t2l_mat *mat, int R, const uint8_t *xu, int64_t xstride, const float *sx,
+        const float *res, float *y) {
+    const int64_t K = mat->K, N = mat->N, G = (K + 3) / 4, NB = (N + 31) / 32;
+    for (int64_t b = 0; b < NB; b++) {
+        const int8_t *blk = mat->wp + b * G * 128;
+        __m256i acc[4][4];
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm256_setzero_si256();
+        for (int64_t g = 0; g < G; g++) {
+            const int8_t *p = blk + g * 128;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)p), w1 = _mm256_loadu_si256((const __m256i *)(p + 32)),
+                          w2 = _mm256_loadu_si256((const __m256i *)(p + 64)), w3 = _mm256_loadu_si256((const __m256i *)(p + 96));
+            for (int r = 0; r < R; r++) {
+                int32_t xw;
+                memcpy(&xw, xu + r * xstride + 4 * g, 4);
+                const __m256i xb = _mm256_set1_epi32(xw);
+                acc[r][0] = DOT(acc[r][0], xb, w0);
+                acc[r][1] = DOT(acc[r][1], xb, w1);
+                acc[r][2] = DOT(acc[r][2], xb, w2);
+                acc[r][3] = DOT(acc[r][3], xb, w3);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            const int64_t n0 = b * 32 + q * 8;
+            if (n0 >= N) break;
+            const int64_t left = N - n0;
+#  if XOFF
+            const __m256i cs = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(mat->colsum + n0)), 7);
+#  else
+            const __m256i cs = _mm256_setzero_si256();
+#  endif
+            if (left < 8) {  /* the last columns: the scalar epilogue */
+                for (int r = 0; r < R; r++) {
+                    int32_t v[8];
+                    _mm256_storeu_si256((__m256i *)v, _mm256_sub_epi32(acc[r][q], cs));
+                    store_tail(v, (int)left, mat, n0, sx[r], res ? res + r * N : 0, y + r * N);
+                }
+                break;
+            }
+            const __m256 sc = _mm256_loadu_ps(mat->scale + n0);
+            const __m256 bias = mat->bias ? _mm256_loadu_ps(mat->bias + n0) : _mm256_setzero_ps();
+            for (int r = 0; r < R; r++) {
+                const __m256i v = _mm256_sub_epi32(acc[r][q], cs);
+                __m256 out = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(_mm256_set1_ps(sx[r]), sc)), bias);
+                if (res) out = _mm256_add_ps(out, _mm256_loadu_ps(res + r * N + n0));
+                _mm256_storeu_ps(y + r * N + n0, out);
+            }
+        }
+    }
+}
+
+#else /* T2L_PATH_NEON */
+/* blocks of 16 columns: 4 q registers of 4 int32 lanes, 4 x R accumulators (at most 16). */
+static inline __attribute__((always_inline)) void rows_tile(
+        const t2l_mat *mat, int R, const uint8_t *xu, int64_t xstride, const float *sx,
+        const float *res, float *y) {
+    const int64_t K = mat->K, N = mat->N, G = (K + 3) / 4, NB = (N + 15) / 16;
+    for (int64_t b = 0; b < NB; b++) {
+        const int8_t *blk = mat->wp + b * G * 64;
+        int32x4_t acc[4][4];
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < 4; q++) acc[r][q] = vdupq_n_s32(0);
+        for (int64_t g = 0; g < G; g++) {
+            const int8_t *p = blk + g * 64;
+            const int8x16_t w0 = vld1q_s8(p), w1 = vld1q_s8(p + 16), w2 = vld1q_s8(p + 32), w3 = vld1q_s8(p + 48);
+            for (int r = 0; r < R; r++) {
+                int32_t xw;
+                memcpy(&xw, xu + r * xstride + 4 * g, 4);
+                const int8x16_t xb = vreinterpretq_s8_s32(vdupq_n_s32(xw));
+                acc[r][0] = vdotq_s32(acc[r][0], w0, xb);
+                acc[r][1] = vdotq_s32(acc[r][1], w1, xb);
+                acc[r][2] = vdotq_s32(acc[r][2], w2, xb);
+                acc[r][3] = vdotq_s32(acc[r][3], w3, xb);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            const int64_t n0 = b * 16 + q * 4;
+            if (n0 >= N) break;
+            const int64_t left = N - n0;
+            if (left < 4) {
+                for (int r = 0; r < R; r++) {
+                    int32_t v[4];
+                    vst1q_s32(v, acc[r][q]);
+                    store_tail(v, (int)left, mat, n0, sx[r], res ? res + r * N : 0, y + r * N);
+                }
+                break;
+            }
+            const float32x4_t sc = vld1q_f32(mat->scale + n0);
+            const float32x4_t bias = mat->bias ? vld1q_f32(mat->bias + n0) : vdupq_n_f32(0.f);
+            for (int r = 0; r < R; r++) {
+                float32x4_t out = vaddq_f32(vmulq_f32(vcvtq_f32_s32(acc[r][q]), vmulq_f32(vdupq_n_f32(sx[r]), sc)), bias);
+                if (res) out = vaddq_f32(out, vld1q_f32(res + r * N + n0));
+                vst1q_f32(y + r * N + n0, out);
+            }
+        }
+    }
+}
+#endif
 
 /* Writes y (M, N) = rmsnorm?(x) (M, K) times the matrix (+ res); res and nrm may be NULL. Rows go
  * in tiles of 4; a tile's quantized activations live on the stack. */
