@@ -3,7 +3,7 @@
 Scheme (chosen by measurement, benchmarks/compress.py): *dynamic* int8 —
 weights are int8 with one symmetric scale per output channel; each forward quantizes its
 activations to int8 on the fly. Prefill runs fbgemm's int8 GEMM (``torch.ao`` ``quantize_dynamic``);
-decode steps (a few rows) run the native AVX-512 VNNI kernel of :mod:`text2llm.compress.native`
+decode steps (a few rows) run the native int8 kernel of :mod:`text2llm.compress.native` (its path chosen from the CPU's flags)
 where it builds, because fbgemm's fixed cost per call ate the gain on small models.
 Weight-only int8 (``aten._weight_int8pack_mm``) and torchao's int8 paths were slower than fp32
 here.
@@ -83,7 +83,7 @@ class Int8Packer:
     """:func:`text2llm.infer.packing.packed_linear` for dynamic-int8 Linears: the int8 weights
     and per-channel scales of q/k/v (or gate/up) are concatenated into one matrix.
 
-    * Decode rows (up to ``native.MAX_ROWS``) go to the native AVX-512 VNNI kernel
+    * Decode rows (up to ``native.MAX_ROWS``) go to the native int8 kernel
       (:mod:`text2llm.compress.native`) where it can be built: int8 weights, activations quantized
       per row, no fixed cost worth the name.
     * Other rows, and every row where the kernel is not available, go to fbgemm through the
